@@ -1,0 +1,172 @@
+"""Hugging Face LLaMA folders <-> Transformer: a renaming of tensors and of config keys, nothing more."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .config import ModelConfig
+
+if TYPE_CHECKING:
+    from .model import Transformer
+
+# ours -> transformers; {i} is the layer index.
+_LAYER_NAMES = {
+    "attention.wq.weight": "self_attn.q_proj.weight",
+    "attention.wk.weight": "self_attn.k_proj.weight",
+    "attention.wv.weight": "self_attn.v_proj.weight",
+    "attention.wo.weight": "self_attn.o_proj.weight",
+    "feed_forward.w1.weight": "mlp.gate_proj.weight",
+    "feed_forward.w2.weight": "mlp.down_proj.weight",
+    "feed_forward.w3.weight": "mlp.up_proj.weight",
+    "attention_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+}
+_TOP_NAMES = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+              "output.weight": "lm_head.weight"}
+
+
+def to_hf_name(name: str) -> str:
+    if name in _TOP_NAMES:
+        return _TOP_NAMES[name]
+    m = re.fullmatch(r"layers\.(\d+)\.(.+)", name)
+    if not m or m.group(2) not in _LAYER_NAMES:
+        raise KeyError(f"no Hugging Face name for parameter {name!r}")
+    return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}"
+
+
+def config_from_hf(hf: dict[str, Any], **overrides: Any) -> ModelConfig:
+    """ModelConfig from a transformers LlamaConfig dict (transformers 4 or 5 layout)."""
+    if hf.get("model_type") not in ("llama", None):
+        raise ValueError(f"config.json has model_type={hf.get('model_type')!r}; only LLaMA-family folders load")
+    rope = hf.get("rope_parameters") or {}
+    scaling = hf.get("rope_scaling") or {}
+    kind = rope.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
+    if kind != "default":
+        raise ValueError(f"config.json uses rope scaling {kind!r}, which this model does not implement")
+    if hf.get("attention_bias") or hf.get("mlp_bias"):
+        raise ValueError("config.json has attention_bias/mlp_bias set; this model has no biases")
+    heads = hf["num_attention_heads"]
+    if hf.get("head_dim") not in (None, hf["hidden_size"] // heads):
+        raise ValueError(f"config.json head_dim={hf['head_dim']} differs from hidden_size/num_attention_heads")
+    values = dict(
+        vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"], n_heads=heads,
+        n_kv_heads=hf.get("num_key_value_heads") or heads, hidden_dim=hf["intermediate_size"],
+        norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
+        max_seq_len=hf.get("max_position_embeddings", 2048), tie_embeddings=hf.get("tie_word_embeddings", False),
+        init_std=hf.get("initializer_range", 0.02))
+    return ModelConfig.from_dict({**values, **overrides})
+
+
+def config_to_hf(config: ModelConfig, dtype: torch.dtype, bos_id: int | None, eos_id: int | None,
+                 pad_id: int | None) -> dict[str, Any]:
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "vocab_size": config.vocab_size, "hidden_size": config.dim, "intermediate_size": config.hidden_dim,
+        "num_hidden_layers": config.n_layers, "num_attention_heads": config.n_heads,
+        "num_key_value_heads": config.n_kv_heads, "head_dim": config.head_dim, "hidden_act": "silu",
+        "max_position_embeddings": config.max_seq_len, "rms_norm_eps": config.norm_eps,
+        # transformers 5 reads rope_parameters, 4.x reads rope_theta: write both.
+        "rope_theta": config.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
+        "tie_word_embeddings": config.tie_embeddings, "initializer_range": config.init_std,
+        "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0, "use_cache": True,
+        "bos_token_id": bos_id, "eos_token_id": eos_id, "pad_token_id": pad_id,
+        "torch_dtype": str(dtype).removeprefix("torch."), "dtype": str(dtype).removeprefix("torch."),
+    }
+
+
+def read_hf_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a folder: model.safetensors, pytorch_model.bin, or their sharded index forms."""
+    for index_name, loader in (("model.safetensors.index.json", load_file),
+                               ("pytorch_model.bin.index.json", _load_bin)):
+        if (path / index_name).exists():
+            shards = sorted(set(json.loads((path / index_name).read_text())["weight_map"].values()))
+            state: dict[str, torch.Tensor] = {}
+            for shard in shards:
+                state.update(loader(str(path / shard)))
+            return state
+    if (path / "model.safetensors").exists():
+        return load_file(str(path / "model.safetensors"))
+    if (path / "pytorch_model.bin").exists():
+        return _load_bin(str(path / "pytorch_model.bin"))
+    raise FileNotFoundError(f"{path}: no model.safetensors or pytorch_model.bin (nor a sharded index) found")
+
+
+def _load_bin(file: str) -> dict[str, torch.Tensor]:
+    return torch.load(file, map_location="cpu", weights_only=True)
+
+
+def load_hf(cls: type["Transformer"], path: str | Path, **overrides: Any) -> "Transformer":
+    path = Path(path)
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"{path}: no config.json; expected a Hugging Face LLaMA folder")
+    config = config_from_hf(json.loads((path / "config.json").read_text()), **overrides)
+    state = {k.removeprefix("module."): v for k, v in read_hf_state_dict(path).items()}
+    state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}  # old transformers saved it
+    model = cls(config)
+    ours = model.state_dict()
+    expected = {to_hf_name(name): name for name in ours}
+    if config.tie_embeddings:
+        expected.pop("lm_head.weight", None)
+        state.pop("lm_head.weight", None)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{path}: checkpoint does not fit config.json: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    converted = {}
+    for hf_name, name in expected.items():
+        tensor = state[hf_name]
+        if tensor.shape != ours[name].shape:
+            raise ValueError(f"{path}: tensor {hf_name} has shape {tuple(tensor.shape)}, "
+                             f"config.json implies {tuple(ours[name].shape)}")
+        converted[name] = tensor
+    model.load_state_dict(converted, strict=not config.tie_embeddings)
+    return model
+
+
+def save_hf(model: "Transformer", out_dir: str | Path, tokenizer_path: str | Path | None = None,
+            dtype: torch.dtype | None = None) -> Path:
+    """Write a transformers-loadable folder atomically (a temp dir renamed into place)."""
+    out_dir = Path(out_dir)
+    dtype = dtype or next(model.parameters()).dtype
+    ids: dict[str, int | None] = {"bos_id": None, "eos_id": None, "pad_id": None}
+    if tokenizer_path is not None:
+        from tokenizer import Tokenizer
+
+        tok = Tokenizer(tokenizer_path)
+        if tok.vocab_size > model.config.vocab_size:
+            raise ValueError(f"tokenizer {tok.path} has {tok.vocab_size} ids, the model only {model.config.vocab_size}")
+        ids = {"bos_id": tok.bos_id, "eos_id": tok.eos_id, "pad_id": tok.pad_id if tok.pad_id >= 0 else None}
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        state = {}
+        for name, tensor in model.state_dict().items():
+            if name == "output.weight" and model.config.tie_embeddings:
+                continue
+            state[to_hf_name(name)] = tensor.detach().to(device="cpu", dtype=dtype).contiguous().clone()
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        hf_config = config_to_hf(model.config, dtype, **ids)
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+        gen = {k: v for k, v in (("bos_token_id", ids["bos_id"]), ("eos_token_id", ids["eos_id"])) if v is not None}
+        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+        if tokenizer_path is not None:
+            from tokenizer.hf import save_hf_tokenizer
+
+            save_hf_tokenizer(tok.path, tmp)
+            if not (tmp / "tokenizer.model").exists():
+                shutil.copyfile(tok.path, tmp / "tokenizer.model")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return out_dir

@@ -1,0 +1,312 @@
+"""A LLaMA-style decoder in one file: RMSNorm, rotary embeddings, grouped-query attention, SwiGLU.
+
+Parameter names follow Meta's LLaMA code; model/hf.py maps them to transformers' names. Rotary embeddings
+use the rotate-half layout of transformers, so export is a pure renaming with no weight permutation.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from . import attention, fused
+from .config import ModelConfig
+
+IGNORE_INDEX = -100
+LOSS_CHUNK_TOKENS = 4096  # rows of logits alive at once in the chunked loss: 4096 x 64000 x 4 B = 1 GiB
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, use_fused: bool = True):
+        super().__init__()
+        self.eps, self.use_fused = eps, use_fused
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if fused.enabled(x, self.use_fused):
+            return fused.rms_norm(x, self.weight, self.eps)
+        # The variance is taken in fp32 even for bf16 activations, exactly as transformers does.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_table(config: ModelConfig, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 cos/sin [max_seq_len, head_dim], each frequency repeated for both halves (rotate-half layout)."""
+    d = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, device=device, dtype=torch.float32) / d))
+    freqs = torch.outer(torch.arange(config.max_seq_len, device=device, dtype=torch.float32), inv_freq)
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, T, H, D]; cos, sin [T, D] or [B, T, D]."""
+    cos, sin = cos.unsqueeze(-2).to(x.dtype), sin.unsqueeze(-2).to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class KVCache:
+    """Keys and values of every layer for up to max_len positions, filled left to right."""
+
+    def __init__(self, n_layers: int, batch_size: int, max_len: int, n_kv_heads: int, head_dim: int,
+                 device: torch.device | str, dtype: torch.dtype):
+        shape = (n_layers, batch_size, max_len, n_kv_heads, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self.length + k.shape[1]
+        self.k[layer, :, self.length:end] = k
+        self.v[layer, :, self.length:end] = v
+        return self.k[layer, :, :end], self.v[layer, :, :end]
+
+    def crop(self, length: int) -> None:
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot crop a KV cache of length {self.length} to {length}")
+        self.length = length
+
+    def repeat(self, n: int, max_len: int | None = None) -> "KVCache":
+        """A new cache with this batch-1 cache's contents repeated n times; room for max_len positions."""
+        if self.k.shape[1] != 1:
+            raise ValueError(f"KVCache.repeat needs a batch-1 cache, this one has batch {self.k.shape[1]}")
+        max_len = max_len or self.max_len
+        if max_len < self.length:
+            raise ValueError(f"max_len={max_len} is shorter than the cached {self.length} positions")
+        L, _, _, kv, d = self.k.shape
+        new = KVCache(L, n, max_len, kv, d, self.k.device, self.k.dtype)
+        new.k[:, :, :self.length] = self.k[:, :, :self.length]
+        new.v[:, :, :self.length] = self.v[:, :, :self.length]
+        new.length = self.length
+        return new
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        self.wq = nn.Linear(config.dim, config.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(config.dim, config.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(config.dim, config.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(config.n_heads * self.head_dim, config.dim, bias=False)
+        self.use_fused = config.fused_kernels
+
+    def forward(self, x, rope, meta: attention.AttnMeta, cache: KVCache | None, layer: int) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        cos, sin, contiguous = rope
+        if contiguous and fused.enabled(x, self.use_fused):
+            q, k = fused.rotary(q, k, cos, sin, meta.offset)
+        else:
+            if contiguous:
+                cos, sin = cos[meta.offset:meta.offset + T], sin[meta.offset:meta.offset + T]
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)
+        return self.wo(attention.attend(q, k, v, meta).reshape(B, T, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.w1 = nn.Linear(config.dim, config.hidden_dim, bias=False)  # gate
+        self.w2 = nn.Linear(config.hidden_dim, config.dim, bias=False)  # down
+        self.w3 = nn.Linear(config.dim, config.hidden_dim, bias=False)  # up
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.attention_norm = RMSNorm(config.dim, config.norm_eps, config.fused_kernels)
+        self.attention = Attention(config)
+        self.ffn_norm = RMSNorm(config.dim, config.norm_eps, config.fused_kernels)
+        self.feed_forward = FeedForward(config)
+
+    def forward(self, x, rope, meta, cache=None, layer=0):
+        x = x + self.attention(self.attention_norm(x), rope, meta, cache, layer)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int,
+                          want_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Mean cross-entropy of h @ weight.T, one chunk of rows of logits at a time.
+
+    With want_grad, the gradients for h and weight are made in the same pass (as Liger-Kernel's fused linear
+    cross-entropy does), so the full fp32 logits never exist and backward needs no recomputation.
+    """
+    valid_all = targets != IGNORE_INDEX
+    n_valid = valid_all.sum().clamp(min=1)
+    grad_h = torch.zeros_like(h) if want_grad else None
+    grad_w = torch.zeros_like(weight, dtype=torch.float32) if want_grad else None
+    total = torch.zeros((), device=h.device, dtype=torch.float32)
+    for s in range(0, h.shape[0], chunk):
+        hc, tc, valid = h[s:s + chunk], targets[s:s + chunk], valid_all[s:s + chunk]
+        logits = (hc @ weight.t()).float()
+        lse = torch.logsumexp(logits, dim=-1)
+        tgt = tc.clamp(min=0)
+        total += ((lse - logits.gather(1, tgt[:, None]).squeeze(1)) * valid).sum()
+        if want_grad:
+            g = (logits - lse[:, None]).exp_()  # softmax
+            g[torch.arange(len(tc), device=g.device), tgt] -= 1.0
+            g = (g * (valid[:, None] / n_valid)).to(h.dtype)
+            grad_h[s:s + chunk] = g @ weight
+            grad_w += (g.t() @ hc).float()
+    return total / n_valid, grad_h, None if grad_w is None else grad_w.to(weight.dtype)
+
+
+class _ChunkedCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk: int):
+        loss, grad_h, grad_w = chunked_cross_entropy(h, weight, targets, chunk, want_grad=True)
+        ctx.save_for_backward(grad_h, grad_w)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        return (grad_h * grad_out).to(grad_h.dtype), (grad_w * grad_out).to(grad_w.dtype), None, None
+
+
+class LMHead(nn.Linear):
+    """The output projection; given targets it returns the loss instead of logits.
+
+    The loss lives in this module's forward so that ZeRO-3 has gathered the weight when it runs.
+    """
+
+    def forward(self, h: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        if targets is None:
+            return super().forward(h).float()
+        h, targets = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
+        if torch.is_grad_enabled() and (h.requires_grad or self.weight.requires_grad):
+            return _ChunkedCrossEntropy.apply(h, self.weight, targets, LOSS_CHUNK_TOKENS)
+        return chunked_cross_entropy(h, self.weight, targets, LOSS_CHUNK_TOKENS, want_grad=False)[0]
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps, config.fused_kernels)
+        self.output = LMHead(config.dim, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        # The rotary table is kept out of the state dict and out of .to(dtype): it must stay fp32.
+        self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
+                # GPT-2 / LLaMA practice: residual projections shrink with depth so the stream stays O(1).
+                nn.init.normal_(p, mean=0.0, std=config.init_std / math.sqrt(2 * config.n_layers))
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
+
+    def rope(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._rope is None or self._rope[0].device != device:
+            self._rope = rope_table(self.config, device)
+        return self._rope
+
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, *,
+                position_ids: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
+                cache: KVCache | None = None, output_positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean loss when targets are given, else float32 logits ([B, T, V], or [B, V] at output_positions)."""
+        B, T = tokens.shape
+        offset = cache.length if cache is not None else 0
+        if offset + T > self.config.max_seq_len:
+            raise ValueError(f"sequence of {offset + T} tokens exceeds max_seq_len={self.config.max_seq_len}")
+        if cache is not None and offset + T > cache.max_len:
+            raise ValueError(f"KV cache holds {cache.max_len} positions, {offset + T} needed")
+        h = self.tok_embeddings(tokens)
+        cos, sin = self.rope(h.device)
+        rope = (cos, sin, True) if position_ids is None else (cos[position_ids], sin[position_ids], False)
+        impl = attention.resolve(self.config.attn_impl, h.device, h.dtype)
+        meta = attention.AttnMeta.build(impl, B, T, offset, cu_seqlens, h.device)
+        recompute = self.config.activation_checkpointing and self.training and cache is None
+        for i, layer in enumerate(self.layers):
+            if recompute:
+                h = checkpoint(layer, h, rope, meta, use_reentrant=False)
+            else:
+                h = layer(h, rope, meta, cache, i)
+        if cache is not None:
+            cache.length += T
+        h = self.norm(h)
+        if targets is not None:
+            return self.output(h, targets)
+        if output_positions is not None:
+            h = h[torch.arange(B, device=h.device), output_positions]
+        return self.output(h)
+
+    def new_cache(self, batch_size: int, max_len: int | None = None, device=None, dtype=None) -> KVCache:
+        p = self.tok_embeddings.weight
+        c = self.config
+        return KVCache(c.n_layers, batch_size, max_len or c.max_seq_len, c.n_kv_heads, c.head_dim,
+                       device or p.device, dtype or p.dtype)
+
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
+                 top_p: float | None = None, eos_id: int | None = None, use_cache: bool = True,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """Continue idx [B, T]; greedy when temperature is 0. Rows stop (pad with eos) once they emit eos_id."""
+        total = min(idx.shape[1] + max_new_tokens, self.config.max_seq_len)
+        cache = self.new_cache(idx.shape[0], total) if use_cache else None
+        out, step_input = idx, idx
+        done = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
+        for _ in range(total - idx.shape[1]):
+            logits = self(step_input if use_cache else out, cache=cache)[:, -1]
+            nxt = sample(logits, temperature, top_k, top_p, generator)
+            if eos_id is not None:
+                nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
+                done |= nxt == eos_id
+            out = torch.cat([out, nxt[:, None]], dim=1)
+            step_input = nxt[:, None]
+            if eos_id is not None and bool(done.all()):
+                break
+        return out
+
+    @classmethod
+    def from_hf(cls, path: str | Path, **overrides) -> "Transformer":
+        from .hf import load_hf
+
+        return load_hf(cls, path, **overrides)
+
+    def to_hf(self, out_dir: str | Path, tokenizer_path: str | Path | None = None,
+              dtype: torch.dtype | None = None) -> Path:
+        from .hf import save_hf
+
+        return save_hf(self, out_dir, tokenizer_path, dtype)
+
+
+def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+           generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token id per row of logits [B, V]."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cum = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
+        drop = cum - torch.softmax(sorted_logits, dim=-1) > top_p  # keep the smallest set reaching top_p
+        logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
