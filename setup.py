@@ -17,6 +17,7 @@ setup(
         "numpy>=1.24",
         "safetensors>=0.4",
         "transformers>=4.40",
+        "tokenizers>=0.19",  # tokenizer/hf.py builds tokenizer.json directly
         "protobuf>=3.20",  # transformers needs it to read SentencePiece models
         "tqdm>=4.60",
         "pyyaml>=6.0",
