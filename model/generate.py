@@ -1,0 +1,43 @@
+"""Continue a prompt with a model folder (Hugging Face LLaMA folder or training run) that has a tokenizer.
+
+    python -m model.generate --model out/hf --prompt "床前明月光" --max_new_tokens 64
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from .load import DTYPES, load_pretrained
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="Hugging Face folder or training run directory")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max_new_tokens", type=int, default=100)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top_k", type=int, default=None)
+    p.add_argument("--top_p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+    p.add_argument("--attn_impl", default="auto")
+    args = p.parse_args(argv)
+    try:
+        model, tok = load_pretrained(args.model, args.device, args.dtype, attn_impl=args.attn_impl)
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        sys.exit(f"error: {e}")
+    ids = tok.encode(args.prompt, bos=True)
+    if len(ids) >= model.config.max_seq_len:
+        sys.exit(f"error: the prompt is {len(ids)} tokens; the model's context is {model.config.max_seq_len}")
+    generator = torch.Generator(device=args.device).manual_seed(args.seed)
+    out = model.generate(torch.tensor([ids], device=args.device), args.max_new_tokens, args.temperature,
+                         args.top_k, args.top_p, eos_id=tok.eos_id, generator=generator)
+    # Decode prompt and continuation together: SentencePiece drops a word's leading space at the start.
+    print(tok.decode([i for i in out[0].tolist() if i not in (tok.bos_id, tok.eos_id)]))
+
+
+if __name__ == "__main__":
+    main()
