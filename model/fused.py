@@ -27,12 +27,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return rms_norm_fn(x, weight, None, eps=eps)
 
 
-def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, offset: int):
-    """q, k [B, T, H, D]; cos, sin [max_len, D] in the rotate-half layout (both halves equal)."""
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, offset: int) -> torch.Tensor:
+    """x [B, T, H, D]; cos, sin [max_len, D] in the rotate-half layout (both halves equal)."""
     from flash_attn.layers.rotary import apply_rotary_emb
 
     half = cos.shape[-1] // 2
-    cos, sin = cos[:, :half].to(q.dtype), sin[:, :half].to(q.dtype)
-    q = apply_rotary_emb(q, cos, sin, interleaved=False, seqlen_offsets=offset)
-    k = apply_rotary_emb(k, cos, sin, interleaved=False, seqlen_offsets=offset)
-    return q, k
+    cos, sin = cos[:, :half].to(x.dtype), sin[:, :half].to(x.dtype)
+    return apply_rotary_emb(x, cos, sin, interleaved=False, seqlen_offsets=offset)

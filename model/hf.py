@@ -17,29 +17,50 @@ from .config import ModelConfig
 if TYPE_CHECKING:
     from .model import Transformer
 
-# ours -> transformers; {i} is the layer index.
+# ours -> transformers, for tensors that are a pure renaming; {i} is the layer index.
 _LAYER_NAMES = {
-    "attention.wq.weight": "self_attn.q_proj.weight",
-    "attention.wk.weight": "self_attn.k_proj.weight",
-    "attention.wv.weight": "self_attn.v_proj.weight",
     "attention.wo.weight": "self_attn.o_proj.weight",
-    "feed_forward.w1.weight": "mlp.gate_proj.weight",
     "feed_forward.w2.weight": "mlp.down_proj.weight",
-    "feed_forward.w3.weight": "mlp.up_proj.weight",
     "attention_norm.weight": "input_layernorm.weight",
     "ffn_norm.weight": "post_attention_layernorm.weight",
+}
+# ours -> the transformers tensors stacked (along rows) into it.
+_LAYER_STACKS = {
+    "attention.wqkv.weight": ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
+    "feed_forward.w13.weight": ("mlp.gate_proj.weight", "mlp.up_proj.weight"),
 }
 _TOP_NAMES = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
               "output.weight": "lm_head.weight"}
 
 
-def to_hf_name(name: str) -> str:
+def _hf_parts(name: str) -> tuple[str, ...]:
+    """The transformers tensor(s) that make up our parameter `name`."""
     if name in _TOP_NAMES:
-        return _TOP_NAMES[name]
+        return (_TOP_NAMES[name],)
     m = re.fullmatch(r"layers\.(\d+)\.(.+)", name)
-    if not m or m.group(2) not in _LAYER_NAMES:
-        raise KeyError(f"no Hugging Face name for parameter {name!r}")
-    return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}"
+    if m and m.group(2) in _LAYER_NAMES:
+        return (f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}",)
+    if m and m.group(2) in _LAYER_STACKS:
+        return tuple(f"model.layers.{m.group(1)}.{part}" for part in _LAYER_STACKS[m.group(2)])
+    raise KeyError(f"no Hugging Face name for parameter {name!r}")
+
+
+def _split_sizes(name: str, config: ModelConfig) -> list[int]:
+    if name.endswith("wqkv.weight"):
+        return [config.n_heads * config.head_dim] + [config.n_kv_heads * config.head_dim] * 2
+    return [config.hidden_dim] * 2
+
+
+def to_hf_state_dict(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    """Our state dict in transformers' names, stacked projections split; tied lm_head left out."""
+    out = {}
+    for name, tensor in state.items():
+        if name == "output.weight" and config.tie_embeddings:
+            continue
+        parts = _hf_parts(name)
+        pieces = tensor.split(_split_sizes(name, config), dim=0) if len(parts) > 1 else (tensor,)
+        out.update(zip(parts, pieces))
+    return out
 
 
 def config_from_hf(hf: dict[str, Any], **overrides: Any) -> ModelConfig:
@@ -111,22 +132,22 @@ def load_hf(cls: type["Transformer"], path: str | Path, **overrides: Any) -> "Tr
     state = {k.removeprefix("module."): v for k, v in read_hf_state_dict(path).items()}
     state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}  # old transformers saved it
     model = cls(config)
-    ours = model.state_dict()
-    expected = {to_hf_name(name): name for name in ours}
+    expected = {k: v.shape for k, v in to_hf_state_dict(model.state_dict(), config).items()}
     if config.tie_embeddings:
-        expected.pop("lm_head.weight", None)
         state.pop("lm_head.weight", None)
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
         raise ValueError(f"{path}: checkpoint does not fit config.json: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for hf_name, shape in expected.items():
+        if state[hf_name].shape != shape:
+            raise ValueError(f"{path}: tensor {hf_name} has shape {tuple(state[hf_name].shape)}, "
+                             f"config.json implies {tuple(shape)}")
     converted = {}
-    for hf_name, name in expected.items():
-        tensor = state[hf_name]
-        if tensor.shape != ours[name].shape:
-            raise ValueError(f"{path}: tensor {hf_name} has shape {tuple(tensor.shape)}, "
-                             f"config.json implies {tuple(ours[name].shape)}")
-        converted[name] = tensor
+    for name in model.state_dict():
+        if name == "output.weight" and config.tie_embeddings:
+            continue
+        converted[name] = torch.cat([state[part] for part in _hf_parts(name)], dim=0)
     model.load_state_dict(converted, strict=not config.tie_embeddings)
     return model
 
@@ -147,11 +168,8 @@ def save_hf(model: "Transformer", out_dir: str | Path, tokenizer_path: str | Pat
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        state = {}
-        for name, tensor in model.state_dict().items():
-            if name == "output.weight" and model.config.tie_embeddings:
-                continue
-            state[to_hf_name(name)] = tensor.detach().to(device="cpu", dtype=dtype).contiguous().clone()
+        ours = {k: v.detach().to(device="cpu", dtype=dtype) for k, v in model.state_dict().items()}
+        state = {k: v.contiguous().clone() for k, v in to_hf_state_dict(ours, model.config).items()}
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         hf_config = config_to_hf(model.config, dtype, **ids)
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")

@@ -95,24 +95,23 @@ class Attention(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
-        self.wq = nn.Linear(config.dim, config.n_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(config.dim, config.n_kv_heads * self.head_dim, bias=False)
-        self.wv = nn.Linear(config.dim, config.n_kv_heads * self.head_dim, bias=False)
+        # q, k and v in one matmul (one larger GEMM is faster than three); hf.py splits it on export.
+        self.wqkv = nn.Linear(config.dim, (config.n_heads + 2 * config.n_kv_heads) * self.head_dim, bias=False)
         self.wo = nn.Linear(config.n_heads * self.head_dim, config.dim, bias=False)
         self.use_fused = config.fused_kernels
 
     def forward(self, x, rope, meta: attention.AttnMeta, cache: KVCache | None, layer: int) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        qkv = self.wqkv(x).view(B, T, self.n_heads + 2 * self.n_kv_heads, self.head_dim)
+        qk, v = qkv.split([self.n_heads + self.n_kv_heads, self.n_kv_heads], dim=2)
         cos, sin, contiguous = rope
         if contiguous and fused.enabled(x, self.use_fused):
-            q, k = fused.rotary(q, k, cos, sin, meta.offset)
+            qk = fused.rotary(qk, cos, sin, meta.offset)
         else:
             if contiguous:
                 cos, sin = cos[meta.offset:meta.offset + T], sin[meta.offset:meta.offset + T]
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            qk = apply_rotary(qk, cos, sin)  # q and k heads rotated together
+        q, k = qk.split([self.n_heads, self.n_kv_heads], dim=2)
         if cache is not None:
             k, v = cache.update(layer, k, v)
         return self.wo(attention.attend(q, k, v, meta).reshape(B, T, -1))
@@ -121,12 +120,12 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.w1 = nn.Linear(config.dim, config.hidden_dim, bias=False)  # gate
+        self.w13 = nn.Linear(config.dim, 2 * config.hidden_dim, bias=False)  # gate (w1) and up (w3) stacked
         self.w2 = nn.Linear(config.hidden_dim, config.dim, bias=False)  # down
-        self.w3 = nn.Linear(config.dim, config.hidden_dim, bias=False)  # up
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = self.w13(x).chunk(2, dim=-1)
+        return self.w2(F.silu(gate) * up)
 
 
 class Block(nn.Module):
