@@ -1,0 +1,1 @@
+"""Few-shot MMLU (evaluate_mmlu.py) and C-Eval (evaluate_zh.py) evaluation with the reference prompts."""

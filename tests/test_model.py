@@ -230,3 +230,18 @@ def test_config_presets_and_unknown_fields():
 def test_cache_object_shape():
     cache = make().new_cache(3, 10)
     assert isinstance(cache, KVCache) and cache.k.shape == (2, 3, 10, 2, 16) and cache.max_len == 10
+
+
+def test_torch_compile_gives_same_loss_and_gradients():
+    """The compile switch (fused kernels through Inductor) must not change the numbers."""
+    model = make(attn_impl="sdpa").train()
+    x, t = torch.randint(0, 512, (2, 32)), torch.randint(0, 512, (2, 32))
+    ref = model(x, targets=t)
+    ref.backward()
+    ref_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    loss = torch.compile(model)(x, targets=t)
+    loss.backward()
+    assert abs(loss.item() - ref.item()) < 1e-5
+    for a, p in zip(ref_grads, model.parameters()):
+        assert torch.allclose(a, p.grad, atol=1e-6)

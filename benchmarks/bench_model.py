@@ -1,0 +1,128 @@
+"""Forward+backward throughput of our Transformer against transformers' LlamaForCausalLM, same config.
+
+    python benchmarks/bench_model.py                       # CPU, fp32, ~20M parameters, seq 512
+    python benchmarks/bench_model.py --compile             # also our model under torch.compile
+    python benchmarks/bench_model.py --preset 1b --seq_len 4096 --batch 1 --dtype bf16 --device cuda   # GPU, MFU
+
+Both models get identical weights (ours is exported with to_hf and loaded by transformers), the same
+batch, dtype and thread count; runs alternate between the two so drift on a shared machine hits both.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+
+import torch
+
+from model import ModelConfig, Transformer
+
+# Dense bf16 peak FLOP/s per GPU, for MFU.
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12,
+              "A10G": 125e12, "4090": 165e12}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+def bench_config(args: argparse.Namespace) -> ModelConfig:
+    if args.preset:
+        return ModelConfig.from_preset(args.preset, max_seq_len=max(args.seq_len, 16), attn_impl=args.attn)
+    # About 20M parameters: a small LLaMA with a LLaMA-sized vocabulary share.
+    return ModelConfig(vocab_size=args.vocab_size, dim=512, n_layers=6, n_heads=8, n_kv_heads=8, hidden_dim=1376,
+                       max_seq_len=args.seq_len, attn_impl=args.attn)
+
+
+def time_steps(step, n: int, sync) -> list[float]:
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default=None, help="a ModelConfig preset instead of the ~20M default")
+    p.add_argument("--vocab_size", type=int, default=4096)
+    p.add_argument("--seq_len", type=int, default=512)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--attn", default="auto", help="our attention kernel (transformers uses sdpa)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--compile", action="store_true", help="also time our model under torch.compile")
+    p.add_argument("--no_hf", action="store_true", help="skip transformers (e.g. when it would not fit)")
+    args = p.parse_args()
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    config = bench_config(args)
+    torch.manual_seed(0)
+    ours = Transformer(config).to(device=device, dtype=dtype).train()
+    x = torch.randint(0, config.vocab_size, (args.batch, args.seq_len), device=device)
+    y = torch.randint(0, config.vocab_size, (args.batch, args.seq_len), device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def step_of(fn):
+        def step():
+            loss = fn()
+            loss.backward()
+        return step
+
+    runs = {"ours": step_of(lambda: ours(x, targets=y))}
+    if args.compile:
+        compiled = torch.compile(ours)
+        runs["ours+compile"] = step_of(lambda: compiled(x, targets=y))
+    if not args.no_hf:
+        from transformers import AutoModelForCausalLM
+
+        with tempfile.TemporaryDirectory() as tmp:
+            ours.to_hf(tmp)
+            hf = AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype, attn_implementation="sdpa").to(device).train()
+        # The standard transformers training call: labels = inputs, shifted inside (T-1 predictions vs our T).
+        runs["transformers"] = step_of(lambda: hf(input_ids=x, labels=x).loss)
+
+    for name, step in runs.items():  # warm-up (and compile)
+        for _ in range(args.warmup):
+            step()
+        sync()
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(args.steps):  # interleaved so background noise hits every model alike
+        for name, step in runs.items():
+            times[name] += time_steps(step, 1, sync)
+
+    tokens = args.batch * args.seq_len
+    flops_per_token = config.flops_per_token(args.seq_len)
+    peak = peak_flops(device)
+    print(f"config: {config.num_params() / 1e6:.1f}M params, dim {config.dim}, layers {config.n_layers}, "
+          f"vocab {config.vocab_size}; batch {args.batch} x seq {args.seq_len}, {args.dtype}, {device}, "
+          f"threads {torch.get_num_threads()}")
+    result = {}
+    for name, ts in times.items():
+        t = statistics.median(ts)
+        result[name] = tokens / t
+        line = f"{name:>14}: {tokens / t:10.0f} tokens/s  ({t * 1000:.0f} ms/step, median of {len(ts)})"
+        if device.type == "cuda":
+            tflops = flops_per_token * tokens / t / 1e12
+            line += f"  {tflops:.1f} TFLOP/s" + (f"  MFU {tflops * 1e12 / peak:.1%}" if peak else "")
+        print(line)
+    if "transformers" in result:
+        for name in result:
+            if name != "transformers":
+                print(f"{name} / transformers: {result[name] / result['transformers']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""MMLU k-shot evaluation with the prompts of Hendrycks' original evaluate.py.
+
+    python evaluation/evaluate_mmlu.py --model_name_or_path M --data_dir D --output_dir O [--split test] [--ntrain 5]
+
+D holds {dev,val,test}/{subject}_{split}.csv without a header (question,A,B,C,D,answer). The prediction is the
+argmax of the next-token logits of " A", " B", " C", " D" after "Answer:"; the score is the question-weighted
+accuracy over the 57 subjects (plus the subject average), with 17 subcategories and 4 categories.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __name__ == "__main__" and not __package__:  # run as a file: make the repository root importable
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
+from evaluation.common import Benchmark, build_parser, main_for  # noqa: E402
+from evaluation.data import LETTERS, Question, read_mmlu_csv  # noqa: E402
+from evaluation.scoring import SubjectPrompts  # noqa: E402
+from evaluation.subjects import MMLU_CATEGORIES, MMLU_SUBJECTS, mmlu_groups  # noqa: E402
+
+
+def format_subject(subject: str) -> str:
+    """'abstract_algebra' -> ' abstract algebra' (each word after a space, as the original does)."""
+    return "".join(" " + word for word in subject.split("_"))
+
+
+def header(subject: str) -> str:
+    # The format string adds a space before format_subject's own: "about  abstract algebra." as in the original.
+    return f"The following are multiple choice questions (with answers) about {format_subject(subject)}.\n\n"
+
+
+def format_example(q: Question, include_answer: bool = True) -> str:
+    text = q.question + "".join(f"\n{letter}. {choice}" for letter, choice in zip(LETTERS, q.choices))
+    text += "\nAnswer:"
+    if include_answer:
+        text += f" {q.answer}\n\n"
+    return text
+
+
+def subject_prompts(subject: str, shots: list[Question], questions: list[Question]) -> SubjectPrompts:
+    return SubjectPrompts(subject, header(subject), [format_example(q) for q in shots],
+                          [format_example(q, include_answer=False) for q in questions], answer_sep=" ")
+
+
+def _subcategory_order() -> list[str]:
+    return [sub for subs in MMLU_CATEGORIES.values() for sub in subs]
+
+
+MMLU = Benchmark(
+    name="mmlu",
+    subjects=MMLU_SUBJECTS,
+    splits=("test", "val"),
+    read=lambda path, need_answer: read_mmlu_csv(path),
+    prompts=subject_prompts,
+    groups_of=mmlu_groups,
+    order={"subcategories": _subcategory_order(), "categories": list(MMLU_CATEGORIES)},
+    headline="weighted",
+)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser(MMLU, "MMLU few-shot evaluation (Hendrycks et al. prompts and scoring).",
+                          ["--ntrain", "-k"], default_split="test")
+    main_for(MMLU, parser, argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,431 @@
+"""Training configuration: one typed dataclass, loaded from YAML or TOML with key=value overrides.
+
+Precedence: dataclass defaults < config file < command line. Every key is checked: an unknown key or a value of
+the wrong type is a one-line error naming the key. The DeepSpeed JSON is derived from this config (see
+`deepspeed_config`), so batch size, precision and clipping are written in one place.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import math
+import sys
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from model.config import ModelConfig
+
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+NAN_POLICIES = ("skip", "stop")
+WANDB_MODES = ("offline", "online", "disabled")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a pretraining run needs. The defaults are the debug run on the shipped sample corpus
+    (config/debug.yaml spells them out)."""
+
+    # --- run ---
+    run_dir: str = "runs/sample/train"
+    """Output directory: checkpoints, run_config.yaml, model_config.json, tokenizer.model, metrics, loss curve.
+    Re-running the same command with the same run_dir resumes from its latest checkpoint."""
+    seed: int = 0
+    """Seed for weight initialisation and data order."""
+
+    # --- model ---
+    model_preset: str = "debug"
+    """ModelConfig preset (debug, 125m, 1b, baichuan-7b, 13b); ignored when init_from_hf is set."""
+    model: dict[str, Any] = field(default_factory=dict)
+    """ModelConfig fields overriding the preset, e.g. {dim: 128, n_layers: 4}. vocab_size defaults to the
+    tokenizer's vocabulary size when not given."""
+    init_from_hf: str | None = None
+    """Hugging Face LLaMA folder to start from (continued pretraining) instead of random weights."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in backward: less memory, ~30% more compute."""
+
+    # --- data ---
+    data_dir: str = "runs/sample/data"
+    """Directory written by `python -m pretrain.prepare_data` (token shards + manifest.json)."""
+    tokenizer: str | None = None
+    """tokenizer.model the data was prepared with (copied into run_dir; its sha256 is checked against the data
+    manifest). None: take data_dir/tokenizer.model."""
+    seq_len: int = 128
+    """Tokens per training sequence."""
+    micro_batch_size: int = 4
+    """Sequences per forward/backward pass on each rank."""
+    global_batch_size: int = 8
+    """Sequences per optimizer step over all ranks; gradient accumulation = global / (micro * world size)."""
+
+    # --- optimizer and schedule ---
+    max_steps: int = 300
+    """Optimizer steps to train for."""
+    lr: float = 3e-3
+    """Peak learning rate, reached at the end of warmup."""
+    min_lr: float = 3e-4
+    """Learning rate at the end of the cosine decay (and after it)."""
+    warmup_steps: int = 30
+    """Steps of linear warmup from 0 to lr."""
+    lr_decay_steps: int | None = None
+    """Step at which the cosine decay reaches min_lr; None means max_steps."""
+    weight_decay: float = 0.1
+    """AdamW decoupled weight decay, applied to matrices only (see decay_norms_and_embeddings)."""
+    decay_norms_and_embeddings: bool = False
+    """Also apply weight decay to norm weights, biases and embeddings (LLaMA does not)."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2."""
+    adam_eps: float = 1e-8
+    """AdamW epsilon."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+
+    # --- engine ---
+    zero_stage: int = 0
+    """DeepSpeed ZeRO stage: 0 (plain data parallel), 1 (optimizer states), 2 (+gradients), 3 (+parameters)."""
+    precision: str = "auto"
+    """'auto' (bf16 on a GPU that supports it, else fp32), 'bf16', 'fp16' (GPU only, loss scaling) or 'fp32'."""
+    offload_optimizer: bool = False
+    """ZeRO-Offload: keep optimizer states in CPU memory and step with DeepSpeedCPUAdam (needs zero_stage >= 1)."""
+    offload_params: bool = False
+    """ZeRO-Infinity style parameter offload to CPU memory (needs zero_stage 3)."""
+    deepspeed_config: str | None = None
+    """Your own DeepSpeed JSON, merged over the derived one. It may add keys (bucket sizes, comms logging...) but
+    not contradict batch size, precision, clipping or ZeRO stage set here, nor define an optimizer/scheduler."""
+    dist_timeout_minutes: int = 30
+    """Timeout for collective operations before a hung rank aborts the job."""
+
+    # --- evaluation, logging, checkpoints ---
+    log_interval: int = 10
+    """Log metrics every N steps."""
+    eval_interval: int = 50
+    """Compute the validation loss every N steps (and at the end); 0 disables it."""
+    eval_batches: int = 8
+    """Micro batches per rank used for each validation loss."""
+    save_interval: int = 100
+    """Save a checkpoint every N steps (and at the end); 0 saves only at the end."""
+    keep_last: int = 2
+    """Checkpoints to keep; older ones are deleted after a successful save."""
+    nan_policy: str = "skip"
+    """What to do with a NaN/inf loss: 'skip' the step (no update, counted in metrics) or 'stop' the run."""
+    max_skipped_steps: int = 10
+    """With nan_policy=skip, stop after this many consecutive skipped steps (training has diverged)."""
+    tensorboard: bool = True
+    """Write TensorBoard events to run_dir/tensorboard."""
+    wandb_mode: str = "offline"
+    """Weights & Biases: 'offline' (logs in run_dir/wandb, sync later), 'online' or 'disabled'. Skipped quietly
+    when wandb is not installed."""
+    wandb_project: str = "llama-pretrain"
+    """Weights & Biases project name."""
+
+    def __post_init__(self) -> None:
+        positive = ("seq_len", "micro_batch_size", "global_batch_size", "max_steps", "log_interval", "keep_last",
+                    "eval_batches", "dist_timeout_minutes", "max_skipped_steps")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("warmup_steps", "eval_interval", "save_interval", "weight_decay", "grad_clip", "min_lr"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
+        if self.lr_decay_steps is not None and self.lr_decay_steps <= self.warmup_steps:
+            raise ValueError(f"lr_decay_steps ({self.lr_decay_steps}) must be > warmup_steps ({self.warmup_steps})")
+        for name, value in (("beta1", self.beta1), ("beta2", self.beta2)):
+            if not 0 <= value < 1:
+                raise ValueError(f"{name} must be in [0, 1), got {value}")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("offload_optimizer needs zero_stage 1, 2 or 3")
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError("offload_params needs zero_stage 3")
+        for name, allowed in (("precision", PRECISIONS), ("nan_policy", NAN_POLICIES), ("wandb_mode", WANDB_MODES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
+        unknown = sorted(set(self.model) - model_fields)
+        if unknown:
+            raise ValueError(f"unknown model field(s) {', '.join(unknown)}; valid: {', '.join(sorted(model_fields))}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def model_config(self, vocab_size: int | None = None) -> ModelConfig:
+        """The ModelConfig of a from-scratch run: preset + `model` overrides, vocab_size from the tokenizer unless
+        given, activation_checkpointing from this config."""
+        overrides = dict(self.model)
+        if vocab_size is not None:
+            overrides.setdefault("vocab_size", vocab_size)
+        overrides["activation_checkpointing"] = self.activation_checkpointing
+        return ModelConfig.from_preset(self.model_preset, **overrides)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading: file + overrides, with type checking/coercion per field.
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    """Convert `value` (from YAML/TOML or a command-line string) to the field's annotated type, or raise."""
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "~")):
+            if type(None) in args:
+                return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(key, value, inner[0])
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0", "on", "off"):
+            return value.lower() in ("true", "yes", "1", "on")
+    elif annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                number = float(value.replace("_", ""))
+            except ValueError:
+                pass
+            else:
+                if number.is_integer():
+                    return int(number)
+    elif annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # PyYAML reads 3e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif annotation is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    elif typing.get_origin(annotation) is dict or annotation is dict:
+        if isinstance(value, dict):
+            return value
+    else:
+        return value
+    name = getattr(annotation, "__name__", str(annotation))
+    raise ValueError(f"{key}: expected {name}, got {value!r}")
+
+
+def _parse_scalar(text: str) -> Any:
+    """A command-line value: YAML scalar syntax (numbers, true/false, null, quoted strings)."""
+    try:
+        return yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        return text
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The mapping in a .yaml/.yml/.toml file (TOML tables or YAML mappings; nesting is kept for `model`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: config file not found")
+    try:
+        if path.suffix == ".toml":
+            data = tomllib.loads(path.read_text())
+        elif path.suffix in (".yaml", ".yml"):
+            data = yaml.safe_load(path.read_text()) or {}
+        else:
+            raise ValueError(f"{path}: config must be .yaml, .yml or .toml")
+    except (yaml.YAMLError, tomllib.TOMLDecodeError) as e:
+        detail = str(e).replace("\n", " ")
+        raise ValueError(f"{path}: cannot parse config: {detail}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: config must be a mapping of key: value, got {type(data).__name__}")
+    return data
+
+
+def _apply(values: dict[str, Any], raw: dict[str, Any], where: str) -> None:
+    """Check and coerce `raw` into `values` (TrainConfig field -> value)."""
+    train_types = _field_types(TrainConfig)
+    model_types = _field_types(ModelConfig)
+    for key, value in raw.items():
+        if key == "model" and isinstance(value, dict):
+            for sub, subvalue in value.items():
+                if sub not in model_types:
+                    raise ValueError(f"{where}: unknown model field 'model.{sub}'; valid: {', '.join(model_types)}")
+                values.setdefault("model", {})[sub] = _coerce(f"{where}: model.{sub}", subvalue, model_types[sub])
+        elif key.startswith("model."):
+            sub = key[len("model."):]
+            if sub not in model_types:
+                raise ValueError(f"{where}: unknown model field '{key}'; valid: {', '.join(model_types)}")
+            values.setdefault("model", {})[sub] = _coerce(f"{where}: {key}", value, model_types[sub])
+        elif key in train_types:
+            values[key] = _coerce(f"{where}: {key}", value, train_types[key])
+        else:
+            raise ValueError(f"{where}: unknown config key '{key}'; see pretrain/config.py for the valid keys")
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
+    """TrainConfig from defaults < `path` (YAML/TOML) < `overrides` ("key=value", "model.dim=128")."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        _apply(values, read_config_file(path), str(path))
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"override {item!r} must look like key=value")
+        _apply(values, {key.strip(): _parse_scalar(text)}, "command line")
+    values["model"] = {**values.get("model", {})}
+    return TrainConfig(**values)
+
+
+def save_config(cfg: TrainConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Derived quantities.
+
+
+def grad_accum_steps(cfg: TrainConfig, world_size: int) -> int:
+    """Gradient accumulation steps so that micro * accumulation * world_size == global batch."""
+    per_step = cfg.micro_batch_size * world_size
+    if cfg.global_batch_size % per_step:
+        raise ValueError(
+            f"global_batch_size ({cfg.global_batch_size}) must be divisible by micro_batch_size "
+            f"({cfg.micro_batch_size}) x world size ({world_size}) = {per_step}; change one of them"
+        )
+    return cfg.global_batch_size // per_step
+
+
+def resolve_precision(precision: str, cuda: bool, bf16_supported: bool) -> str:
+    """'auto' -> bf16 on a bf16-capable GPU, fp32 otherwise; fp16 is rejected off-GPU."""
+    if precision == "auto":
+        return "bf16" if cuda and bf16_supported else "fp32"
+    if precision == "fp16" and not cuda:
+        raise ValueError("precision fp16 needs a GPU; use fp32 or bf16 on CPU")
+    return precision
+
+
+def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """`extra` over `base`, recursively; "auto" values (Hugging Face style) keep the base value."""
+    merged = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        elif value != "auto":
+            merged[key] = value
+    return merged
+
+
+def _lookup(tree: Any, keys: tuple[str, ...]) -> Any:
+    for key in keys:
+        tree = tree.get(key) if isinstance(tree, dict) else None
+    return tree
+
+
+# DeepSpeed keys owned by TrainConfig: a user JSON may repeat them only with the same value.
+_OWNED = {
+    ("train_batch_size",): "global_batch_size",
+    ("train_micro_batch_size_per_gpu",): "micro_batch_size",
+    ("gradient_accumulation_steps",): "global_batch_size / (micro_batch_size x world size)",
+    ("gradient_clipping",): "grad_clip",
+    ("zero_optimization", "stage"): "zero_stage",
+    ("bf16", "enabled"): "precision",
+    ("fp16", "enabled"): "precision",
+}
+
+
+def deepspeed_config(cfg: TrainConfig, world_size: int, precision: str) -> dict[str, Any]:
+    """The DeepSpeed JSON for this run (precision already resolved), merged with cfg.deepspeed_config if given."""
+    gas = grad_accum_steps(cfg, world_size)
+    zero: dict[str, Any] = {"stage": cfg.zero_stage}
+    if cfg.zero_stage > 0:
+        zero.update(overlap_comm=False, contiguous_gradients=True)
+    if cfg.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
+    if cfg.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": False}
+    ds: dict[str, Any] = {
+        "train_batch_size": cfg.global_batch_size,
+        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
+        "gradient_accumulation_steps": gas,
+        "gradient_clipping": cfg.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        # The optimizer is torch's AdamW (or DeepSpeedCPUAdam with offload), created by us.
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31 - 1,  # we log ourselves
+        "wall_clock_breakdown": False,
+    }
+    if cfg.deepspeed_config is None:
+        return ds
+    path = Path(cfg.deepspeed_config)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: DeepSpeed config not found (deepspeed_config)")
+    try:
+        user = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    if not isinstance(user, dict):
+        raise ValueError(f"{path}: DeepSpeed config must be a JSON object")
+    for key in ("optimizer", "scheduler"):
+        if key in user:
+            raise ValueError(f"{path}: remove '{key}': the optimizer and LR schedule come from the training config")
+    for keys, owner in _OWNED.items():
+        mine, theirs = _lookup(ds, keys), _lookup(user, keys)
+        if theirs is not None and theirs != "auto" and theirs != mine:
+            raise ValueError(
+                f"{path}: '{'.'.join(keys)}' is {theirs!r} but the training config gives {mine!r}; "
+                f"set {owner} in the training config instead"
+            )
+    return _deep_merge(ds, user)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warmup, cosine decay to min_lr, then flat.
+
+    A pure function of the step, so resuming needs no scheduler state.
+    """
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / (cfg.warmup_steps + 1)
+    decay_steps = cfg.lr_decay_steps or cfg.max_steps
+    if step >= decay_steps:
+        return cfg.min_lr
+    progress = (step - cfg.warmup_steps) / max(1, decay_steps - cfg.warmup_steps)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Print the resolved config (or one key of it): what a run with these arguments would use."""
+    parser = argparse.ArgumentParser(description="Show the training config that --config and overrides resolve to.")
+    parser.add_argument("--config", help="YAML or TOML training config")
+    parser.add_argument("--get", metavar="KEY", help="print only this key's value")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if args.get is not None and args.get not in cfg.to_dict():
+            raise ValueError(f"unknown config key '{args.get}'")
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+    if args.get is not None:
+        value = getattr(cfg, args.get)
+        print("" if value is None else value)
+    else:
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True), end="")
+
+
+if __name__ == "__main__":
+    main()

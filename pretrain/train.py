@@ -1,0 +1,451 @@
+"""Pretrain a LLaMA-style model with DeepSpeed, on one CPU box or many GPU nodes.
+
+    deepspeed --hostfile config/hostfile --no_ssh --node_rank 0 --master_addr 127.0.0.1 \\
+        pretrain/train.py --config config/debug.yaml [key=value ...]
+
+(scripts/train.sh wraps this.) Everything comes from one config (pretrain/config.py, config/*.yaml); the DeepSpeed
+JSON is derived from it. Re-running the same command resumes from the run directory's latest checkpoint; SIGTERM
+or Ctrl-C saves a checkpoint and exits.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import deepspeed
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+from model import ModelConfig, Transformer
+from pretrain import checkpoint
+from pretrain.config import (TrainConfig, deepspeed_config, grad_accum_steps, load_config, lr_at,
+                             resolve_precision, save_config)
+from pretrain.data import DataLoader, load_manifest
+from pretrain.metrics import MetricsLogger, memory_gb, peak_flops
+from tokenizer import Tokenizer
+
+# Fields that change how the model runs, not its weights: they may differ when resuming.
+RUNTIME_MODEL_FIELDS = ("attn_impl", "activation_checkpointing", "fused_kernels")
+
+
+class TrainingStopped(RuntimeError):
+    """The run cannot go on (non-finite loss with nan_policy=stop, diverged); the message says why."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Optimizer
+
+
+class _SkippableStep:
+    """optimizer.step() does nothing while `skip_step` is set: how a step with a non-finite loss is dropped.
+
+    The flag is set by the loop on every rank (the decision is all-reduced), and checked wherever DeepSpeed ends up
+    calling the base optimizer (directly, or inside a ZeRO/bf16 wrapper), so no stage needs special handling.
+    """
+
+    skip_step = False
+
+    def step(self, *args: Any, **kwargs: Any) -> Any:
+        if self.skip_step:
+            return None
+        return super().step(*args, **kwargs)
+
+
+class AdamW(_SkippableStep, torch.optim.AdamW):
+    pass
+
+
+class CPUAdamW(_SkippableStep, DeepSpeedCPUAdam):
+    pass
+
+
+def param_groups(model: nn.Module, weight_decay: float, decay_all: bool = False) -> list[dict[str, Any]]:
+    """AdamW groups: weight decay on matrices only; norms, biases and embeddings get none unless decay_all."""
+    embedding_params = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        exempt = p.ndim < 2 or id(p) in embedding_params
+        (no_decay if exempt and not decay_all else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    groups = param_groups(model, cfg.weight_decay, cfg.decay_norms_and_embeddings)
+    kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps)
+    if cfg.offload_optimizer:  # ZeRO-Offload steps on the CPU with DeepSpeed's vectorised Adam
+        return CPUAdamW(groups, adamw_mode=True, **kwargs)
+    return AdamW(groups, **kwargs)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    # The groups are the ones DeepSpeed's wrappers step, so this reaches every ZeRO stage.
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Setup
+
+
+@dataclass
+class Dist:
+    """This process's place in the job."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+
+def init_distributed(cfg: TrainConfig) -> Dist:
+    """Join the process group the launcher described (RANK, WORLD_SIZE, MASTER_ADDR... in the environment)."""
+    for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        if var not in os.environ:
+            raise ValueError(f"environment variable {var} is not set: start training with the deepspeed launcher "
+                             "(scripts/train.sh), or set RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+        if "OMP_NUM_THREADS" not in os.environ:  # ranks on one box share its cores instead of oversubscribing
+            local_size = int(os.environ.get("LOCAL_SIZE", "1"))
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_size))
+    deepspeed.init_distributed(timeout=timedelta(minutes=cfg.dist_timeout_minutes), verbose=False)
+    return Dist(dist.get_rank(), local_rank, dist.get_world_size(), device)
+
+
+def resolve_tokenizer(cfg: TrainConfig) -> Tokenizer:
+    path = Path(cfg.tokenizer) if cfg.tokenizer else Path(cfg.data_dir) / "tokenizer.model"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: tokenizer not found; set tokenizer=PATH (the tokenizer.model the data "
+                                "was prepared with)")
+    return Tokenizer(path)
+
+
+def saved_model_config(run_dir: str | Path) -> ModelConfig | None:
+    path = Path(run_dir) / "model_config.json"
+    return ModelConfig.from_dict(json.loads(path.read_text())) if path.is_file() else None
+
+
+def build_model(cfg: TrainConfig, tokenizer: Tokenizer, resuming: bool) -> Transformer:
+    """Random weights (preset + overrides, or the run dir's own architecture when resuming), or an HF LLaMA."""
+    torch.manual_seed(cfg.seed)
+    if cfg.init_from_hf and not resuming:
+        model = Transformer.from_hf(cfg.init_from_hf, **{**cfg.model, "activation_checkpointing":
+                                                         cfg.activation_checkpointing})
+    else:
+        mc = cfg.model_config(tokenizer.vocab_size)
+        saved = saved_model_config(cfg.run_dir) if resuming else None
+        if saved is not None:
+            runtime = {k: getattr(mc, k) for k in RUNTIME_MODEL_FIELDS}
+            changed = [k for k, v in saved.to_dict().items() if k not in runtime and getattr(mc, k) != v]
+            if changed and not cfg.init_from_hf:
+                details = ", ".join(f"{k} {getattr(saved, k)!r} -> {getattr(mc, k)!r}" for k in changed)
+                raise ValueError(f"{cfg.run_dir} holds a run of a different model ({details}); use a new run_dir "
+                                 "or the original model settings")
+            mc = ModelConfig.from_dict({**saved.to_dict(), **runtime})
+        # Not built under deepspeed.zero.Init: the model's depth-scaled init of the residual projections runs
+        # outside Module.apply and would be lost on partitioned parameters. DeepSpeed partitions at initialize().
+        model = Transformer(mc)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ValueError(f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} tokens but the model's vocab_size "
+                         f"is {model.config.vocab_size}; set model.vocab_size >= {tokenizer.vocab_size}")
+    return model
+
+
+def prepare_run_dir(cfg: TrainConfig, mc: ModelConfig, tokenizer: Tokenizer, ds_config: dict[str, Any]) -> None:
+    """run_config.yaml, model_config.json, deepspeed_config.json and tokenizer.model, each written atomically."""
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for name, write in (("run_config.yaml", lambda p: save_config(cfg, p)), ("model_config.json", mc.save),
+                        ("deepspeed_config.json", lambda p: p.write_text(json.dumps(ds_config, indent=2) + "\n")),
+                        ("tokenizer.model", lambda p: shutil.copyfile(tokenizer.path, p))):
+        tmp = run_dir / f".{name}.tmp"
+        write(tmp)
+        os.replace(tmp, run_dir / name)
+
+
+def make_loader(cfg: TrainConfig, split: str, d: Dist, tokenizer: Tokenizer, model_vocab: int) -> DataLoader:
+    return DataLoader(cfg.data_dir, split, seq_len=cfg.seq_len, micro_batch_size=cfg.micro_batch_size, rank=d.rank,
+                      world_size=d.world_size, seed=cfg.seed, shuffle=split == "train",
+                      tokenizer_sha256=tokenizer.sha256, vocab_size=model_vocab)
+
+
+@dataclass
+class Run:
+    """Everything the loop works with, built by setup()."""
+
+    cfg: TrainConfig
+    d: Dist
+    engine: Any
+    optimizer: torch.optim.Optimizer
+    model: Transformer
+    train_loader: DataLoader
+    val_loader: DataLoader | None
+    precision: str
+    grad_accum: int
+    step: int = 0
+    tokens_seen: int = 0
+    resumed_from: str | None = None
+
+
+def setup(cfg: TrainConfig, d: Dist, tokenizer: Tokenizer) -> Run:
+    resuming = checkpoint.latest_tag(cfg.run_dir) is not None
+    cuda = torch.cuda.is_available()
+    precision = resolve_precision(cfg.precision, cuda, cuda and torch.cuda.is_bf16_supported())
+    ds_config = deepspeed_config(cfg, d.world_size, precision)
+    model = build_model(cfg, tokenizer, resuming)
+    vocab = model.config.vocab_size
+    train_loader = make_loader(cfg, "train", d, tokenizer, vocab)
+    val_loader = make_loader(cfg, "val", d, tokenizer, vocab) if cfg.eval_interval else None
+    if d.rank == 0:
+        prepare_run_dir(cfg, model.config, tokenizer, ds_config)
+    dist.barrier()
+    optimizer = build_optimizer(cfg, model)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    run = Run(cfg, d, engine, optimizer, model, train_loader, val_loader, precision,
+              grad_accum_steps(cfg, d.world_size))
+    restored = checkpoint.load_checkpoint(engine, cfg.run_dir)
+    if restored is not None:
+        run.resumed_from, state = restored
+        run.step, run.tokens_seen = state["step"], state.get("tokens", 0)
+        train_loader.load_state_dict(state["data"])
+    return run
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Loop helpers
+
+
+def forward(engine: Any, batch: Any, device: torch.device) -> torch.Tensor:
+    batch = batch.to(device)
+    return engine(batch.tokens, targets=batch.targets, position_ids=batch.position_ids, cu_seqlens=batch.cu_seqlens)
+
+
+def all_reduce_sum(values: list[float | torch.Tensor], device: torch.device) -> list[float]:
+    t = torch.stack([torch.as_tensor(v, dtype=torch.float64).to(device) for v in values])
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+@torch.no_grad()
+def evaluate(run: Run) -> float:
+    """Mean validation loss over the first eval_batches micro batches per rank: the same batches every time."""
+    run.engine.eval()
+    losses = [forward(run.engine, b, run.d.device).float() for b in run.val_loader.eval_batches(run.cfg.eval_batches)]
+    run.engine.train()
+    total, count = all_reduce_sum([torch.stack(losses).sum(), len(losses)], run.d.device)
+    return total / count
+
+
+def manual_grad_norm(model: nn.Module) -> float | None:
+    """Global gradient norm when DeepSpeed does not report one (ZeRO-0 fp32); grads are all-reduced by now."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    return float(torch.nn.utils.get_total_norm(grads)) if grads else None
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGINT; the loop all-reduces it so every rank stops (and saves) at the same step."""
+
+    def __init__(self) -> None:
+        self.signal: str | None = None
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signal = signal.Signals(signum).name
+
+
+def format_row(step: int, max_steps: int, row: dict[str, Any]) -> str:
+    parts = [f"step {step}/{max_steps}"]
+    if row["loss"] is not None:
+        parts.append(f"loss {row['loss']:.4f}")
+    parts.append(f"lr {row['lr']:.2e}")
+    if row["grad_norm"] is not None and math.isfinite(row["grad_norm"]):
+        parts.append(f"grad norm {row['grad_norm']:.3f}")
+    parts.append(f"{row['tokens_per_sec']:,.0f} tok/s")
+    if "mfu" in row:
+        parts.append(f"MFU {100 * row['mfu']:.1f}%")
+    parts.append(f"mem {row['memory_gib']:.2f} GiB")
+    return " | ".join(parts)
+
+
+def save(run: Run) -> str:
+    """Checkpoint with what resuming exactly needs: step, data position (rank-independent), config."""
+    state = {"step": run.step, "tokens": run.tokens_seen, "data": run.train_loader.state_dict(),
+             "world_size": run.d.world_size, "config": run.cfg.to_dict()}
+    return checkpoint.save_checkpoint(run.engine, run.cfg.run_dir, run.step, state, run.cfg.keep_last)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Training
+
+
+@dataclass
+class StepResult:
+    loss: float
+    """Mean loss over the step's micro batches on all ranks (non-finite ones left out)."""
+    skipped: bool
+    """Some rank saw a non-finite loss, so no update was applied (nan_policy=skip)."""
+    stop: bool
+    """Some rank received SIGTERM/SIGINT: every rank saves after this step and exits."""
+    grad_norm: float | None
+
+
+def train_step(run: Run, stop: StopFlag, manual_norm: bool) -> StepResult:
+    """One optimizer step: grad_accum micro batches through the engine, with the non-finite-loss policy applied."""
+    engine, optimizer, cfg = run.engine, run.optimizer, run.cfg
+    set_lr(optimizer, lr_at(run.step, cfg))
+    losses, norm = [], None
+    for micro in range(run.grad_accum):
+        loss = forward(engine, run.train_loader.next_batch(), run.d.device)
+        losses.append(loss.detach().float())
+        last = micro == run.grad_accum - 1
+        if last:
+            # One small all-reduce per step: the loss, whether any rank saw a non-finite one, any stop signal.
+            local = torch.stack(losses)
+            loss_sum, n_bad, n_stop = all_reduce_sum(
+                [torch.nan_to_num(local, nan=0.0, posinf=0.0, neginf=0.0).mean(), (~local.isfinite()).sum(),
+                 float(stop.signal is not None)], run.d.device)
+            if n_bad and cfg.nan_policy == "stop":
+                raise TrainingStopped(f"non-finite loss at step {run.step + 1} (nan_policy=stop); checkpoints are "
+                                      "intact: lower lr or raise warmup_steps and resume, or use nan_policy=skip")
+            optimizer.skip_step = n_bad > 0  # every rank skips the update together
+        engine.backward(loss)
+        if last and manual_norm:
+            norm = manual_grad_norm(run.model)
+        engine.step()
+    optimizer.skip_step = False
+    if not manual_norm:
+        norm = engine.get_global_grad_norm()
+    run.step += 1
+    return StepResult(loss_sum / run.d.world_size, n_bad > 0, n_stop > 0, None if norm is None else float(norm))
+
+
+class LogWindow:
+    """Averages over the steps since the last log line."""
+
+    def __init__(self) -> None:
+        self.loss, self.good, self.steps, self.start = 0.0, 0, 0, time.perf_counter()
+
+    def add(self, result: StepResult) -> None:
+        self.steps += 1
+        if not result.skipped:
+            self.loss += result.loss
+            self.good += 1
+
+    def mean_loss(self) -> float | None:
+        return self.loss / self.good if self.good else None
+
+    def steps_per_sec(self) -> float:
+        return self.steps / (time.perf_counter() - self.start)
+
+
+def train(cfg: TrainConfig) -> None:
+    tokenizer = resolve_tokenizer(cfg)
+    load_manifest(cfg.data_dir, tokenizer.sha256)  # fail fast on bad data, before any rank builds a model
+    d = init_distributed(cfg)
+    stop = StopFlag()
+    stop.install()  # before the slow setup, so an early Ctrl-C still ends cleanly at the first step
+    run = setup(cfg, d, tokenizer)
+    metrics = MetricsLogger(cfg.run_dir, cfg.to_dict(), enabled=d.rank == 0, start_step=run.step,
+                            max_steps=cfg.max_steps, tensorboard=cfg.tensorboard, wandb_mode=cfg.wandb_mode,
+                            wandb_project=cfg.wandb_project)
+    mc = run.model.config
+    metrics.print(f"model {mc.num_params() / 1e6:.2f}M parameters | ZeRO-{cfg.zero_stage} {run.precision} | "
+                  f"{cfg.micro_batch_size} sequences x {run.grad_accum} accumulation x {d.world_size} ranks = "
+                  f"{cfg.global_batch_size} x {cfg.seq_len} tokens per step | run dir {cfg.run_dir}")
+    if run.resumed_from:
+        metrics.print(f"resumed from {Path(cfg.run_dir) / run.resumed_from} at step {run.step}")
+
+    tokens_per_step = cfg.global_batch_size * cfg.seq_len
+    peak = peak_flops(torch.cuda.get_device_name(d.device)) if d.device.type == "cuda" else None
+    manual_norm = cfg.zero_stage == 0 and run.precision == "fp32"  # the one setup where DeepSpeed reports no norm
+    window, skipped_in_a_row, skipped_total = LogWindow(), 0, 0
+
+    while run.step < cfg.max_steps:
+        lr = lr_at(run.step, cfg)
+        result = train_step(run, stop, manual_norm)
+        window.add(result)
+        if result.skipped:
+            skipped_in_a_row, skipped_total = skipped_in_a_row + 1, skipped_total + 1
+            metrics.print(f"step {run.step}: non-finite loss, update skipped ({skipped_total} skipped so far)")
+            if skipped_in_a_row >= cfg.max_skipped_steps:
+                raise TrainingStopped(f"{skipped_in_a_row} steps in a row had a non-finite loss (last: step "
+                                      f"{run.step}): training diverged; lower lr and resume from an earlier checkpoint")
+        else:
+            skipped_in_a_row = 0
+            run.tokens_seen += tokens_per_step
+        metrics.advance(run.step, loss=f"{result.loss:.4f}")
+        last_step = run.step == cfg.max_steps
+
+        if run.step % cfg.log_interval == 0 or last_step:
+            tokens_per_sec = tokens_per_step * window.steps_per_sec()
+            row = {"loss": window.mean_loss(), "lr": lr, "grad_norm": result.grad_norm,
+                   "tokens_per_sec": tokens_per_sec, "tokens": run.tokens_seen, "memory_gib": memory_gb(),
+                   "skipped_steps": skipped_total}
+            if peak is not None:
+                row["mfu"] = tokens_per_sec / d.world_size * mc.flops_per_token(cfg.seq_len) / peak
+            metrics.log(run.step, row)
+            metrics.print(format_row(run.step, cfg.max_steps, row))
+            window = LogWindow()
+
+        if cfg.eval_interval and (run.step % cfg.eval_interval == 0 or last_step):
+            val_loss = evaluate(run)
+            metrics.log(run.step, {"val_loss": val_loss})
+            metrics.print(f"step {run.step}: validation loss {val_loss:.4f}")
+
+        if (cfg.save_interval and run.step % cfg.save_interval == 0) or last_step or result.stop:
+            tag = save(run)
+            metrics.print(f"step {run.step}: saved checkpoint {Path(cfg.run_dir) / tag}")
+            metrics.plot()
+        if result.stop:
+            metrics.print(f"stopped by {stop.signal or 'a signal to another rank'} at step {run.step}, checkpoint "
+                          "saved; run the same command again to resume")
+            break
+
+    metrics.close()
+    if d.rank == 0 and run.step == cfg.max_steps:
+        print(f"done: {run.step} steps, {run.tokens_seen:,} tokens; run directory {cfg.run_dir}\n"
+              f"export: python -m pretrain.export --checkpoint_dir {cfg.run_dir} --output_dir {cfg.run_dir}/hf",
+              flush=True)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML or TOML training config (default: the built-in debug run)")
+    parser.add_argument("--local_rank", type=int, default=None, help="passed by the deepspeed launcher; unused")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="config overrides, e.g. lr=1e-3 model.dim=128")
+    args = parser.parse_args(argv)
+    # DeepSpeed still calls these torch.distributed functions on every ZeRO step; the warning is not ours to fix.
+    warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+`? is deprecated", category=FutureWarning)
+    try:
+        train(load_config(args.config, args.overrides))
+    except (ValueError, FileNotFoundError, TrainingStopped) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+#!/usr/bin/env bash
+# Pretrain end to end with DeepSpeed: tokenizer -> token shards -> training -> Hugging Face export.
+#
+#   scripts/train.sh                                    # the embedded default: debug model on data/sample, CPU OK
+#   scripts/train.sh --config config/1b.yaml lr=2e-4    # your config, with key=value overrides
+#   NODE_RANK=1 MASTER_ADDR=10.0.0.1 scripts/train.sh --config config/7b.yaml --hostfile my_hosts
+#
+# Options (each also readable from the environment variable in brackets):
+#   --config FILE        training config, YAML or TOML [CONFIG, default config/debug.yaml]
+#   --hostfile FILE      one line per node, "<host> slots=<processes>" [HOSTFILE, default config/hostfile]
+#   --num_nodes N        use the first N hosts of the hostfile [NUM_NODES, default all]
+#   --num_gpus N         processes per node, overriding the hostfile's slots [NUM_GPUS]
+#   --node_rank I        this node's line in the hostfile, 0-based [NODE_RANK, default 0]
+#   --master_addr ADDR   address of node 0, reachable from every node [MASTER_ADDR, default 127.0.0.1]
+#   --master_port PORT   [MASTER_PORT, default 29500]
+#   --ssh                start all nodes from node 0 over ssh/pdsh instead of running this script on every node
+#   --corpus PATHS       raw text used when data_dir holds no prepared data yet [CORPUS, default data/sample]
+#   --vocab_size N       vocabulary of the tokenizer trained on the corpus [VOCAB_SIZE, default 1024]
+#   --no_export          skip the Hugging Face export at the end
+# Everything else (key=value) overrides the training config; see pretrain/config.py for the keys.
+#
+# Without --ssh, every node runs this same script with its own --node_rank (that is DeepSpeed's --no_ssh mode, so
+# no ssh is needed even on one box). Re-running the same command resumes from the latest checkpoint.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+# OpenMP threads that sleep instead of spinning while they wait: on a CPU shared with other work, spinning threads
+# made CPU training ~30x slower (benchmarks/train.md); on GPUs it changes nothing.
+export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
+PYTHON="${PYTHON:-python}"
+
+CONFIG="${CONFIG:-config/debug.yaml}"
+HOSTFILE="${HOSTFILE:-config/hostfile}"
+NUM_NODES="${NUM_NODES:--1}"
+NUM_GPUS="${NUM_GPUS:--1}"
+NODE_RANK="${NODE_RANK:-0}"
+MASTER_ADDR="${MASTER_ADDR:-127.0.0.1}"
+MASTER_PORT="${MASTER_PORT:-29500}"
+CORPUS="${CORPUS:-data/sample}"
+VOCAB_SIZE="${VOCAB_SIZE:-1024}"
+SSH=0
+EXPORT=1
+OVERRIDES=()
+
+die() { echo "error: $*" >&2; exit 2; }
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        --config) CONFIG="${2:?--config needs a file}"; shift 2 ;;
+        --hostfile) HOSTFILE="${2:?--hostfile needs a file}"; shift 2 ;;
+        --num_nodes) NUM_NODES="${2:?}"; shift 2 ;;
+        --num_gpus) NUM_GPUS="${2:?}"; shift 2 ;;
+        --node_rank) NODE_RANK="${2:?}"; shift 2 ;;
+        --master_addr) MASTER_ADDR="${2:?}"; shift 2 ;;
+        --master_port) MASTER_PORT="${2:?}"; shift 2 ;;
+        --corpus) CORPUS="${2:?}"; shift 2 ;;
+        --vocab_size) VOCAB_SIZE="${2:?}"; shift 2 ;;
+        --ssh) SSH=1; shift ;;
+        --no_export) EXPORT=0; shift ;;
+        -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
+        --*) die "unknown option $1 (see scripts/train.sh --help)" ;;
+        *=*) OVERRIDES+=("$1"); shift ;;
+        *) die "unexpected argument '$1': options start with --, config overrides look like key=value" ;;
+    esac
+done
+[[ -f "$CONFIG" ]] || die "$CONFIG: config file not found (--config)"
+[[ -f "$HOSTFILE" ]] || die "$HOSTFILE: hostfile not found (--hostfile); write one line per node: '<host> slots=<n>'"
+
+# Resolve (and validate) the config once, exactly as train.py will see it.
+get() { "$PYTHON" -m pretrain.config --config "$CONFIG" --get "$1" ${OVERRIDES[@]+"${OVERRIDES[@]}"}; }
+DATA_DIR="$(get data_dir)" || exit 2
+RUN_DIR="$(get run_dir)"
+TOKENIZER="$(get tokenizer)"
+
+# 1-2. Tokenizer and token shards, only when the data directory is not prepared yet (node 0 does it).
+if [[ ! -f "$DATA_DIR/manifest.json" ]]; then
+    if [[ "$NODE_RANK" != 0 ]]; then
+        echo "node $NODE_RANK: waiting for node 0 to prepare $DATA_DIR ..."
+        until [[ -f "$DATA_DIR/manifest.json" ]]; do sleep 10; done
+    else
+        if [[ -z "$TOKENIZER" ]]; then
+            TOKENIZER="$(dirname "$DATA_DIR")/tokenizer/tokenizer.model"
+            if [[ ! -f "$TOKENIZER" ]]; then
+                echo "== training a $VOCAB_SIZE-token tokenizer on $CORPUS"
+                # shellcheck disable=SC2086  # CORPUS may list several paths
+                "$PYTHON" -m tokenizer.train --input $CORPUS --output_dir "$(dirname "$TOKENIZER")" \
+                    --vocab_size "$VOCAB_SIZE" --quiet
+            fi
+        fi
+        echo "== preparing token shards from $CORPUS into $DATA_DIR"
+        # shellcheck disable=SC2086
+        "$PYTHON" -m pretrain.prepare_data --tokenizer "$TOKENIZER" --input $CORPUS --output_dir "$DATA_DIR" \
+            --val_fraction 0.02
+    fi
+fi
+
+# 3. Pretraining. Node 0 resolves MASTER_ADDR for the others; with --no_ssh each node starts its own ranks.
+LAUNCH=(deepspeed --hostfile "$HOSTFILE" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT")
+[[ "$NUM_NODES" != -1 ]] && LAUNCH+=(--num_nodes "$NUM_NODES")
+[[ "$NUM_GPUS" != -1 ]] && LAUNCH+=(--num_gpus "$NUM_GPUS")
+[[ "$SSH" == 0 ]] && LAUNCH+=(--no_ssh --node_rank "$NODE_RANK")
+echo "== pretraining: ${LAUNCH[*]} pretrain/train.py --config $CONFIG ${OVERRIDES[*]+${OVERRIDES[*]}}"
+if ! "${LAUNCH[@]}" pretrain/train.py --config "$CONFIG" ${OVERRIDES[@]+"${OVERRIDES[@]}"}; then
+    echo "training did not finish; fix what the log says (if anything) and run the same command again to resume" >&2
+    exit 1
+fi
+
+[[ "$NODE_RANK" == 0 ]] || exit 0
+MAX_STEPS="$(get max_steps)"
+if [[ "$(cat "$RUN_DIR/latest" 2>/dev/null)" != "$(printf 'step_%06d' "$MAX_STEPS")" ]]; then
+    echo "training stopped before step $MAX_STEPS; run the same command again to resume"
+    exit 1
+fi
+
+# 4. Hugging Face export of the final checkpoint.
+HF_DIR="$RUN_DIR/hf"
+if [[ "$EXPORT" == 1 ]]; then
+    echo "== exporting to $HF_DIR"
+    "$PYTHON" -m pretrain.export --checkpoint_dir "$RUN_DIR" --output_dir "$HF_DIR" --overwrite
+fi
+
+# 5. Where everything is.
+"$PYTHON" - "$RUN_DIR" <<'EOF'
+import sys
+from pretrain.metrics import read_metrics
+rows = read_metrics(sys.argv[1])
+train = [r for r in rows if r.get("loss") is not None]
+val = [r for r in rows if "val_loss" in r]
+if train:
+    print(f"train loss: {train[0]['loss']:.3f} at step {train[0]['step']} -> {train[-1]['loss']:.3f} at step {train[-1]['step']}")
+if val:
+    print(f"validation loss: {val[0]['val_loss']:.3f} at step {val[0]['step']} -> {val[-1]['val_loss']:.3f} at step {val[-1]['step']}")
+EOF
+cat <<EOF
+data:        $DATA_DIR
+run dir:     $RUN_DIR  (checkpoints $(cat "$RUN_DIR/latest"), run_config.yaml, model_config.json, tokenizer.model)
+metrics:     $RUN_DIR/metrics.jsonl, loss curve $RUN_DIR/loss_curve.png
+tensorboard: tensorboard --logdir $RUN_DIR/tensorboard
+EOF
+[[ "$EXPORT" == 1 ]] && echo "HF model:    $HF_DIR  (transformers.AutoModelForCausalLM.from_pretrained(\"$HF_DIR\"))"
+exit 0
