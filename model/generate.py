@@ -9,7 +9,8 @@ import sys
 
 import torch
 
-from .load import DTYPES, load_pretrained
+from .config import ATTN_IMPLS
+from .load import DTYPES, check_device, default_device, default_dtype, load_model, load_tokenizer
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -21,19 +22,25 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--top_k", type=int, default=None)
     p.add_argument("--top_p", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
-    p.add_argument("--attn_impl", default="auto")
+    p.add_argument("--tag", default=None, help="checkpoint tag of a training run (default: latest)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer.model (default: the one in --model)")
+    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bfloat16 on GPU, float32 on CPU")
+    p.add_argument("--attn_impl", default="auto", choices=ATTN_IMPLS)
     args = p.parse_args(argv)
     try:
-        model, tok = load_pretrained(args.model, args.device, args.dtype, attn_impl=args.attn_impl)
+        device = args.device or default_device()
+        check_device(device)
+        model = load_model(args.model, device, args.dtype or default_dtype(device), tag=args.tag)
+        model.config.attn_impl = args.attn_impl
+        tok = load_tokenizer(args.model, args.tokenizer, model)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         sys.exit(f"error: {e}")
     ids = tok.encode(args.prompt, bos=True)
     if len(ids) >= model.config.max_seq_len:
         sys.exit(f"error: the prompt is {len(ids)} tokens; the model's context is {model.config.max_seq_len}")
-    generator = torch.Generator(device=args.device).manual_seed(args.seed)
-    out = model.generate(torch.tensor([ids], device=args.device), args.max_new_tokens, args.temperature,
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    out = model.generate(torch.tensor([ids], device=device), args.max_new_tokens, args.temperature,
                          args.top_k, args.top_p, eos_id=tok.eos_id, generator=generator)
     # Decode prompt and continuation together: SentencePiece drops a word's leading space at the start.
     print(tok.decode([i for i in out[0].tolist() if i not in (tok.bos_id, tok.eos_id)]))

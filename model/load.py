@@ -1,4 +1,4 @@
-"""Open any model folder the project produces or reads: a Hugging Face LLaMA folder or a training run."""
+"""Open a model to run: a Hugging Face LLaMA folder or one of our training run directories (with its tokenizer)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,32 +6,65 @@ from pathlib import Path
 import torch
 
 from .model import Transformer
+from tokenizer import Tokenizer
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def is_training_run(path: Path) -> bool:
-    return (path / "latest").exists() or any(path.glob("step_*"))
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def load_pretrained(path: str | Path, device: str | torch.device = "cpu", dtype: str = "fp32",
-                    **overrides):
-    """(model in eval mode, Tokenizer) from a Hugging Face folder or one of our training run directories."""
-    from tokenizer import Tokenizer
+def is_run_dir(path: Path) -> bool:
+    """A training run directory holds DeepSpeed checkpoints: a `latest` file or step_* tag directories."""
+    return (path / "latest").is_file() or any(p.is_dir() and p.name.startswith("step_") for p in path.iterdir())
 
+
+def check_device(device: str) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {device!r} is not a torch device (use cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device} asked for, but this machine has no CUDA GPU; use --device cpu")
+    return dev
+
+
+def load_model(path: str | Path, device: str, dtype: str, tag: str | None = None) -> Transformer:
+    """The model at `path` (fp32 weights cast to `dtype`), on `device`, in eval mode."""
     path = Path(path)
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-    if (path / "config.json").exists():
-        model = Transformer.from_hf(path, **overrides)
-    elif is_training_run(path):
-        from pretrain.export import load_checkpoint_model
-
-        model = load_checkpoint_model(path)
-        for key, value in overrides.items():
-            setattr(model.config, key, value)
+    check_device(device)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: model directory not found")
+    if is_run_dir(path):
+        try:  # needs DeepSpeed: imported only for run directories
+            from pretrain.export import load_checkpoint_model
+        except ImportError as e:
+            raise ValueError(f"{path}: loading a training run directory needs pretrain.export ({e})") from None
+        model = load_checkpoint_model(path, tag=tag)
+    elif (path / "config.json").is_file():
+        if tag is not None:
+            raise ValueError(f"{path}: --tag selects a checkpoint of a training run directory, not of a "
+                             "Hugging Face folder")
+        model = Transformer.from_hf(path)
     else:
-        raise FileNotFoundError(f"{path}: neither a Hugging Face folder (config.json) nor a training run (latest)")
-    if not (path / "tokenizer.model").exists():
-        raise FileNotFoundError(f"{path}: no tokenizer.model beside the weights; copy the tokenizer into the folder")
-    return model.to(device=device, dtype=DTYPES[dtype]).eval(), Tokenizer(path / "tokenizer.model")
+        raise ValueError(f"{path}: neither a Hugging Face model folder (no config.json) nor a training run "
+                         "directory (no `latest` file or step_* checkpoints)")
+    return model.to(device=device, dtype=DTYPES[dtype]).eval()
+
+
+def load_tokenizer(model_path: str | Path, tokenizer_path: str | Path | None, model: Transformer) -> Tokenizer:
+    """`tokenizer_path`, else the tokenizer.model beside the model; it must fit the model's vocabulary."""
+    path = Path(tokenizer_path) if tokenizer_path else Path(model_path) / "tokenizer.model"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no SentencePiece tokenizer; pass --tokenizer PATH/tokenizer.model")
+    tokenizer = Tokenizer(path)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ValueError(f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} ids but the model's vocabulary "
+                         f"has only {model.config.vocab_size}: they do not belong together")
+    return tokenizer
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_dtype(device: str) -> str:
+    # bf16 halves memory and is the training precision on GPUs; CPUs are faster and exact in fp32.
+    return "bfloat16" if torch.device(device).type == "cuda" else "float32"
