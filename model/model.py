@@ -151,20 +151,22 @@ def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.
     valid_all = targets != IGNORE_INDEX
     n_valid = valid_all.sum().clamp(min=1)
     grad_h = torch.zeros_like(h) if want_grad else None
-    grad_w = torch.zeros_like(weight, dtype=torch.float32) if want_grad else None
+    grad_w = torch.zeros_like(weight, dtype=torch.float32) if want_grad else None  # fp32 sum over chunks
     total = torch.zeros((), device=h.device, dtype=torch.float32)
     for s in range(0, h.shape[0], chunk):
         hc, tc, valid = h[s:s + chunk], targets[s:s + chunk], valid_all[s:s + chunk]
-        logits = (hc @ weight.t()).float()
-        lse = torch.logsumexp(logits, dim=-1)
+        logp = torch.log_softmax((hc @ weight.t()).float(), dim=-1)
         tgt = tc.clamp(min=0)
-        total += ((lse - logits.gather(1, tgt[:, None]).squeeze(1)) * valid).sum()
+        total -= (logp.gather(1, tgt[:, None]).squeeze(1) * valid).sum()
         if want_grad:
-            g = (logits - lse[:, None]).exp_()  # softmax
+            g = logp.exp_()  # the softmax, in place: passes over the logits are what this loop spends on CPU
             g[torch.arange(len(tc), device=g.device), tgt] -= 1.0
-            g = (g * (valid[:, None] / n_valid)).to(h.dtype)
+            g = g.mul_(valid[:, None] / n_valid).to(h.dtype)
             grad_h[s:s + chunk] = g @ weight
-            grad_w += (g.t() @ hc).float()
+            if g.dtype == grad_w.dtype:
+                grad_w.addmm_(g.t(), hc)
+            else:
+                grad_w += g.t() @ hc
     return total / n_valid, grad_h, None if grad_w is None else grad_w.to(weight.dtype)
 
 
