@@ -50,6 +50,9 @@ class TrainConfig:
     """Hugging Face LLaMA folder to start from (continued pretraining) instead of random weights."""
     activation_checkpointing: bool = False
     """Recompute each block's activations in backward: less memory, ~30% more compute."""
+    compile: bool = False
+    """torch.compile the model inside the engine (fused elementwise kernels on CPU and GPU); the first steps
+    pay the compilation time."""
 
     # --- data ---
     data_dir: str = "runs/sample/data"

@@ -220,6 +220,8 @@ def setup(cfg: TrainConfig, d: Dist, tokenizer: Tokenizer) -> Run:
     dist.barrier()
     optimizer = build_optimizer(cfg, model)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    if cfg.compile:
+        engine.compile()  # compiles the wrapped module in place: parameter names and checkpoints are unchanged
     run = Run(cfg, d, engine, optimizer, model, train_loader, val_loader, precision,
               grad_accum_steps(cfg, d.world_size))
     restored = checkpoint.load_checkpoint(engine, cfg.run_dir)

@@ -378,3 +378,20 @@ def test_nan_loss_stops_the_run_when_configured(sample_data, tmp_path):
     assert checkpoint.latest_tag(tmp_path / "run") == "step_000002"
     config = yaml.safe_load((tmp_path / "run" / "run_config.yaml").read_text())
     assert config["nan_policy"] == "stop"
+
+
+def test_compiled_training_gives_the_same_losses(sample_data, tmp_path):
+    """The compile switch goes through DeepSpeed's engine.compile and must not change the numbers."""
+    losses = {}
+    for flag in ("false", "true"):
+        e = {**env(), "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+             "MASTER_PORT": str(free_port())}
+        run = tmp_path / f"run_{flag}"
+        args = [*TINY_RUN, f"data_dir={sample_data}", f"run_dir={run}", "max_steps=2", "save_interval=2",
+                "eval_interval=0", f"compile={flag}"]
+        result = subprocess.run([sys.executable, "pretrain/train.py", *args], cwd=REPO, env=e, capture_output=True,
+                                text=True, timeout=400)
+        assert result.returncode == 0, result.stderr[-3000:]
+        losses[flag] = [r["loss"] for r in metrics.read_metrics(run) if "loss" in r]
+    assert len(losses["true"]) == 2
+    assert losses["true"] == pytest.approx(losses["false"], rel=1e-4)
