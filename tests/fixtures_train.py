@@ -1,7 +1,6 @@
 """Helpers for the training/export tests: a prepared dataset from the shipped sample corpus, launching runs."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -10,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
+
+from pretrain.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data" / "sample"
@@ -114,21 +115,8 @@ def slow_train_script(directory: Path) -> str:
     return str(path)
 
 
-def metric_rows(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:  # a line being written right now
-            pass
-    return rows
-
-
 def train_losses(run_dir: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in metric_rows(run_dir) if "loss" in r}
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
 
 
 def wait_until(condition: Callable[[], bool], proc: subprocess.Popen, log: Path, timeout: float = 240) -> None:

@@ -12,7 +12,8 @@ import torch
 from pretrain.checkpoint import weights_only_loading
 from pretrain.config import load_config, lr_at
 from pretrain.export import load_checkpoint_model
-from fixtures_train import (TINY_RUN, free_port, launch, metric_rows, prepare_sample_data, run,
+from pretrain.metrics import read_metrics
+from fixtures_train import (TINY_RUN, free_port, launch, prepare_sample_data, run,
                                   slow_train_script, train_losses, wait, wait_until, write_hostfile)
 
 STEPS = 12
@@ -72,7 +73,7 @@ def test_reference_run_writes_the_run_directory(reference):
     assert (reference / "latest").read_text() == f"step_{STEPS:06d}"
     assert sorted(p.name for p in reference.glob("step_*")) == ["step_000006", "step_000012"]
     assert list((reference / "tensorboard").glob("events.out.tfevents.*"))
-    rows = metric_rows(reference)
+    rows = read_metrics(reference)
     val = [r["val_loss"] for r in rows if "val_loss" in r]
     assert len(val) == 2 and val[1] < val[0]
     last = [r for r in rows if "loss" in r][-1]
