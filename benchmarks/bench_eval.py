@@ -8,7 +8,8 @@
 3. Times `lm_eval --model hf` on the same folder with a local task that reads the same CSVs and builds the same
    prompt (benchmarks/lm_eval_tasks/mmlu_local_utils.py), with --log_samples.
 4. Checks that both read the very same prompt text, and compares predictions and letter probabilities.
-Prints the figures and writes WORK_DIR/bench_eval.json. Needs `pip install -c constraints.txt lm_eval`.
+Prints the figures and writes WORK_DIR/bench_eval.json. Needs `pip install -c constraints.txt "lm_eval[hf]"`
+(lm_eval 0.4.13 needs its hf extra, accelerate, for `--model hf`).
 """
 from __future__ import annotations
 
@@ -107,7 +108,9 @@ def read_lm_eval_samples(out_dir: Path) -> dict[tuple[str, int], dict]:
     found = {}
     for path in sorted(out_dir.rglob("samples_mmlu_local_*.jsonl")):
         subject = path.name.removeprefix("samples_mmlu_local_").rsplit("_", 1)[0]
-        for line in path.read_text().splitlines():
+        for line in path.read_text(encoding="utf-8").split("\n"):  # not splitlines(): texts hold U+2028 etc.
+            if not line:
+                continue
             s = json.loads(line)
             ll = np.array([float(r[0]) for r in s["filtered_resps"]])
             probs = np.exp(ll - ll.max())
@@ -141,16 +144,19 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--batch_size", type=int, default=16, help="ours")
-    ap.add_argument("--lm_eval_batch_size", default="8")
+    ap.add_argument("--lm_eval_batch_size", default="4", help="4: larger batches of the longest prompts "
+                    "need over 20 GiB of fp32 logits on CPU")
     ap.add_argument("--skip_lm_eval", action="store_true", help="time ours only")
     ap.add_argument("--reuse_ours", action="store_true",
                     help="take our run's figures from WORK_DIR/ours_summary.json instead of running it again")
+    ap.add_argument("--reuse_lm_eval", action="store_true",
+                    help="compare against the lm-eval output and time already in WORK_DIR instead of running it again")
     args = ap.parse_args()
 
     work = args.work_dir.resolve()
     work.mkdir(parents=True, exist_ok=True)
     model_dir = args.model or work / "model"
-    if not args.model and not (args.reuse_ours and (model_dir / "config.json").exists()):
+    if not args.model and not ((args.reuse_ours or args.reuse_lm_eval) and (model_dir / "config.json").exists()):
         make_model(model_dir, args.tokenizer, args.preset, args.seed, args.max_seq_len)
     config = json.loads((model_dir / "config.json").read_text())
     print(f"model {model_dir}: dim {config['hidden_size']}, {config['num_hidden_layers']} layers, "
@@ -177,20 +183,27 @@ def main() -> None:
                    "cpu_count": os.cpu_count()}
         ours_summary.write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary, indent=2), flush=True)
-    ours_preds = [json.loads(line) for line in (ours_out / "predictions.jsonl").read_text().splitlines()]
+    ours_preds = [json.loads(line) for line in (ours_out / "predictions.jsonl").read_text(encoding="utf-8").split("\n")
+                  if line]
 
     if not args.skip_lm_eval:
         task_dir = work / "lm_eval_tasks"
         group = write_lm_eval_tasks(task_dir, args.data_dir, args.subjects)
         lm_out = work / "lm_eval"
-        if lm_out.exists():
-            shutil.rmtree(lm_out)
-        env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-        lm_s = run_timed([sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
-                          f"pretrained={model_dir},dtype={args.dtype},add_bos_token=True", "--device", args.device,
-                          "--tasks", group, "--include_path", str(task_dir), "--num_fewshot", str(args.ntrain),
-                          "--batch_size", args.lm_eval_batch_size, "--output_path", str(lm_out), "--log_samples"],
-                         work / "lm_eval.log", env)
+        lm_time = work / "lm_eval_time.json"
+        if args.reuse_lm_eval and lm_time.exists():
+            lm_s, lm_batch = (json.loads(lm_time.read_text())[k] for k in ("lm_eval_wall_s", "lm_eval_batch_size"))
+        else:
+            if lm_out.exists():
+                shutil.rmtree(lm_out)
+            env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+            lm_s = run_timed([sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
+                              f"pretrained={model_dir},dtype={args.dtype},add_bos_token=True", "--device", args.device,
+                              "--tasks", group, "--include_path", str(task_dir), "--num_fewshot", str(args.ntrain),
+                              "--batch_size", args.lm_eval_batch_size, "--output_path", str(lm_out), "--log_samples"],
+                             work / "lm_eval.log", env)
+            lm_batch = args.lm_eval_batch_size
+            lm_time.write_text(json.dumps({"lm_eval_wall_s": round(lm_s, 1), "lm_eval_batch_size": lm_batch}) + "\n")
         theirs = read_lm_eval_samples(lm_out)
         prompts = our_prompts(args.data_dir, args.subjects, args.ntrain)
         ours_s = summary["ours_wall_s"]
@@ -202,7 +215,7 @@ def main() -> None:
             same_prompt += prompts[(p["subject"], p["index"])] == t["context"]
             max_prob_diff = max(max_prob_diff, float(np.abs(np.array(p["probs"]) - t["probs"]).max()))
         lm_acc = 100 * np.mean([theirs[(p["subject"], p["index"])]["prediction"] == p["answer"] for p in ours_preds])
-        summary.update({"lm_eval_wall_s": round(lm_s, 1), "lm_eval_batch_size": args.lm_eval_batch_size,
+        summary.update({"lm_eval_wall_s": round(lm_s, 1), "lm_eval_batch_size": lm_batch,
                         "speedup": round(lm_s / ours_s, 2), "lm_eval_questions": len(theirs),
                         "identical_prompts": same_prompt, "agreeing_predictions": same_pred,
                         "agreement": round(same_pred / len(ours_preds), 6), "max_prob_abs_diff": max_prob_diff,
