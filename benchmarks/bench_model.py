@@ -2,10 +2,15 @@
 
     python benchmarks/bench_model.py                       # CPU, fp32, ~20M parameters, seq 512
     python benchmarks/bench_model.py --compile             # also our model under torch.compile
+    python benchmarks/bench_model.py --breakdown           # where each step goes: GEMMs, attention, the rest
     python benchmarks/bench_model.py --preset 1b --seq_len 4096 --batch 1 --dtype bf16 --device cuda   # GPU, MFU
 
 Both models get identical weights (ours is exported with to_hf and loaded by transformers), the same
 batch, dtype and thread count; runs alternate between the two so drift on a shared machine hits both.
+
+--breakdown profiles one step of each model and splits its kernel time into matrix multiplies, attention kernels
+and everything else. Both models call the same GEMMs and the same attention kernel, so transformers' step time
+divided by its own GEMM + attention time bounds the speed-up any implementation built on those kernels can reach.
 """
 from __future__ import annotations
 
@@ -33,9 +38,34 @@ def peak_flops(device: torch.device) -> float | None:
 def bench_config(args: argparse.Namespace) -> ModelConfig:
     if args.preset:
         return ModelConfig.from_preset(args.preset, max_seq_len=max(args.seq_len, 16), attn_impl=args.attn)
-    # About 20M parameters: a small LLaMA with a LLaMA-sized vocabulary share.
-    return ModelConfig(vocab_size=args.vocab_size, dim=512, n_layers=6, n_heads=8, n_kv_heads=8, hidden_dim=1376,
+    # About 20M parameters by default.
+    return ModelConfig(vocab_size=args.vocab_size, dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads,
+                       n_kv_heads=args.n_heads, hidden_dim=args.hidden_dim, tie_embeddings=args.tie_embeddings,
                        max_seq_len=args.seq_len, attn_impl=args.attn)
+
+
+GEMM_OPS = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm", "aten::_addmm_activation")
+ATTENTION_MARKERS = ("scaled_dot_product", "flash_attn", "efficient_attention", "xformers")
+
+
+def breakdown(step, device: torch.device) -> dict[str, float]:
+    """Seconds of a step's kernel time (self time, so nothing is counted twice) by kind."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    steps = 2
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    split = {"gemm": 0.0, "attention": 0.0, "other": 0.0}
+    for event in prof.key_averages():
+        us = event.self_device_time_total if device.type == "cuda" else event.self_cpu_time_total
+        kind = ("gemm" if event.key in GEMM_OPS or (device.type == "cuda" and "gemm" in event.key.lower())
+                else "attention" if any(m in event.key for m in ATTENTION_MARKERS) else "other")
+        split[kind] += us / 1e6 / steps
+    return split
 
 
 def time_steps(step, n: int, sync) -> list[float]:
@@ -52,6 +82,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default=None, help="a ModelConfig preset instead of the ~20M default")
     p.add_argument("--vocab_size", type=int, default=4096)
+    p.add_argument("--dim", type=int, default=512)
+    p.add_argument("--n_layers", type=int, default=6)
+    p.add_argument("--n_heads", type=int, default=8)
+    p.add_argument("--hidden_dim", type=int, default=1376)
+    p.add_argument("--tie_embeddings", action="store_true")
     p.add_argument("--seq_len", type=int, default=512)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
@@ -62,6 +97,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--compile", action="store_true", help="also time our model under torch.compile")
     p.add_argument("--no_hf", action="store_true", help="skip transformers (e.g. when it would not fit)")
+    p.add_argument("--breakdown", action="store_true", help="profile one step of each model: GEMM / attention / rest")
     args = p.parse_args()
 
     if args.threads:
@@ -122,6 +158,15 @@ def main() -> None:
         for name in result:
             if name != "transformers":
                 print(f"{name} / transformers: {result[name] / result['transformers']:.2f}x")
+    if args.breakdown:
+        splits = {name: breakdown(step, device) for name, step in runs.items()}
+        for name, split in splits.items():
+            total = sum(split.values())
+            print(f"{name:>14}: " + ", ".join(f"{k} {v * 1000:.0f} ms ({v / total:.0%})" for k, v in split.items()))
+        if "transformers" in splits:
+            hf = splits["transformers"]
+            print(f"ceiling: a model whose GEMMs and attention take transformers' time and whose other work is free "
+                  f"runs {sum(hf.values()) / (hf['gemm'] + hf['attention']):.2f}x transformers")
 
 
 if __name__ == "__main__":

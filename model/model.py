@@ -17,7 +17,7 @@ from . import attention, fused
 from .config import ModelConfig
 
 IGNORE_INDEX = -100
-LOSS_CHUNK_TOKENS = 4096  # rows of logits alive at once in the chunked loss: 4096 x 64000 x 4 B = 1 GiB
+LOSS_CHUNK_BYTES = 2**30  # logits alive at once in the chunked loss: 4096 rows at vocab 64000 in fp32
 
 
 class RMSNorm(nn.Module):
@@ -141,33 +141,46 @@ class Block(nn.Module):
         return x + self.feed_forward(self.ffn_norm(x))
 
 
+def loss_chunk_rows(vocab_size: int) -> int:
+    """Rows of logits per chunk of the loss, so that a chunk's fp32 logits fit in LOSS_CHUNK_BYTES."""
+    return max(1, LOSS_CHUNK_BYTES // (4 * vocab_size))
+
+
+@torch.no_grad()  # gradients are computed here by hand
 def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int,
                           want_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Mean cross-entropy of h @ weight.T, one chunk of rows of logits at a time.
 
     With want_grad, the gradients for h and weight are made in the same pass (as Liger-Kernel's fused linear
-    cross-entropy does), so the full fp32 logits never exist and backward needs no recomputation.
+    cross-entropy does), so the full fp32 logits never exist and backward needs no recomputation. Passes over
+    a chunk's logits are the cost on CPU, so there are three (GEMM, log-softmax, exp) into two buffers reused
+    by every chunk; the per-row loss weights scale the small operands of the two gradient GEMMs instead.
     """
-    valid_all = targets != IGNORE_INDEX
-    n_valid = valid_all.sum().clamp(min=1)
-    grad_h = torch.zeros_like(h) if want_grad else None
+    n = h.shape[0]
+    valid = targets != IGNORE_INDEX
+    row_weight = valid / valid.sum().clamp(min=1)  # d(mean loss) / d(row loss), fp32
+    grad_h = torch.empty_like(h) if want_grad else None
     grad_w = torch.zeros_like(weight, dtype=torch.float32) if want_grad else None  # fp32 sum over chunks
     total = torch.zeros((), device=h.device, dtype=torch.float32)
-    for s in range(0, h.shape[0], chunk):
-        hc, tc, valid = h[s:s + chunk], targets[s:s + chunk], valid_all[s:s + chunk]
-        logp = torch.log_softmax((hc @ weight.t()).float(), dim=-1)
-        tgt = tc.clamp(min=0)
-        total -= (logp.gather(1, tgt[:, None]).squeeze(1) * valid).sum()
+    logits_buf = torch.empty(min(chunk, n), weight.shape[0], device=h.device, dtype=h.dtype)
+    logp_buf = torch.empty(logits_buf.shape, device=h.device, dtype=torch.float32)
+    rows = torch.arange(min(chunk, n), device=h.device)
+    for s in range(0, n, chunk):
+        hc, tgt, w32 = h[s:s + chunk], targets[s:s + chunk].clamp(min=0), row_weight[s:s + chunk]
+        m, w = hc.shape[0], w32.to(h.dtype)[:, None]
+        logits = torch.mm(hc, weight.t(), out=logits_buf[:m])
+        logp = torch.log_softmax(logits, dim=-1, dtype=torch.float32, out=logp_buf[:m])
+        total -= (logp[rows[:m], tgt] * w32).sum()
         if want_grad:
-            g = logp.exp_()  # the softmax, in place: passes over the logits are what this loop spends on CPU
-            g[torch.arange(len(tc), device=g.device), tgt] -= 1.0
-            g = g.mul_(valid[:, None] / n_valid).to(h.dtype)
-            grad_h[s:s + chunk] = g @ weight
+            g = logp.exp_()  # the softmax
+            g[rows[:m], tgt] -= 1.0
+            g = g.to(h.dtype)
+            torch.mm(g, weight, out=grad_h[s:s + m]).mul_(w)
             if g.dtype == grad_w.dtype:
-                grad_w.addmm_(g.t(), hc)
+                grad_w.addmm_(g.t(), hc * w)
             else:
-                grad_w += g.t() @ hc
-    return total / n_valid, grad_h, None if grad_w is None else grad_w.to(weight.dtype)
+                grad_w += g.t() @ (hc * w)
+    return total, grad_h, None if grad_w is None else grad_w.to(weight.dtype)
 
 
 class _ChunkedCrossEntropy(torch.autograd.Function):
@@ -193,9 +206,10 @@ class LMHead(nn.Linear):
         if targets is None:
             return super().forward(h).float()
         h, targets = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
+        chunk = loss_chunk_rows(self.weight.shape[0])
         if torch.is_grad_enabled() and (h.requires_grad or self.weight.requires_grad):
-            return _ChunkedCrossEntropy.apply(h, self.weight, targets, LOSS_CHUNK_TOKENS)
-        return chunked_cross_entropy(h, self.weight, targets, LOSS_CHUNK_TOKENS, want_grad=False)[0]
+            return _ChunkedCrossEntropy.apply(h, self.weight, targets, chunk)
+        return chunked_cross_entropy(h, self.weight, targets, chunk, want_grad=False)[0]
 
 
 class Transformer(nn.Module):

@@ -114,7 +114,8 @@ def test_unavailable_kernels_raise_clear_errors():
 def test_chunked_loss_matches_full_cross_entropy_and_gradients(monkeypatch):
     import model.model as mm
 
-    monkeypatch.setattr(mm, "LOSS_CHUNK_TOKENS", 7)  # several chunks, the last one ragged
+    monkeypatch.setattr(mm, "LOSS_CHUNK_BYTES", 7 * 4 * 512)  # 7-row chunks: several, the last one ragged
+    assert mm.loss_chunk_rows(512) == 7
     for tie in (False, True):
         model = make(tie_embeddings=tie).train()
         x = torch.randint(0, 512, (3, 17))
