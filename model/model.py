@@ -20,6 +20,32 @@ IGNORE_INDEX = -100
 LOSS_CHUNK_BYTES = 2**30  # logits alive at once in the chunked loss: 4096 rows at vocab 64000 in fp32
 
 
+class Linear(nn.Linear):
+    """Bias-free, drawn from N(0, std) by its own constructor.
+
+    deepspeed.zero.Init partitions a module's weights as soon as its constructor returns, so initialisation must
+    happen here: a later pass over the whole model would only see empty shards.
+    """
+
+    def __init__(self, in_features: int, out_features: int, std: float):
+        self.std = std
+        super().__init__(in_features, out_features, bias=False)
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, mean=0.0, std=self.std)
+
+
+class Embedding(nn.Embedding):
+    """Token embeddings drawn from N(0, std) by their own constructor (see Linear)."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, std: float):
+        self.std = std
+        super().__init__(num_embeddings, embedding_dim)
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, mean=0.0, std=self.std)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float, use_fused: bool = True):
         super().__init__()
@@ -33,6 +59,12 @@ class RMSNorm(nn.Module):
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
+
+
+def residual_std(config: ModelConfig) -> float:
+    """Init std of the projections into the residual stream (GPT-2 / LLaMA practice): it shrinks with depth so
+    the stream's variance stays O(1)."""
+    return config.init_std / math.sqrt(2 * config.n_layers)
 
 
 def rope_table(config: ModelConfig, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,8 +128,8 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
         # q, k and v in one matmul (one larger GEMM is faster than three); hf.py splits it on export.
-        self.wqkv = nn.Linear(config.dim, (config.n_heads + 2 * config.n_kv_heads) * self.head_dim, bias=False)
-        self.wo = nn.Linear(config.n_heads * self.head_dim, config.dim, bias=False)
+        self.wqkv = Linear(config.dim, (config.n_heads + 2 * config.n_kv_heads) * self.head_dim, config.init_std)
+        self.wo = Linear(config.n_heads * self.head_dim, config.dim, residual_std(config))
         self.use_fused = config.fused_kernels
 
     def forward(self, x, rope, meta: attention.AttnMeta, cache: KVCache | None, layer: int) -> torch.Tensor:
@@ -120,8 +152,8 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.w13 = nn.Linear(config.dim, 2 * config.hidden_dim, bias=False)  # gate (w1) and up (w3) stacked
-        self.w2 = nn.Linear(config.hidden_dim, config.dim, bias=False)  # down
+        self.w13 = Linear(config.dim, 2 * config.hidden_dim, config.init_std)  # gate (w1) and up (w3) stacked
+        self.w2 = Linear(config.hidden_dim, config.dim, residual_std(config))  # down
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.w13(x).chunk(2, dim=-1)
@@ -196,7 +228,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         return (grad_h * grad_out).to(grad_h.dtype), (grad_w * grad_out).to(grad_w.dtype), None, None
 
 
-class LMHead(nn.Linear):
+class LMHead(Linear):
     """The output projection; given targets it returns the loss instead of logits.
 
     The loss lives in this module's forward so that ZeRO-3 has gathered the weight when it runs.
@@ -216,23 +248,14 @@ class Transformer(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.tok_embeddings = Embedding(config.vocab_size, config.dim, config.init_std)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps, config.fused_kernels)
-        self.output = LMHead(config.dim, config.vocab_size, bias=False)
+        self.output = LMHead(config.dim, config.vocab_size, config.init_std)
         if config.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         # The rotary table is kept out of the state dict and out of .to(dtype): it must stay fp32.
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.apply(self._init_weights)
-        for name, p in self.named_parameters():
-            if name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
-                # GPT-2 / LLaMA practice: residual projections shrink with depth so the stream stays O(1).
-                nn.init.normal_(p, mean=0.0, std=config.init_std / math.sqrt(2 * config.n_layers))
-
-    def _init_weights(self, module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
 
     def rope(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if self._rope is None or self._rope[0].device != device:

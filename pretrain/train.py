@@ -18,6 +18,7 @@ import signal
 import sys
 import time
 import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -79,7 +80,8 @@ def param_groups(model: nn.Module, weight_decay: float, decay_all: bool = False)
     for p in model.parameters():
         if not p.requires_grad:
             continue
-        exempt = p.ndim < 2 or id(p) in embedding_params
+        shape = getattr(p, "ds_shape", p.shape)  # a ZeRO-3 shard is flat; ds_shape is the full tensor's shape
+        exempt = len(shape) < 2 or id(p) in embedding_params
         (no_decay if exempt and not decay_all else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
@@ -144,8 +146,13 @@ def saved_model_config(run_dir: str | Path) -> ModelConfig | None:
     return ModelConfig.from_dict(json.loads(path.read_text())) if path.is_file() else None
 
 
-def build_model(cfg: TrainConfig, tokenizer: Tokenizer, resuming: bool) -> Transformer:
-    """Random weights (preset + overrides, or the run dir's own architecture when resuming), or an HF LLaMA."""
+def build_model(cfg: TrainConfig, tokenizer: Tokenizer, resuming: bool,
+                zero3_config: dict[str, Any] | None = None) -> Transformer:
+    """Random weights (preset + overrides, or the run dir's own architecture when resuming), or an HF LLaMA.
+
+    Given a ZeRO-3 DeepSpeed config, random weights are built inside deepspeed.zero.Init: each rank keeps only
+    its shard of every tensor from the moment the tensor is made, so no rank ever holds the whole model.
+    """
     torch.manual_seed(cfg.seed)
     if cfg.init_from_hf and not resuming:
         model = Transformer.from_hf(cfg.init_from_hf, **{**cfg.model, "activation_checkpointing":
@@ -161,9 +168,9 @@ def build_model(cfg: TrainConfig, tokenizer: Tokenizer, resuming: bool) -> Trans
                 raise ValueError(f"{cfg.run_dir} holds a run of a different model ({details}); use a new run_dir "
                                  "or the original model settings")
             mc = ModelConfig.from_dict({**saved.to_dict(), **runtime})
-        # Not built under deepspeed.zero.Init: the model's depth-scaled init of the residual projections runs
-        # outside Module.apply and would be lost on partitioned parameters. DeepSpeed partitions at initialize().
-        model = Transformer(mc)
+        partitioned = deepspeed.zero.Init(config_dict_or_path=zero3_config) if zero3_config else nullcontext()
+        with partitioned:
+            model = Transformer(mc)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} tokens but the model's vocab_size "
                          f"is {model.config.vocab_size}; set model.vocab_size >= {tokenizer.vocab_size}")
@@ -211,7 +218,7 @@ def setup(cfg: TrainConfig, d: Dist, tokenizer: Tokenizer) -> Run:
     cuda = torch.cuda.is_available()
     precision = resolve_precision(cfg.precision, cuda, cuda and torch.cuda.is_bf16_supported())
     ds_config = deepspeed_config(cfg, d.world_size, precision)
-    model = build_model(cfg, tokenizer, resuming)
+    model = build_model(cfg, tokenizer, resuming, ds_config if cfg.zero_stage == 3 else None)
     vocab = model.config.vocab_size
     train_loader = make_loader(cfg, "train", d, tokenizer, vocab)
     val_loader = make_loader(cfg, "val", d, tokenizer, vocab) if cfg.eval_interval else None

@@ -1,5 +1,6 @@
 """Model correctness on CPU: transformers parity, causality, kernels, cache, loss, config validation."""
 import json
+import math
 
 import pytest
 import torch
@@ -246,3 +247,19 @@ def test_torch_compile_gives_same_loss_and_gradients():
     assert abs(loss.item() - ref.item()) < 1e-5
     for a, p in zip(ref_grads, model.parameters()):
         assert torch.allclose(a, p.grad, atol=1e-6)
+
+
+def test_initialisation_scales_residual_projections_with_depth():
+    config = ModelConfig.from_preset("debug", n_layers=8, init_std=0.05)
+    model = Transformer(config)
+    residual = 0.05 / math.sqrt(2 * 8)
+    for name, p in model.named_parameters():
+        if name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
+            expected = residual
+        elif p.ndim == 2:
+            expected = 0.05
+        else:  # RMSNorm gains
+            assert torch.equal(p, torch.ones_like(p)), name
+            continue
+        assert abs(p.mean().item()) < 0.1 * expected, name
+        assert p.std().item() == pytest.approx(expected, rel=0.1), name

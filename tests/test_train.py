@@ -152,6 +152,31 @@ def test_param_groups_exempt_norms_and_embeddings(tie):
     assert len(everything[0]["params"]) == len(names) and not everything[1]["params"]
 
 
+@pytest.mark.parametrize("tie", [False, True])
+def test_zero3_builds_the_model_already_partitioned(tie):
+    """Two ranks build the debug model under deepspeed.zero.Init: each holds half of every tensor, the gathered
+    tensors equal the model built whole from the same seed (init happens before partitioning), and the AdamW
+    groups see the full shapes."""
+    port = str(free_port())
+    procs = [subprocess.Popen([sys.executable, str(REPO / "tests" / "zero3_init_worker.py"), "tie" if tie else "untied"],
+                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**env(), "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
+                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port})
+             for r in range(2)]
+    results = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    for res in results:
+        assert res["equal"] and all(res["equal"].values()), res["equal"]
+        assert all(n == 0 for n in res["local"].values())  # no rank keeps a whole tensor
+        assert res["groups"] == res["whole_groups"]
+    for name, part in results[0]["held"].items():  # an even tensor split in two halves: each rank holds 1/2
+        assert part + results[1]["held"][name] == pytest.approx(1.0, abs=0.01) and part == pytest.approx(0.5, abs=0.01)
+    assert ("output.weight" in results[0]["equal"]) == (not tie)
+
+
 def test_model_from_scratch_from_hf_and_when_resuming(sample_data, tmp_path):
     from pretrain.train import build_model
     from tokenizer import Tokenizer
