@@ -8,8 +8,8 @@
 Both models get identical weights (ours is exported with to_hf and loaded by transformers), the same
 batch, dtype and thread count; runs alternate between the two so drift on a shared machine hits both.
 
---breakdown profiles one step of each model and splits its kernel time into matrix multiplies, attention kernels
-and everything else. Both models call the same GEMMs and the same attention kernel, so transformers' step time
+--breakdown (CPU) profiles two steps of each model and splits their operator time into matrix multiplies, sdpa
+attention and everything else. Both models call the same GEMMs and the same attention kernel, so transformers' step time
 divided by its own GEMM + attention time bounds the speed-up any implementation built on those kernels can reach.
 """
 from __future__ import annotations
@@ -45,26 +45,22 @@ def bench_config(args: argparse.Namespace) -> ModelConfig:
 
 
 GEMM_OPS = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm", "aten::_addmm_activation")
-ATTENTION_MARKERS = ("scaled_dot_product", "flash_attn", "efficient_attention", "xformers")
+ATTENTION_MARKERS = ("scaled_dot_product",)  # torch's CPU attention kernels and their backward
 
 
-def breakdown(step, device: torch.device) -> dict[str, float]:
-    """Seconds of a step's kernel time (self time, so nothing is counted twice) by kind."""
+def breakdown(step) -> dict[str, float]:
+    """Seconds of a CPU step's operator time (self time, so nothing is counted twice) by kind."""
     from torch.profiler import ProfilerActivity, profile
 
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     steps = 2
-    with profile(activities=activities) as prof:
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
             step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
     split = {"gemm": 0.0, "attention": 0.0, "other": 0.0}
     for event in prof.key_averages():
-        us = event.self_device_time_total if device.type == "cuda" else event.self_cpu_time_total
-        kind = ("gemm" if event.key in GEMM_OPS or (device.type == "cuda" and "gemm" in event.key.lower())
+        kind = ("gemm" if event.key in GEMM_OPS
                 else "attention" if any(m in event.key for m in ATTENTION_MARKERS) else "other")
-        split[kind] += us / 1e6 / steps
+        split[kind] += event.self_cpu_time_total / 1e6 / steps
     return split
 
 
@@ -97,8 +93,11 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--compile", action="store_true", help="also time our model under torch.compile")
     p.add_argument("--no_hf", action="store_true", help="skip transformers (e.g. when it would not fit)")
-    p.add_argument("--breakdown", action="store_true", help="profile one step of each model: GEMM / attention / rest")
+    p.add_argument("--breakdown", action="store_true",
+                   help="CPU only: profile two steps of each model into GEMM / attention / the rest")
     args = p.parse_args()
+    if args.breakdown and args.device != "cpu":
+        p.error("--breakdown splits CPU operator time; on a GPU use MFU (printed without it) or torch.profiler")
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -159,7 +158,7 @@ def main() -> None:
             if name != "transformers":
                 print(f"{name} / transformers: {result[name] / result['transformers']:.2f}x")
     if args.breakdown:
-        splits = {name: breakdown(step, device) for name, step in runs.items()}
+        splits = {name: breakdown(step) for name, step in runs.items()}
         for name, split in splits.items():
             total = sum(split.values())
             print(f"{name:>14}: " + ", ".join(f"{k} {v * 1000:.0f} ms ({v / total:.0%})" for k, v in split.items()))
