@@ -15,7 +15,7 @@ if __name__ == "__main__" and not __package__:  # run as a file: make the reposi
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 from evaluation.common import Benchmark, build_parser, main_for  # noqa: E402
-from evaluation.data import LETTERS, Question, read_mmlu_csv  # noqa: E402
+from evaluation.data import Question, read_mmlu_csv  # noqa: E402
 from evaluation.scoring import SubjectPrompts  # noqa: E402
 from evaluation.subjects import MMLU_CATEGORIES, MMLU_SUBJECTS, mmlu_groups  # noqa: E402
 
@@ -30,17 +30,8 @@ def header(subject: str) -> str:
     return f"The following are multiple choice questions (with answers) about {format_subject(subject)}.\n\n"
 
 
-def format_example(q: Question, include_answer: bool = True) -> str:
-    text = q.question + "".join(f"\n{letter}. {choice}" for letter, choice in zip(LETTERS, q.choices))
-    text += "\nAnswer:"
-    if include_answer:
-        text += f" {q.answer}\n\n"
-    return text
-
-
 def subject_prompts(subject: str, shots: list[Question], questions: list[Question]) -> SubjectPrompts:
-    return SubjectPrompts(subject, header(subject), [format_example(q) for q in shots],
-                          [format_example(q, include_answer=False) for q in questions], answer_sep=" ")
+    return SubjectPrompts.build(subject, header(subject), shots, questions, cue="\nAnswer:", answer_sep=" ")
 
 
 def _subcategory_order() -> list[str]:

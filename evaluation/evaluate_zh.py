@@ -17,7 +17,7 @@ if __name__ == "__main__" and not __package__:  # run as a file: make the reposi
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 from evaluation.common import Benchmark, build_parser, main_for  # noqa: E402
-from evaluation.data import LETTERS, Question, read_ceval_csv  # noqa: E402
+from evaluation.data import Question, read_ceval_csv  # noqa: E402
 from evaluation.scoring import SubjectPrompts  # noqa: E402
 from evaluation.subjects import CEVAL_CATEGORIES, CEVAL_SUBJECTS, CEVAL_SUBJECTS_SORTED, ceval_groups  # noqa: E402
 
@@ -26,17 +26,8 @@ def header(subject: str) -> str:
     return f"以下是中国关于{CEVAL_SUBJECTS[subject][1]}考试的单项选择题，请选出其中的正确答案。\n\n"
 
 
-def format_example(q: Question, include_answer: bool = True) -> str:
-    text = q.question + "".join(f"\n{letter}. {choice}" for letter, choice in zip(LETTERS, q.choices))
-    text += "\n答案："
-    if include_answer:
-        text += f"{q.answer}\n\n"
-    return text
-
-
 def subject_prompts(subject: str, shots: list[Question], questions: list[Question]) -> SubjectPrompts:
-    return SubjectPrompts(subject, header(subject), [format_example(q) for q in shots],
-                          [format_example(q, include_answer=False) for q in questions], answer_sep="")
+    return SubjectPrompts.build(subject, header(subject), shots, questions, cue="\n答案：", answer_sep="")
 
 
 CEVAL = Benchmark(

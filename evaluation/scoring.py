@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .data import LETTERS
+from .data import LETTERS, Question
 
 
 @dataclass
@@ -33,6 +33,17 @@ class SubjectPrompts:
     """Formatted questions to score, each ending with the answer cue."""
     answer_sep: str
     """What the examples put between the cue and the letter (" " for MMLU's "Answer: A", "" for C-Eval)."""
+
+    @classmethod
+    def build(cls, subject: str, header: str, shots: Sequence[Question], questions: Sequence[Question], cue: str,
+              answer_sep: str) -> SubjectPrompts:
+        """Each question as both reference scripts write it (question, lettered choices, cue); a shot goes on
+        with answer_sep, its letter and a blank line."""
+        def body(q: Question) -> str:
+            return q.question + "".join(f"\n{letter}. {choice}" for letter, choice in zip(LETTERS, q.choices)) + cue
+
+        return cls(subject, header, [f"{body(q)}{answer_sep}{q.answer}\n\n" for q in shots],
+                   [body(q) for q in questions], answer_sep)
 
     def prompt(self, i: int, k: int) -> str:
         return self.header + "".join(self.shots[:k]) + self.items[i]

@@ -15,6 +15,11 @@ from model import ModelConfig, Transformer
 from pretrain.train import param_groups
 
 
+def group_names(model: torch.nn.Module) -> list[list[str]]:
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [sorted(names[id(p)] for p in g["params"]) for g in param_groups(model, 0.1)]
+
+
 def main() -> None:
     tie = sys.argv[1] == "tie"
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
@@ -31,11 +36,8 @@ def main() -> None:
     for (name, p), ref in zip(sharded.named_parameters(), whole.parameters()):
         with deepspeed.zero.GatheredParameters([p]):
             equal[name] = bool(torch.equal(p.data, ref.data))
-    names = {id(p): n for n, p in sharded.named_parameters()}
-    groups = [sorted(names[id(p)] for p in g["params"]) for g in param_groups(sharded, 0.1)]
-    whole_names = {id(p): n for n, p in whole.named_parameters()}
-    whole_groups = [sorted(whole_names[id(p)] for p in g["params"]) for g in param_groups(whole, 0.1)]
-    print(json.dumps({"held": held, "local": local, "equal": equal, "groups": groups, "whole_groups": whole_groups}))
+    print(json.dumps({"held": held, "local": local, "equal": equal, "groups": group_names(sharded),
+                      "whole_groups": group_names(whole)}))
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 
