@@ -9,7 +9,7 @@ setup(
     version="0.1.0",
     description="Pretrain LLaMA-style Chinese/English base models: tokenizer, data, model, DeepSpeed training, evaluation",
     python_requires=">=3.10",
-    packages=find_packages(include=["model*", "tokenizer*", "pretrain*", "evaluation*"]),
+    packages=find_packages(include=["common*", "model*", "tokenizer*", "artifacts*", "pretrain*", "evaluation*"]),
     install_requires=[
         "torch>=2.1",
         "deepspeed>=0.14",

@@ -17,7 +17,8 @@ import torch
 from tqdm import tqdm
 
 from .data import LETTERS, Question, split_file
-from model.load import DTYPES, check_device, default_device, default_dtype, load_model, load_tokenizer
+from common.tensors import DTYPES
+from artifacts.open import check_device, default_device, default_dtype, load_model, load_tokenizer
 from .report import SubjectScore, format_table, summarize, write_outputs
 from .scoring import Request, SubjectPrompts, build_requests, score_cached, score_plain
 

@@ -10,7 +10,8 @@ import sys
 import torch
 
 from .config import ATTN_IMPLS
-from .load import DTYPES, check_device, default_device, default_dtype, load_model, load_tokenizer
+from common.tensors import DTYPES
+from artifacts.open import check_device, default_device, default_dtype, load_model, load_tokenizer
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -9,56 +9,11 @@ returns our own Transformer with the consolidated fp32 weights (what the evaluat
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-import torch
-
-from model import ModelConfig, Transformer
-from pretrain.checkpoint import resolve_tag, weights_only_loading
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def consolidated_state_dict(run_dir: str | Path, tag: str | None = None) -> dict[str, torch.Tensor]:
-    """fp32 weights of checkpoint `tag` (default: latest) merged from all ranks' shards."""
-    run_dir = Path(run_dir)
-    tag = resolve_tag(run_dir, tag)
-    ckpt = run_dir / tag
-    with weights_only_loading():
-        if any(ckpt.glob("*optim_states.pt")):
-            # ZeRO 1-3 (and bf16): the fp32 master weights live, partitioned, in the optimizer shards.
-            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-            state = get_fp32_state_dict_from_zero_checkpoint(str(run_dir), tag=tag)
-        else:
-            # ZeRO-0 fp32: the module's full weights are in the model-states file.
-            files = sorted(ckpt.glob("mp_rank_*_model_states.pt"))
-            if not files:
-                raise FileNotFoundError(f"{ckpt}: no DeepSpeed model-states file; is the checkpoint complete?")
-            state = torch.load(files[0], map_location="cpu", weights_only=True)["module"]
-    return {k.removeprefix("module."): v.float() for k, v in state.items()}
-
-
-def load_checkpoint_model(run_dir: str | Path, tag: str | None = None) -> Transformer:
-    """Our Transformer (fp32, CPU, eval mode) with the weights of checkpoint `tag` (default: latest) of run_dir."""
-    run_dir = Path(run_dir)
-    config_path = run_dir / "model_config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{config_path} is missing; pass the run directory that pretrain/train.py wrote")
-    config = ModelConfig.from_dict(json.loads(config_path.read_text()))
-    config.activation_checkpointing = False
-    model = Transformer(config)
-    state = consolidated_state_dict(run_dir, tag)
-    if config.tie_embeddings:
-        state.setdefault("output.weight", state.get("tok_embeddings.weight"))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{run_dir}: checkpoint does not match model_config.json "
-                         f"(missing {missing[:4]}, unexpected {unexpected[:4]})")
-    return model.eval()
-
+from artifacts.run_dir import consolidated_state_dict, load_checkpoint_model, resolve_tag  # noqa: F401 (re-exported)
+from common.tensors import DTYPES
 
 def export(run_dir: str | Path, output_dir: str | Path, tag: str | None = None, dtype: str = "float32",
            overwrite: bool = False) -> Path:

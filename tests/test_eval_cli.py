@@ -4,7 +4,6 @@ import json
 import shutil
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -182,7 +181,7 @@ def test_script_error_is_one_line_without_traceback(eval_assets, tmp_path):  # n
                                                 "--data_dir must hold dev/, val/ and test/"]
 
 
-def test_training_run_directory_loads_through_pretrain_export(eval_assets, tmp_path, monkeypatch):  # noqa: F811
+def test_training_run_directory_loads_through_the_run_dir_reader(eval_assets, tmp_path, monkeypatch):  # noqa: F811
     run_dir = tmp_path / "run"
     (run_dir / "step_000010").mkdir(parents=True)
     (run_dir / "latest").write_text("step_000010")
@@ -193,8 +192,7 @@ def test_training_run_directory_loads_through_pretrain_export(eval_assets, tmp_p
         calls.append((Path(path), tag))
         return Transformer.from_hf(eval_assets["model"])
 
-    monkeypatch.setitem(sys.modules, "pretrain.export",
-                        types.SimpleNamespace(load_checkpoint_model=load_checkpoint_model))
+    monkeypatch.setattr("artifacts.open.load_checkpoint_model", load_checkpoint_model)
     evaluate_mmlu.main(["--model_name_or_path", str(run_dir), "--data_dir", str(eval_assets["mmlu"]),
                         "--output_dir", str(tmp_path / "out"), "--subjects", "anatomy", "--tag", "step_000010"])
     assert calls == [(run_dir, "step_000010")]

@@ -6,7 +6,7 @@ from fixtures_eval import eval_assets  # noqa: F401  (pytest fixture)
 
 from evaluation import evaluate_mmlu, evaluate_zh
 from evaluation.common import load_data
-from model.load import load_model, load_tokenizer
+from artifacts.open import load_model, load_tokenizer
 from evaluation.scoring import Request, SubjectPrompts, answer_letter_ids, build_requests, score_cached, score_plain
 from tokenizer import Tokenizer
 

@@ -5,15 +5,11 @@ from pathlib import Path
 
 import torch
 
-from .model import Transformer
+from common.tensors import DTYPES
+from model import Transformer
 from tokenizer import Tokenizer
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def is_run_dir(path: Path) -> bool:
-    """A training run directory holds DeepSpeed checkpoints: a `latest` file or step_* tag directories."""
-    return (path / "latest").is_file() or any(p.is_dir() and p.name.startswith("step_") for p in path.iterdir())
+from .run_dir import is_run_dir, load_checkpoint_model
 
 
 def check_device(device: str) -> torch.device:
@@ -33,10 +29,6 @@ def load_model(path: str | Path, device: str, dtype: str, tag: str | None = None
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: model directory not found")
     if is_run_dir(path):
-        try:  # needs DeepSpeed: imported only for run directories
-            from pretrain.export import load_checkpoint_model
-        except ImportError as e:
-            raise ValueError(f"{path}: loading a training run directory needs pretrain.export ({e})") from None
         model = load_checkpoint_model(path, tag=tag)
     elif (path / "config.json").is_file():
         if tag is not None:
