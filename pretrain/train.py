@@ -423,7 +423,8 @@ def train(cfg: TrainConfig) -> None:
             metrics.log(run.step, {"val_loss": val_loss})
             metrics.print(f"step {run.step}: validation loss {val_loss:.4f}")
 
-        if (cfg.save_interval and run.step % cfg.save_interval == 0) or last_step or result.stop:
+        if ((cfg.save_interval and run.step % cfg.save_interval == 0) or (last_step and cfg.save_final)
+                or result.stop):
             tag = save(run)
             metrics.print(f"step {run.step}: saved checkpoint {Path(cfg.run_dir) / tag}")
             metrics.plot()
