@@ -15,6 +15,8 @@ divided by its own GEMM + attention time bounds the speed-up any implementation 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import statistics
 import tempfile
 import time
@@ -93,6 +95,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--compile", action="store_true", help="also time our model under torch.compile")
     p.add_argument("--no_hf", action="store_true", help="skip transformers (e.g. when it would not fit)")
+    p.add_argument("--sdpa_backend", default="auto", choices=["auto", "flash", "cudnn", "efficient", "math"],
+                   help="restrict torch's scaled_dot_product_attention to one kernel, for both models")
+    p.add_argument("--json", default=None, help="also write the figures to this JSON file")
     p.add_argument("--breakdown", action="store_true",
                    help="CPU only: profile two steps of each model into GEMM / attention / the rest")
     args = p.parse_args()
@@ -110,16 +115,17 @@ def main() -> None:
     y = torch.randint(0, config.vocab_size, (args.batch, args.seq_len), device=device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
-    def step_of(fn):
+    def step_of(fn, model):
         def step():
+            model.zero_grad(set_to_none=True)  # as a training step does: no accumulation into old gradients
             loss = fn()
             loss.backward()
         return step
 
-    runs = {"ours": step_of(lambda: ours(x, targets=y))}
+    runs = {"ours": step_of(lambda: ours(x, targets=y), ours)}
     if args.compile:
         compiled = torch.compile(ours)
-        runs["ours+compile"] = step_of(lambda: compiled(x, targets=y))
+        runs["ours+compile"] = step_of(lambda: compiled(x, targets=y), ours)
     if not args.no_hf:
         from transformers import AutoModelForCausalLM
 
@@ -127,32 +133,54 @@ def main() -> None:
             ours.to_hf(tmp)
             hf = AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype, attn_implementation="sdpa").to(device).train()
         # The standard transformers training call: labels = inputs, shifted inside (T-1 predictions vs our T).
-        runs["transformers"] = step_of(lambda: hf(input_ids=x, labels=x).loss)
+        runs["transformers"] = step_of(lambda: hf(input_ids=x, labels=x).loss, hf)
 
-    for name, step in runs.items():  # warm-up (and compile)
-        for _ in range(args.warmup):
-            step()
-        sync()
+    backend = contextlib.nullcontext()
+    if args.sdpa_backend != "auto":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        backend = sdpa_kernel({"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+                               "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}[args.sdpa_backend])
     times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(args.steps):  # interleaved so background noise hits every model alike
-        for name, step in runs.items():
-            times[name] += time_steps(step, 1, sync)
+    with backend:
+        for name, step in runs.items():  # warm-up (and compile)
+            t0 = time.perf_counter()
+            for _ in range(args.warmup):
+                step()
+            sync()
+            print(f"{name}: warm-up {time.perf_counter() - t0:.1f} s", flush=True)
+        for _ in range(args.steps):  # interleaved so background noise hits every model alike
+            for name, step in runs.items():
+                times[name] += time_steps(step, 1, sync)
 
     tokens = args.batch * args.seq_len
     flops_per_token = config.flops_per_token(args.seq_len)
     peak = peak_flops(device)
     print(f"config: {config.num_params() / 1e6:.1f}M params, dim {config.dim}, layers {config.n_layers}, "
           f"vocab {config.vocab_size}; batch {args.batch} x seq {args.seq_len}, {args.dtype}, {device}, "
-          f"threads {torch.get_num_threads()}")
+          f"threads {torch.get_num_threads()}" + (f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else "")
+          + (f", sdpa backend {args.sdpa_backend}" if args.sdpa_backend != "auto" else ""))
+    print(f"FLOPs per token {flops_per_token / 1e9:.2f} G = 6 * N (non-embedding params + output projection) "
+          f"+ 6 * n_layers * dim * seq_len (causal attention, fwd+bwd); peak {peak / 1e12 if peak else 0:.0f} TFLOP/s")
     result = {}
+    report = {"config": config.to_dict(), "batch": args.batch, "seq_len": args.seq_len, "dtype": args.dtype,
+              "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "sdpa_backend": args.sdpa_backend, "flops_per_token": flops_per_token, "peak_flops": peak, "runs": {}}
     for name, ts in times.items():
         t = statistics.median(ts)
         result[name] = tokens / t
         line = f"{name:>14}: {tokens / t:10.0f} tokens/s  ({t * 1000:.0f} ms/step, median of {len(ts)})"
+        entry = {"tokens_per_s": tokens / t, "step_ms": t * 1000, "steps": len(ts)}
         if device.type == "cuda":
             tflops = flops_per_token * tokens / t / 1e12
             line += f"  {tflops:.1f} TFLOP/s" + (f"  MFU {tflops * 1e12 / peak:.1%}" if peak else "")
+            entry.update(tflops=tflops, mfu=tflops * 1e12 / peak if peak else None,
+                         max_memory_gib=torch.cuda.max_memory_allocated(device) / 2**30)
+        report["runs"][name] = entry
         print(line)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
     if "transformers" in result:
         for name in result:
             if name != "transformers":
