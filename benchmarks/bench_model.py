@@ -66,6 +66,16 @@ def breakdown(step) -> dict[str, float]:
     return split
 
 
+def sdpa_context(backend: str):
+    """Restrict torch's scaled_dot_product_attention to one kernel ('auto': let torch choose)."""
+    if backend == "auto":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel({"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+                        "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}[backend])
+
+
 def time_steps(step, n: int, sync) -> list[float]:
     times = []
     for _ in range(n):
@@ -97,6 +107,8 @@ def main() -> None:
     p.add_argument("--no_hf", action="store_true", help="skip transformers (e.g. when it would not fit)")
     p.add_argument("--sdpa_backend", default="auto", choices=["auto", "flash", "cudnn", "efficient", "math"],
                    help="restrict torch's scaled_dot_product_attention to one kernel, for both models")
+    p.add_argument("--cudnn_variants", action="store_true",
+                   help="also time both models (uncompiled) with sdpa restricted to cuDNN attention")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
     p.add_argument("--breakdown", action="store_true",
                    help="CPU only: profile two steps of each model into GEMM / attention / the rest")
@@ -115,17 +127,20 @@ def main() -> None:
     y = torch.randint(0, config.vocab_size, (args.batch, args.seq_len), device=device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
-    def step_of(fn, model):
+    def step_of(fn, model, backend: str = "auto"):
         def step():
-            model.zero_grad(set_to_none=True)  # as a training step does: no accumulation into old gradients
-            loss = fn()
-            loss.backward()
+            with sdpa_context(backend):
+                model.zero_grad(set_to_none=True)  # as a training step does: no accumulation into old gradients
+                loss = fn()
+                loss.backward()
         return step
 
     runs = {"ours": step_of(lambda: ours(x, targets=y), ours)}
     if args.compile:
         compiled = torch.compile(ours)
         runs["ours+compile"] = step_of(lambda: compiled(x, targets=y), ours)
+    if args.cudnn_variants:
+        runs["ours (cudnn sdpa)"] = step_of(lambda: ours(x, targets=y), ours, "cudnn")
     if not args.no_hf:
         from transformers import AutoModelForCausalLM
 
@@ -134,20 +149,22 @@ def main() -> None:
             hf = AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype, attn_implementation="sdpa").to(device).train()
         # The standard transformers training call: labels = inputs, shifted inside (T-1 predictions vs our T).
         runs["transformers"] = step_of(lambda: hf(input_ids=x, labels=x).loss, hf)
+        if args.cudnn_variants:
+            runs["transformers (cudnn sdpa)"] = step_of(lambda: hf(input_ids=x, labels=x).loss, hf, "cudnn")
 
-    backend = contextlib.nullcontext()
-    if args.sdpa_backend != "auto":
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        backend = sdpa_kernel({"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
-                               "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}[args.sdpa_backend])
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    with backend:
-        for name, step in runs.items():  # warm-up (and compile)
+    times: dict[str, list[float]] = {}
+    with sdpa_context(args.sdpa_backend):
+        for name, step in list(runs.items()):  # warm-up (and compile); a variant that cannot run is dropped
             t0 = time.perf_counter()
-            for _ in range(args.warmup):
-                step()
-            sync()
+            try:
+                for _ in range(args.warmup):
+                    step()
+                sync()
+            except (RuntimeError, NotImplementedError) as e:
+                print(f"{name}: cannot run here, dropped ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+                del runs[name]
+                continue
+            times[name] = []
             print(f"{name}: warm-up {time.perf_counter() - t0:.1f} s", flush=True)
         for _ in range(args.steps):  # interleaved so background noise hits every model alike
             for name, step in runs.items():
@@ -158,7 +175,8 @@ def main() -> None:
     peak = peak_flops(device)
     print(f"config: {config.num_params() / 1e6:.1f}M params, dim {config.dim}, layers {config.n_layers}, "
           f"vocab {config.vocab_size}; batch {args.batch} x seq {args.seq_len}, {args.dtype}, {device}, "
-          f"threads {torch.get_num_threads()}" + (f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else "")
+          f"threads {torch.get_num_threads()}"
+          + (f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else "")
           + (f", sdpa backend {args.sdpa_backend}" if args.sdpa_backend != "auto" else ""))
     print(f"FLOPs per token {flops_per_token / 1e9:.2f} G = 6 * N (non-embedding params + output projection) "
           f"+ 6 * n_layers * dim * seq_len (causal attention, fwd+bwd); peak {peak / 1e12 if peak else 0:.0f} TFLOP/s")
@@ -183,7 +201,7 @@ def main() -> None:
             json.dump(report, f, indent=2)
     if "transformers" in result:
         for name in result:
-            if name != "transformers":
+            if not name.startswith("transformers"):
                 print(f"{name} / transformers: {result[name] / result['transformers']:.2f}x")
     if args.breakdown:
         splits = {name: breakdown(step) for name, step in runs.items()}
