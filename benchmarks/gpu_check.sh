@@ -24,8 +24,10 @@ mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
 DRY="${GPU_CHECK_DRY:-0}"
 PYTHON="${PYTHON:-python3}"
-BUDGET="${GPU_CHECK_BUDGET:-470}"   # seconds; optional variants start only while this much time is not used up
-HARD="${GPU_CHECK_HARD:-540}"       # seconds; every step's timeout is cut so that the whole script ends by then
+# Seconds: optional variants start only while BUDGET is not used up; every step's timeout is cut so that the whole
+# script ends by HARD. A dry run on a small shared CPU is slower than the GPU run, so it gets more.
+if [[ "$DRY" == 1 ]]; then BUDGET="${GPU_CHECK_BUDGET:-1100}" HARD="${GPU_CHECK_HARD:-1200}"
+else BUDGET="${GPU_CHECK_BUDGET:-470}" HARD="${GPU_CHECK_HARD:-540}"; fi
 WORK="${GPU_CHECK_WORK:-/tmp/gpu_check}"
 rm -rf "$WORK"
 mkdir -p "$WORK"
@@ -40,15 +42,19 @@ finish() {
     cp "$OUT/summary.md" "$WORK/" 2>/dev/null
     # metrics and logs only: checkpoints and exported weights stay behind
     (cd "$WORK" && tar czf "$OUT/logs.tar.gz" --exclude='*/step_*' --exclude='*/hf' --exclude='*/data' \
-        --exclude='*/tok' --exclude=./site_dry --exclude='*/tensorboard' --exclude='*.pt' --exclude='*.safetensors' . 2>/dev/null)
+        --exclude='*/tok' --exclude=./site_dry --exclude='*/tensorboard' --exclude='*.pt' --exclude='*.safetensors' \
+        . 2>/dev/null)
     "$PYTHON" - "$WORK" "$OUT/results.json" <<'EOF' 2>/dev/null
 import json, sys
 from pathlib import Path
 work = Path(sys.argv[1])
 res = {p.name: json.loads(p.read_text()) for p in sorted(work.glob("*.json"))}
-res["steps"] = [l.split("\t") for l in (work / "steps.tsv").read_text().splitlines()] if (work / "steps.tsv").exists() else []
+steps = work / "steps.tsv"
+res["steps"] = [line.split("\t") for line in steps.read_text().splitlines()] if steps.exists() else []
 Path(sys.argv[2]).write_text(json.dumps(res, indent=1))
 EOF
+    echo
+    sed -n '/^## Steps/,$p' "$OUT/summary.md" 2>/dev/null | grep -v '^| install' | cut -c1-400  # the tool shows the end
     echo "== done in $((SECONDS - START)) s; summary: $OUT/summary.md"
 }
 trap finish EXIT
@@ -114,8 +120,8 @@ for name in ("transformers", "deepspeed", "pydantic", "triton", "flash_attn", "x
 EOF
     echo "flash-attn: PyPI has only an sdist (needs nvcc and ~1 h to build); xformers 0.0.35 wheels are built for"
     echo "  torch 2.10.0+cu128 (libcudart.so.12), not this torch: attention runs on torch's own SDPA (flash/cuDNN)."
-    command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit \
-        --format=csv
+    command -v nvidia-smi > /dev/null &&
+        nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit --format=csv
 } 2>&1 | tee "$WORK/env.txt"
 command -v nvidia-smi > /dev/null && nvidia-smi > "$WORK/nvidia-smi.txt" 2>&1
 

@@ -123,8 +123,10 @@ def cmd_summary(args: argparse.Namespace) -> str:
     steps = work / "steps.tsv"
     for row in (steps.read_text().splitlines() if steps.is_file() else []):
         name, rc, secs, cmd = (row.split("\t") + ["", "", "", ""])[:4]
-        status = "ok" if rc == "0" else ("skipped" if rc == "skip" else f"**{rc}**" + (" (timeout)" if rc == "124" else ""))
-        lines.append(f"| {name} | {status} | {secs} | `{cmd.replace('|', '/')}` |")
+        status = ("ok" if rc == "0" else "skipped" if rc == "skip"
+                  else f"**{rc}**" + (" (timeout)" if rc in ("124", "137") else ""))
+        cmd = cmd.replace(str(work.resolve()), "$WORK").replace(str(work), "$WORK").replace("|", "/")
+        lines.append(f"| {name} | {status} | {secs} | `{cmd}` |")
     lines.append("")
 
     tests = work / "pytest_summary.txt"
@@ -134,7 +136,8 @@ def cmd_summary(args: argparse.Namespace) -> str:
     curves = [(p.stem, read_json(p)) for p in sorted(work.glob("curves_*.json"))]
     if any(c for _, c in curves):
         lines += ["## bf16 (GPU) vs fp32 loss curve, debug model", "",
-                  "| reference | steps | max abs diff | mean abs diff | last loss (bf16 / fp32) | settled diff | follows |",
+                  "| reference | steps | max abs diff | mean abs diff | last loss (bf16 / fp32) | settled diff "
+                  "| follows |",
                   "| --- | --- | --- | --- | --- | --- | --- |"]
         for name, c in curves:
             if c:
@@ -171,7 +174,8 @@ def cmd_summary(args: argparse.Namespace) -> str:
     rows = [(p.name, last_train_row(p)) for p in runs]
     if any(r for _, r in rows):
         lines += ["## DeepSpeed training (pretrain/train.py), last log window", "",
-                  "| run | step | loss | tokens/s (per GPU) | MFU | memory GiB |", "| --- | --- | --- | --- | --- | --- |"]
+                  "| run | step | loss | tokens/s (per GPU) | MFU | memory GiB |",
+                  "| --- | --- | --- | --- | --- | --- |"]
         for name, r in rows:
             if r:
                 mfu = f"{r['mfu']:.1%}" if r.get("mfu") is not None else "-"
