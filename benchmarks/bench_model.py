@@ -109,6 +109,8 @@ def main() -> None:
                    help="restrict torch's scaled_dot_product_attention to one kernel, for both models")
     p.add_argument("--cudnn_variants", action="store_true",
                    help="also time both models (uncompiled) with sdpa restricted to cuDNN attention")
+    p.add_argument("--flex_variant", action="store_true",
+                   help="also time our model (uncompiled) with attn_impl='flex' (torch's FlexAttention)")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
     p.add_argument("--breakdown", action="store_true",
                    help="CPU only: profile two steps of each model into GEMM / attention / the rest")
@@ -141,6 +143,14 @@ def main() -> None:
         runs["ours+compile"] = step_of(lambda: compiled(x, targets=y), ours)
     if args.cudnn_variants:
         runs["ours (cudnn sdpa)"] = step_of(lambda: ours(x, targets=y), ours, "cudnn")
+    if args.flex_variant:
+        def with_flex():
+            saved, ours.config.attn_impl = ours.config.attn_impl, "flex"
+            try:
+                return ours(x, targets=y)
+            finally:
+                ours.config.attn_impl = saved
+        runs["ours (flex)"] = step_of(with_flex, ours)
     if not args.no_hf:
         from transformers import AutoModelForCausalLM
 

@@ -11,9 +11,9 @@
 #   4. the same debug run in bf16 on the GPU: loss curves compared (with the CPU run and the committed
 #      benchmarks/gpu_reference_loss.json); the bf16 checkpoint exported to HF, logits compared under transformers
 #   5. benchmarks/bench_model.py --preset 1b --seq_len 4096 --dtype bf16: ours, ours+compile, transformers (sdpa),
-#      ours and transformers with cuDNN attention
+#      ours and transformers with cuDNN attention, ours with FlexAttention
 #   6. pretrain/train.py on the 1B config: ZeRO-1 bf16, activation checkpointing off and on (tokens/s, MFU)
-#   7. optional variants while time is left (bench at batch 2, train.py compile=true)
+#   7. optional variants while time is left (bench at batch 2, training with FlexAttention, train.py compile=true)
 # Output: OUT_DIR/summary.md (the table), OUT_DIR/gpu_check.log (everything printed), OUT_DIR/logs.tar.gz (each
 # step's log, metrics.jsonl of each run, JSON figures), OUT_DIR/results.json.
 set -u
@@ -27,7 +27,7 @@ PYTHON="${PYTHON:-python3}"
 # Seconds: optional variants start only while BUDGET is not used up; every step's timeout is cut so that the whole
 # script ends by HARD. A dry run on a small shared CPU is slower than the GPU run, so it gets more.
 if [[ "$DRY" == 1 ]]; then BUDGET="${GPU_CHECK_BUDGET:-1100}" HARD="${GPU_CHECK_HARD:-1200}"
-else BUDGET="${GPU_CHECK_BUDGET:-470}" HARD="${GPU_CHECK_HARD:-540}"; fi
+else BUDGET="${GPU_CHECK_BUDGET:-480}" HARD="${GPU_CHECK_HARD:-560}"; fi
 WORK="${GPU_CHECK_WORK:-/tmp/gpu_check}"
 rm -rf "$WORK"
 mkdir -p "$WORK"
@@ -181,7 +181,7 @@ else
 fi
 # ours and transformers also with sdpa restricted to cuDNN attention (uncompiled), in the same process
 step bench_1b_b1 300 "$PYTHON" benchmarks/bench_model.py "${BENCH[@]}" --batch 1 --compile --cudnn_variants \
-    --json "$WORK/bench_1b_b1.json"
+    --flex_variant --json "$WORK/bench_1b_b1.json"
 
 # --------------------------------------------------------------------------------------------------------------
 # 6. DeepSpeed training throughput on the 1B config (one process: no launcher, no ssh)
@@ -202,15 +202,22 @@ step train_1b_zero1_ckpt 240 env $(dist_env 29614) "$PYTHON" -m pretrain.train "
 
 # --------------------------------------------------------------------------------------------------------------
 # 7. Optional variants, while time is left
-if (( $(left) > 120 )); then
-    step bench_1b_b2 200 "$PYTHON" benchmarks/bench_model.py "${BENCH[@]}" --batch 2 --compile --no_hf \
-        --json "$WORK/bench_1b_b2.json"
+# FlexAttention: document masking as a block-sparse kernel instead of sdpa with a dense mask (no flash-attn here)
+if (( $(left) > 60 )) && [[ "$DRY" != 1 ]]; then
+    step train_1b_zero1_flex 150 env $(dist_env 29616) "$PYTHON" -m pretrain.train "${TRAIN_1B[@]}" \
+        "run_dir=$WORK/train_1b_zero1_flex" activation_checkpointing=false model.attn_impl=flex
 else
-    skip bench_1b_b2 "time budget used up"
+    skip train_1b_zero1_flex "time budget used up, or a dry run (FlexAttention has no CPU backward)"
 fi
 if (( $(left) > 100 )); then
     step train_1b_zero1_compile 200 env $(dist_env 29615) "$PYTHON" -m pretrain.train "${TRAIN_1B[@]}" \
         "run_dir=$WORK/train_1b_zero1_compile" activation_checkpointing=false compile=true
 else
     skip train_1b_zero1_compile "time budget used up"
+fi
+if (( $(left) > 120 )); then
+    step bench_1b_b2 200 "$PYTHON" benchmarks/bench_model.py "${BENCH[@]}" --batch 2 --compile --no_hf \
+        --json "$WORK/bench_1b_b2.json"
+else
+    skip bench_1b_b2 "time budget used up"
 fi

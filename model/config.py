@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-ATTN_IMPLS = ("auto", "eager", "sdpa", "flash", "xformers")
+ATTN_IMPLS = ("auto", "eager", "sdpa", "flash", "xformers", "flex")
 
 
 @dataclass
@@ -39,7 +39,8 @@ class ModelConfig:
     init_std: float = 0.02
     """Standard deviation of the normal initialisation; output projections are further scaled by 1/sqrt(2*n_layers)."""
     attn_impl: str = "auto"
-    """Attention kernel: 'auto' (fastest available), 'flash', 'xformers', 'sdpa' or 'eager'. Runtime only."""
+    """Attention kernel: 'auto' (fastest available), 'flash', 'xformers', 'sdpa', 'eager' or 'flex' (torch's
+    FlexAttention: block-sparse document masking without flash-attn; compiled on first use). Runtime only."""
     activation_checkpointing: bool = False
     """Recompute each block's activations in backward to save memory. Runtime only."""
     fused_kernels: bool = True

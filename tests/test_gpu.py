@@ -20,7 +20,7 @@ from model.attention import available
 CUDA = torch.device(os.environ.get("GPU_TEST_DEVICE", "cuda"))
 pytestmark = pytest.mark.skipif(CUDA.type == "cuda" and not torch.cuda.is_available(), reason="needs a CUDA GPU")
 BF16_TOL = 2e-2  # relative L2 error allowed for bf16 against the fp32 reference
-IMPLS = ["eager", "sdpa", "flash", "xformers"]
+IMPLS = ["eager", "sdpa", "flash", "xformers", "flex"]
 
 
 def config(**overrides) -> ModelConfig:

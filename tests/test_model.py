@@ -106,7 +106,7 @@ def test_backends_agree_and_document_masking_isolates_documents():
 def test_unavailable_kernels_raise_clear_errors():
     cpu = torch.device("cpu")
     assert resolve("auto", cpu, torch.float32) == "sdpa"
-    for impl in ("flash", "xformers"):
+    for impl in ("flash", "xformers", "flex"):
         assert "CUDA" in available(impl, cpu)
         with pytest.raises(RuntimeError, match=impl):
             make(attn_impl=impl)(torch.zeros(1, 4, dtype=torch.long))
