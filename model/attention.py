@@ -73,11 +73,15 @@ class AttnMeta:
             if offset:
                 raise ValueError("document masking (cu_seqlens) cannot be combined with a KV cache")
             cu_seqlens = cu_seqlens.to(device=device, dtype=torch.int32)
-            if cu_seqlens[0].item() != 0 or cu_seqlens[-1].item() != batch * q_len:
+            # Each .item() is a device sync and, under torch.compile, a graph break that splits the model: the
+            # check runs in eager mode only, and max_seqlen is read only by the kernel that needs it.
+            if not torch.compiler.is_compiling() and (cu_seqlens[0].item() != 0
+                                                       or cu_seqlens[-1].item() != batch * q_len):
                 raise ValueError(f"cu_seqlens must run from 0 to batch*seq_len={batch * q_len}, got "
                                  f"{cu_seqlens[0].item()}..{cu_seqlens[-1].item()}")
             meta.cu_seqlens = cu_seqlens
-            meta.max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max().item())
+            if impl == "flash":
+                meta.max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max().item())
         if impl == "flex" and (offset or q_len == 1):
             meta.impl = impl = "sdpa"  # decoding with a KV cache: no block sparsity to gain
         if impl in ("eager", "sdpa"):
