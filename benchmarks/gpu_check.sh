@@ -203,6 +203,10 @@ step train_1b_zero1_ckpt 240 env $(dist_env 29614) "$PYTHON" -m pretrain.train "
 
 # --------------------------------------------------------------------------------------------------------------
 # 7. Optional variants, while time is left
+# INT8/INT4 weight-only quantized linears on the GPU (inference/quantize.py): kernels, error, memory, decode speed
+if (( $(left) > 60 )) && [[ "$DRY" != 1 ]] && [[ -f benchmarks/quantization/gpu_check.py ]]; then
+    step quant_gpu 60 "$PYTHON" benchmarks/quantization/gpu_check.py
+fi
 # FlexAttention: document masking as a block-sparse kernel instead of sdpa with a dense mask (no flash-attn here)
 if (( $(left) > 60 )) && [[ "$DRY" != 1 ]]; then
     step train_1b_zero1_flex 150 env $(dist_env 29616) "$PYTHON" -m pretrain.train "${TRAIN_1B[@]}" \
