@@ -30,6 +30,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from deepspeed.ops.adam import DeepSpeedCPUAdam
 
+from common.io import replace_file, tmp_path_for
 from model import ModelConfig, Transformer
 from pretrain import checkpoint
 from pretrain.config import (TrainConfig, deepspeed_config, grad_accum_steps, load_config, lr_at,
@@ -184,9 +185,9 @@ def prepare_run_dir(cfg: TrainConfig, mc: ModelConfig, tokenizer: Tokenizer, ds_
     for name, write in (("run_config.yaml", lambda p: save_config(cfg, p)), ("model_config.json", mc.save),
                         ("deepspeed_config.json", lambda p: p.write_text(json.dumps(ds_config, indent=2) + "\n")),
                         ("tokenizer.model", lambda p: shutil.copyfile(tokenizer.path, p))):
-        tmp = run_dir / f".{name}.tmp"
+        tmp = tmp_path_for(run_dir / name)
         write(tmp)
-        os.replace(tmp, run_dir / name)
+        replace_file(tmp, run_dir / name)
 
 
 def make_loader(cfg: TrainConfig, split: str, d: Dist, tokenizer: Tokenizer, model_vocab: int) -> DataLoader:

@@ -10,10 +10,7 @@ per file so that huge corpora give a quick estimate.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from common.io import write_json
 from tokenizer.corpus import CorpusStats, iter_documents, resolve_inputs
 from tokenizer.tokenizer import Tokenizer
 
@@ -214,9 +212,7 @@ def main(argv: list[str] | None = None) -> None:
                 raise ValueError(f"{out.parent}: no such directory for --output_json")
             payload = {"rows": [r.to_dict() for r in rows], "corpus": corpus.to_dict(),
                        "tokenizers": {n: {"path": str(t.path), "sha256": t.sha256} for n, t in tokenizers.items()}}
-            with tempfile.NamedTemporaryFile("w", dir=out.parent or ".", delete=False, suffix=".tmp") as f:
-                json.dump(payload, f, indent=2, ensure_ascii=False)
-            os.replace(f.name, out)
+            write_json(out, payload)
     except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")
     if corpus.skipped:

@@ -41,6 +41,7 @@ import psutil
 import sentencepiece as spm
 from tqdm import tqdm
 
+from common.io import replace_file
 from tokenizer.corpus import resolve_inputs
 from tokenizer.hf import HF_FILES, load_model_proto, save_hf_tokenizer
 from tokenizer.sampling import SampleSpec, SamplingStats, drain, sample_sentences
@@ -343,7 +344,7 @@ def train_tokenizer(cfg: TrainerConfig, progress: bool = True, verbose: bool = F
         (tmp / CARD_FILENAME).write_text(json.dumps(card, indent=2, ensure_ascii=False) + "\n")
         # Move finished files into place, tokenizer.model last: its presence means the rest is there too.
         for name in sorted(card["tokenizer"]["files"], key=lambda n: n == MODEL_FILENAME):
-            os.replace(tmp / name, out / name)
+            replace_file(tmp / name, out / name)
         done = True
         return card
     finally:
