@@ -68,16 +68,23 @@ def error_message(e: BaseException) -> str:
     return str(e)
 
 
-def fail(message: str, code: int = 1) -> typing.NoReturn:
-    """Exit with `error: message` on stderr and status `code`.
+class ErrorExit(SystemExit):
+    """The SystemExit of `fail`: exit status `code`, and `str()` is the `error: ...` line already printed."""
 
-    For status 1 the message travels in the SystemExit itself (as `sys.exit("error: ...")` does), so a caller that
-    catches it, a test for instance, can read it; Python prints it on the way out.
-    """
-    if code == 1:
-        raise SystemExit(f"error: {message}")
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    raise SystemExit(code)
+    def __init__(self, line: str, code: int) -> None:
+        super().__init__(code)
+        self.line = line
+
+    def __str__(self) -> str:
+        return self.line
+
+
+def fail(message: str, code: int = 1) -> typing.NoReturn:
+    """Print `error: message` to stderr and exit with status `code` (a caller that catches the exit, a test for
+    instance, reads the line as `str(exc)`)."""
+    line = f"error: {message}"
+    print(line, file=sys.stderr, flush=True)
+    raise ErrorExit(line, code)
 
 
 def run_main(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:

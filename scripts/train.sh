@@ -117,7 +117,7 @@ fi
 HF_DIR="$RUN_DIR/hf"
 if [[ "$EXPORT" == 1 ]]; then
     echo "== exporting to $HF_DIR"
-    "$PYTHON" -m pretrain.export --checkpoint_dir "$RUN_DIR" --output_dir "$HF_DIR" --overwrite
+    "$PYTHON" -m pretrain.export --model "$RUN_DIR" --output_dir "$HF_DIR" --overwrite
 fi
 
 # 5. Where everything is.

@@ -1,6 +1,7 @@
 """The evaluation CLIs end to end on a tiny random model: output files and formats, grouping, bad input."""
 import csv
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -77,12 +78,31 @@ def test_mmlu_end_to_end(eval_assets, tmp_path, capsys):  # noqa: F811
     assert max(abs(a - b) for p, q in zip(plain, preds) for a, b in zip(p["probs"], q["probs"])) < 1e-5
 
 
-def test_mmlu_shots_dropped_are_counted(eval_assets, tmp_path):  # noqa: F811
+def test_mmlu_shots_dropped_are_counted(eval_assets, tmp_path, capsys):  # noqa: F811
     run_mmlu(eval_assets, tmp_path / "out", "--max_length", "300")
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     for r in results["subjects"].values():
         assert r["shots_dropped"] == r["count"] and r["truncated"] == 0
     assert results["settings"]["max_length"] == 300
+    # What was used, not what was asked for, and said on the console too.
+    assert results["shots_requested"] == 5 and results["shots"] != 5
+    used = results["shots"] if isinstance(results["shots"], int) else results["shots"]["max"]
+    assert used < 5
+    err = capsys.readouterr().err
+    assert all(f"warning: {s}: {r['count']} of {r['count']} prompts dropped shots" in err
+               for s, r in results["subjects"].items())
+
+
+def test_existing_output_dir_needs_overwrite(eval_assets, tmp_path):  # noqa: F811
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.json").write_text("{}")
+    expect_error(["--model", str(eval_assets["model"]), "--data_dir", str(eval_assets["mmlu"]),
+                  "--output_dir", str(out), "--subjects", "anatomy"], "pass --overwrite")
+    assert (out / "results.json").read_text() == "{}"
+    evaluate_mmlu.main(["--model", str(eval_assets["model"]), "--data_dir", str(eval_assets["mmlu"]),
+                        "--output_dir", str(out), "--subjects", "anatomy", "--overwrite"])
+    assert json.loads((out / "results.json").read_text())["subjects"]["anatomy"]["count"] == 8
 
 
 def run_ceval(assets, out, split):
@@ -173,9 +193,10 @@ def test_bad_arguments_fail_clearly(eval_assets, tmp_path):  # noqa: F811
 
 def test_script_error_is_one_line_without_traceback(eval_assets, tmp_path):  # noqa: F811
     proc = subprocess.run(
-        [sys.executable, str(REPO / "evaluation" / "evaluate_zh.py"), "--model_name_or_path", str(eval_assets["model"]),
+        [sys.executable, "-m", "evaluation.evaluate_zh", "--model_name_or_path", str(eval_assets["model"]),
          "--data_dir", str(tmp_path / "nowhere"), "--output_dir", str(tmp_path / "out")],
-        capture_output=True, text=True, cwd=tmp_path, timeout=120)
+        capture_output=True, text=True, cwd=tmp_path, timeout=120,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))})
     assert proc.returncode != 0
     assert proc.stderr.strip().splitlines() == [f"error: {tmp_path / 'nowhere' / 'dev'}: split directory not found; "
                                                 "--data_dir must hold dev/, val/ and test/"]

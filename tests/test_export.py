@@ -14,7 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pretrain.export import consolidated_state_dict, load_checkpoint_model, main
+from artifacts.run_dir import consolidated_state_dict, load_checkpoint_model
+from pretrain.export import main
 from fixtures_train import REPO, env, free_port
 
 # name: (ZeRO stage, bf16)

@@ -379,7 +379,7 @@ def run_poisoned(tmp_path: Path, data_dir: Path, *more: str) -> subprocess.Compl
 
 
 def test_nan_loss_is_skipped(sample_data, tmp_path):
-    from pretrain.export import consolidated_state_dict
+    from artifacts.run_dir import consolidated_state_dict
 
     result = run_poisoned(tmp_path, sample_data, "nan_policy=skip")
     assert result.returncode == 0, result.stderr[-3000:]
