@@ -16,6 +16,8 @@ from pretrain.metrics import read_metrics
 from fixtures_train import (TINY_RUN, free_port, launch, prepare_sample_data, run,
                                   slow_train_script, train_losses, wait, wait_until, write_hostfile)
 
+pytestmark = pytest.mark.slow  # DeepSpeed engines and launches
+
 STEPS = 12
 
 
