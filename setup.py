@@ -1,6 +1,11 @@
-"""Install with `pip install torch==2.13.0 && pip install -c constraints.txt -e .[test]`.
+"""scripts/train.sh and scripts/test.sh install everything on their first run (scripts/env.sh). By hand, in an
+environment of your own:
 
-torch is pinned through constraints.txt on CPU machines: an unpinned torch pulls the CUDA build.
+    pip install torch==2.13.0 --extra-index-url https://download.pytorch.org/whl/cpu   # GPU nodes: without the
+    pip install -c constraints.txt -e ".[test]"                                         # index (CUDA build)
+
+Keep `-c constraints.txt` on every later install: it pins torch, and an unpinned torch pulls several GB of CUDA
+packages onto a CPU machine.
 """
 from setuptools import find_packages, setup
 
@@ -37,7 +42,11 @@ setup(
             "llama-train-tokenizer=tokenizer.train:main",
             "llama-tokenizer-stats=tokenizer.stats:main",
             "llama-prepare-data=pretrain.prepare_data:main",
+            "llama-train-config=pretrain.config:main",
+            "llama-preflight=pretrain.preflight:main",
             "llama-export=pretrain.export:main",
+            "llama-eval-mmlu=evaluation.evaluate_mmlu:main",
+            "llama-eval-ceval=evaluation.evaluate_zh:main",
             "llama-generate=inference.generate:main",
         ]
     },

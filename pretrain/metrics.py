@@ -50,8 +50,8 @@ def peak_flops(device_name: str) -> float | None:
     return None
 
 
-def memory_gb() -> float:
-    """Peak GPU memory allocated by this rank, or the process's resident memory on CPU."""
+def memory_gib() -> float:
+    """Peak GPU memory allocated by this rank, or the process's resident memory on CPU, in GiB (2**30 bytes)."""
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**30
     return psutil.Process().memory_info().rss / 2**30

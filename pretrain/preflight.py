@@ -5,8 +5,8 @@
 Checks the hostfile's syntax (DeepSpeed's own parser ends in a traceback), the batch arithmetic with the world size
 the hostfile and --num_nodes/--num_gpus give (found otherwise only inside the launched ranks, after the launcher's
 start-up), that the prepared data and the tokenizer belong together, and that the rendezvous port is free. Prints
-`KEY=value` lines for the shell: WORLD_SIZE, NUM_HOSTS and MASTER_PORT (a free port chosen when none was named on
-a single node).
+`KEY=value` lines for the shell: WORLD_SIZE, NUM_HOSTS, MASTER_PORT (a free port chosen when none was named on a
+single node) and the config's DATA_DIR, RUN_DIR, TOKENIZER (empty: data_dir's) and MAX_STEPS.
 """
 from __future__ import annotations
 
@@ -140,7 +140,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         port = port or DEFAULT_PORT  # every node of a multi-node job must agree on it: no guessing
         if args.node_rank == 0:
             check_port(args.master_addr, port)
-    print(f"WORLD_SIZE={world}\nNUM_HOSTS={nodes}\nMASTER_PORT={port}")
+    print(f"WORLD_SIZE={world}\nNUM_HOSTS={nodes}\nMASTER_PORT={port}\nDATA_DIR={cfg.data_dir}\n"
+          f"RUN_DIR={cfg.run_dir}\nTOKENIZER={cfg.tokenizer or ''}\nMAX_STEPS={cfg.max_steps}")
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ from pretrain import checkpoint
 from pretrain.config import (TrainConfig, deepspeed_config, grad_accum_steps, load_config, lr_at,
                              resolve_precision, save_config)
 from pretrain.data import DataLoader, load_manifest
-from pretrain.metrics import MetricsLogger, memory_gb, peak_flops
+from pretrain.metrics import MetricsLogger, memory_gib, peak_flops
 from tokenizer import Tokenizer
 
 # Fields that change how the model runs, not its weights: they may differ when resuming.
@@ -419,7 +419,7 @@ def train(cfg: TrainConfig) -> None:
         if run.step % cfg.log_interval == 0 or last_step:
             tokens_per_sec = tokens_per_step * window.steps_per_sec()
             row = {"loss": window.mean_loss(), "lr": lr, "grad_norm": result.grad_norm,
-                   "tokens_per_sec": tokens_per_sec, "tokens": run.tokens_seen, "memory_gib": memory_gb(),
+                   "tokens_per_sec": tokens_per_sec, "tokens": run.tokens_seen, "memory_gib": memory_gib(),
                    "skipped_steps": skipped_total}
             if peak is not None:
                 row["mfu"] = tokens_per_sec / d.world_size * mc.flops_per_token(cfg.seq_len) / peak

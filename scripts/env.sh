@@ -1,12 +1,14 @@
 # Sourced by scripts/train.sh and scripts/test.sh: find or make a Python environment that runs this project,
 # install what is missing, and set PYTHON to its interpreter.
 #
-# Which interpreter:
-#   1. $LLAMA_PYTHON when set (your own environment; missing packages are installed into it);
-#   2. else the virtual environment $LLAMA_VENV (default .venv in the repository), when it exists;
-#   3. else `python3` when it already imports torch and every package this project needs (a managed machine, CI
-#      images with everything installed), so nothing is created;
-#   4. else a new virtual environment at $LLAMA_VENV.
+# Which interpreter (what is missing is installed into it):
+#   1. $LLAMA_PYTHON when set (an interpreter of your own);
+#   2. else the virtual environment $LLAMA_VENV when that is set (created when it does not exist);
+#   3. else the activated virtual environment ($VIRTUAL_ENV);
+#   4. else .venv in the repository, when it exists;
+#   5. else `python3` when it already finds torch and every package this project needs (a managed machine, a CI
+#      image with everything installed), so nothing is created;
+#   6. else a new virtual environment, .venv in the repository.
 # What is installed when missing: torch pinned to constraints.txt's version (the CPU build where `nvidia-smi`
 # finds no GPU, PyPI's CUDA build where it does; $TORCH_INDEX_URL overrides the CPU index), then this project
 # with its test extra, always with `-c constraints.txt` so nothing can pull another torch.
@@ -53,7 +55,10 @@ llama_env() {
         py="$LLAMA_PYTHON"
     elif [[ -x "$venv/bin/python" ]]; then
         py="$venv/bin/python"
-    elif command -v python3 >/dev/null 2>&1 && [[ -z "$(_llama_missing python3 2>/dev/null || echo x)" ]]; then
+    elif [[ -z "${LLAMA_VENV:-}" && -n "${VIRTUAL_ENV:-}" && -x "$VIRTUAL_ENV/bin/python" ]]; then
+        py="$VIRTUAL_ENV/bin/python"
+    elif [[ -z "${LLAMA_VENV:-}" ]] && command -v python3 >/dev/null 2>&1 \
+            && [[ -z "$(_llama_missing python3 2>/dev/null || echo x)" ]]; then
         py="$(command -v python3)"
     else
         command -v python3 >/dev/null 2>&1 || { echo "error: python3 not found; install Python 3.10 or newer" >&2

@@ -79,27 +79,29 @@ done
 [[ -f "$CONFIG" ]] || die "$CONFIG: config file not found (--config)"
 [[ -f "$HOSTFILE" ]] || die "$HOSTFILE: hostfile not found (--hostfile); write one line per node: '<host> slots=<n>'"
 
-# Resolve (and validate) the config once, exactly as train.py will see it.
-get() { "$PYTHON" -m pretrain.config --config "$CONFIG" --get "$1" ${OVERRIDES[@]+"${OVERRIDES[@]}"}; }
-DATA_DIR="$(get data_dir)" || exit 2
-RUN_DIR="$(get run_dir)"
-TOKENIZER="$(get tokenizer)"
-
-# What can be checked before launching (the hostfile, batch arithmetic for the world size, data vs tokenizer, the
-# port) is checked here, in one line each, instead of inside the ranks after the launcher's start-up.
+# What can be checked before launching (the config as train.py will see it, the hostfile, batch arithmetic for the
+# world size, data vs tokenizer, the port) is checked here, in one line each, instead of inside the ranks after the
+# launcher's start-up. It also prints the resolved config values this script needs.
 preflight() {
     local args=(--config "$CONFIG" --hostfile "$HOSTFILE" --num_nodes "$NUM_NODES" --num_gpus "$NUM_GPUS"
                 --node_rank "$NODE_RANK" --master_addr "$MASTER_ADDR")
     [[ -n "$MASTER_PORT" ]] && args+=(--master_port "$MASTER_PORT")
     "$PYTHON" -m pretrain.preflight "${args[@]}" ${OVERRIDES[@]+"${OVERRIDES[@]}"}
 }
+value() { sed -n "s/^$1=//p" <<< "$CHECKED"; }
 CHECKED="$(preflight)" || exit 2
+DATA_DIR="$(value DATA_DIR)"
+RUN_DIR="$(value RUN_DIR)"
+TOKENIZER="$(value TOKENIZER)"
+MAX_STEPS="$(value MAX_STEPS)"
+PREPARED_NOW=0
 
 # 1-2. Tokenizer and token shards, only when the data directory is not prepared yet (node 0 does it).
 if [[ ! -f "$DATA_DIR/manifest.json" ]]; then
     if [[ "$NODE_RANK" != 0 ]]; then
         echo "node $NODE_RANK: waiting for node 0 to prepare $DATA_DIR ..."
         until [[ -f "$DATA_DIR/manifest.json" ]]; do sleep 10; done
+        PREPARED_NOW=1
     else
         if [[ -z "$CORPUS" ]]; then
             if [[ "$CONFIG" == "$DEFAULT_CONFIG" && "$DATA_DIR" == "$DEFAULT_DATA_DIR" ]]; then
@@ -119,6 +121,7 @@ if [[ ! -f "$DATA_DIR/manifest.json" ]]; then
                     --vocab_size "$VOCAB_SIZE" --quiet
             fi
         fi
+        PREPARED_NOW=1
         echo "== preparing token shards from $CORPUS into $DATA_DIR"
         # shellcheck disable=SC2086
         "$PYTHON" -m pretrain.prepare_data --tokenizer "$TOKENIZER" --input $CORPUS --output_dir "$DATA_DIR" \
@@ -126,9 +129,9 @@ if [[ ! -f "$DATA_DIR/manifest.json" ]]; then
     fi
 fi
 
-# The data now exists: check it against the tokenizer, and take the port preflight chose (or checked).
-CHECKED="$(preflight)" || exit 2
-MASTER_PORT="$(sed -n 's/^MASTER_PORT=//p' <<< "$CHECKED")"
+# Data made just now: check it against the tokenizer too. The port is the one preflight chose (or checked).
+if [[ "$PREPARED_NOW" == 1 ]]; then CHECKED="$(preflight)" || exit 2; fi
+MASTER_PORT="$(value MASTER_PORT)"
 
 # 3. Pretraining. Node 0 resolves MASTER_ADDR for the others; with --no_ssh each node starts its own ranks.
 # The launcher logs warnings and errors only (LAUNCHER_LOG_LEVEL=info shows its commands and environment).
@@ -159,7 +162,6 @@ elif [[ "$status" != 0 ]]; then
 fi
 
 [[ "$NODE_RANK" == 0 ]] || exit 0
-MAX_STEPS="$(get max_steps)"
 if [[ "$(cat "$RUN_DIR/latest" 2>/dev/null)" != "$(printf 'step_%06d' "$MAX_STEPS")" ]]; then
     echo "training stopped before step $MAX_STEPS; run the same command again to resume"
     exit 1
