@@ -40,7 +40,14 @@ _llama_install() {  # install torch (pinned) and this project into interpreter $
         if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then
             echo "== installing $torch_pin (CUDA build: nvidia-smi sees a GPU)" >&2
         else
-            index=(--extra-index-url "${TORCH_INDEX_URL:-https://download.pytorch.org/whl/cpu}")
+            local url="${TORCH_INDEX_URL:-https://download.pytorch.org/whl/cpu}"
+            # PyPI's Linux wheel is the CUDA build (GBs of CUDA libraries): take the CPU one from PyTorch's index.
+            # A machine that cannot reach that index (an offline mirror, a local wheel house) gets torch from
+            # pip's own configuration instead, rather than a retry storm per package.
+            if "$py" -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=5)" "$url/" \
+                    >/dev/null 2>&1; then
+                index=(--extra-index-url "$url")
+            fi
             echo "== installing $torch_pin (CPU build: no GPU found by nvidia-smi)" >&2
         fi
         "$py" -m pip install -q --disable-pip-version-check ${index[@]+"${index[@]}"} "$torch_pin" || return 1
