@@ -69,10 +69,14 @@ def error_message(e: BaseException) -> str:
 
 
 class ErrorExit(SystemExit):
-    """The SystemExit of `fail`: exit status `code`, and `str()` is the `error: ...` line already printed."""
+    """The SystemExit of `fail`; `str()` is its `error: ...` line whatever the exit status.
+
+    With status 1 the line is the exit code itself, as `sys.exit("error: ...")` makes it: Python prints it on the
+    way out, and a caller that catches the exit (a test) finds it in `.code`. Other statuses print it first.
+    """
 
     def __init__(self, line: str, code: int) -> None:
-        super().__init__(code)
+        super().__init__(line if code == 1 else code)
         self.line = line
 
     def __str__(self) -> str:
@@ -80,10 +84,10 @@ class ErrorExit(SystemExit):
 
 
 def fail(message: str, code: int = 1) -> typing.NoReturn:
-    """Print `error: message` to stderr and exit with status `code` (a caller that catches the exit, a test for
-    instance, reads the line as `str(exc)`)."""
+    """Exit with `error: message` on stderr and status `code`."""
     line = f"error: {message}"
-    print(line, file=sys.stderr, flush=True)
+    if code != 1:
+        print(line, file=sys.stderr, flush=True)
     raise ErrorExit(line, code)
 
 
