@@ -234,6 +234,18 @@ def test_modules_without_deepspeed_do_not_import_it():
     assert "deepspeed" not in result.stdout
 
 
+def test_unit_test_modules_do_not_import_deepspeed():
+    """Only the tests of the training engine (test_train, test_export, test_train_launch) need DeepSpeed."""
+    modules = sorted(p.stem for p in (REPO / "tests").glob("test_*.py")
+                     if p.stem not in ("test_train", "test_export", "test_train_launch"))
+    code = (f"import sys\nsys.path.insert(0, {str(REPO / 'tests')!r})\nimport conftest, {', '.join(modules)}\n"
+            "print('deepspeed' in sys.modules)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=run_env(),
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
+
+
 def test_model_package_imports_nothing_above_it():
     code = ("import sys, model, model.hf\n"
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'artifacts', 'pretrain', 'evaluation', "
