@@ -146,10 +146,16 @@ echo "== pretraining: deepspeed ${LAUNCH[*]:3} pretrain/train.py --config $CONFI
 # Ctrl-C during start-up ends them through the launcher's SIGTERM without a traceback.
 status=0
 INTERRUPTED=0
+LATEST_BEFORE="$(cat "$RUN_DIR/latest" 2>/dev/null || true)"
 trap 'INTERRUPTED=1' INT
 ( trap '' INT; exec "${LAUNCH[@]}" pretrain/train.py --config "$CONFIG" ${OVERRIDES[@]+"${OVERRIDES[@]}"} ) || status=$?
 trap - INT
-if [[ "$INTERRUPTED" == 1 ]]; then  # the ranks said what they saved and how to resume
+if [[ "$INTERRUPTED" == 1 ]]; then
+    # A stop always saves, and the ranks say so; an unchanged `latest` means they were still starting up.
+    if [[ "$(cat "$RUN_DIR/latest" 2>/dev/null || true)" == "$LATEST_BEFORE" ]]; then
+        echo "interrupted (SIGINT) while the ranks were starting: nothing new to save; run the same command to" \
+             "start again" >&2
+    fi
     exit 130
 elif [[ "$status" == 2 ]]; then  # pretrain/train.py's USER_ERROR: bad config or data, or a diverged run
     echo "error: training stopped on the 'error:' line above; fix that first (the same command would stop the" \
