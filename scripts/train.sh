@@ -31,10 +31,6 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
-# shellcheck source=scripts/env.sh
-source scripts/env.sh
-llama_env
-export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 # OpenMP threads that sleep instead of spinning while they wait: on a CPU shared with other work, spinning threads
 # made CPU training ~30x slower (benchmarks/train.md); on GPUs it changes nothing.
 export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
@@ -77,6 +73,11 @@ while [[ $# -gt 0 ]]; do
     esac
 done
 [[ -f "$CONFIG" ]] || die "$CONFIG: config file not found (--config)"
+
+# shellcheck source=scripts/env.sh
+source scripts/env.sh
+llama_env || exit 1
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 [[ -f "$HOSTFILE" ]] || die "$HOSTFILE: hostfile not found (--hostfile); write one line per node: '<host> slots=<n>'"
 
 # What can be checked before launching (the config as train.py will see it, the hostfile, batch arithmetic for the
