@@ -1,6 +1,11 @@
-"""Install with `pip install torch==2.13.0 && pip install -c constraints.txt -e .[test]`.
+"""scripts/train.sh and scripts/test.sh install everything on their first run (scripts/env.sh). By hand, in an
+environment of your own:
 
-torch is pinned through constraints.txt on CPU machines: an unpinned torch pulls the CUDA build.
+    pip install torch==2.13.0 --extra-index-url https://download.pytorch.org/whl/cpu   # GPU nodes: without the
+    pip install -c constraints.txt -e ".[test]"                                         # index (CUDA build)
+
+Keep `-c constraints.txt` on every later install: it pins torch, and an unpinned torch pulls several GB of CUDA
+packages onto a CPU machine.
 """
 from setuptools import find_packages, setup
 
@@ -9,7 +14,8 @@ setup(
     version="0.1.0",
     description="Pretrain LLaMA-style Chinese/English base models: tokenizer, data, model, DeepSpeed training, evaluation",
     python_requires=">=3.10",
-    packages=find_packages(include=["common*", "model*", "tokenizer*", "artifacts*", "pretrain*", "evaluation*"]),
+    packages=find_packages(include=["common*", "model*", "tokenizer*", "artifacts*", "pretrain*", "evaluation*",
+                                    "inference*"]),
     install_requires=[
         "torch>=2.1",
         "deepspeed>=0.14",
@@ -36,8 +42,12 @@ setup(
             "llama-train-tokenizer=tokenizer.train:main",
             "llama-tokenizer-stats=tokenizer.stats:main",
             "llama-prepare-data=pretrain.prepare_data:main",
+            "llama-train-config=pretrain.config:main",
+            "llama-preflight=pretrain.preflight:main",
             "llama-export=pretrain.export:main",
-            "llama-generate=model.generate:main",
+            "llama-eval-mmlu=evaluation.evaluate_mmlu:main",
+            "llama-eval-ceval=evaluation.evaluate_zh:main",
+            "llama-generate=inference.generate:main",
         ]
     },
 )

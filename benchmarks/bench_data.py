@@ -80,7 +80,7 @@ def _same_tree(a: Path, b: Path) -> bool:
 
 def make_synthetic(out: Path, num_tokens: int, vocab_size: int, shard_tokens: int, seed: int = 0) -> None:
     """A prepared directory of random tokens in documents of log-normal length (median ~400 tokens)."""
-    from pretrain.prepare_data import Position, ShardWriter, build_manifest, choose_dtype, write_manifest
+    from pretrain.shards import Position, ShardWriter, build_manifest, choose_dtype, write_manifest
 
     rng = np.random.default_rng(seed)
     writer = ShardWriter(out, "train", choose_dtype(vocab_size), shard_tokens)

@@ -4,7 +4,7 @@
         --tokenizer ../shared/data/weights/llama2c_tokenizer.model --work_dir runs/bench_eval
 
 1. Makes a small randomly initialised model (a preset, vocabulary = the tokenizer's) as a Hugging Face folder.
-2. Times `python evaluation/evaluate_mmlu.py` on it (the whole command: loading, tokenizing, scoring, writing).
+2. Times `python -m evaluation.evaluate_mmlu` on it (the whole command: loading, tokenizing, scoring, writing).
 3. Times `lm_eval --model hf` on the same folder with a local task that reads the same CSVs and builds the same
    prompt (benchmarks/lm_eval_tasks/mmlu_local_utils.py), with --log_samples.
 4. Checks that both read the very same prompt text, and compares predictions and letter probabilities.
@@ -167,10 +167,10 @@ def main() -> None:
     if args.reuse_ours and ours_summary.exists():
         summary = json.loads(ours_summary.read_text())
     else:
-        ours_s = run_timed([sys.executable, "evaluation/evaluate_mmlu.py", "--model_name_or_path", str(model_dir),
+        ours_s = run_timed([sys.executable, "-m", "evaluation.evaluate_mmlu", "--model", str(model_dir),
                             "--data_dir", str(args.data_dir), "--output_dir", str(ours_out), "--ntrain",
                             str(args.ntrain), "--device", args.device, "--dtype", args.dtype, "--batch_size",
-                            str(args.batch_size), "--subjects", *args.subjects], work / "ours.log")
+                            str(args.batch_size), "--overwrite", "--subjects", *args.subjects], work / "ours.log")
         results = json.loads((ours_out / "results.json").read_text())
         summary = {"questions": results["overall"]["count"], "ntrain": args.ntrain, "model": str(model_dir),
                    "model_config": {k: config[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",

@@ -27,7 +27,31 @@ T = TypeVar("T")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """--help shows every flag's default and keeps the description's line breaks."""
+    """--help shows every flag's default (not for required ones) and keeps the description's line breaks."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.required:
+            return action.help or ""
+        return super()._get_help_string(action) or ""
+
+
+class BooleanFlag(argparse.Action):
+    """`--name` sets True, `--no_name` sets False (underscores, like every other flag here)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, default: Any = None, required: bool = False,
+                 help: str | None = None) -> None:
+        strings = list(option_strings)
+        for s in option_strings:
+            if s.startswith("--"):
+                strings.append(f"--no_{s[2:]}")
+        super().__init__(strings, dest, nargs=0, default=default, required=required, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        setattr(namespace, self.dest, not (option_string or "").startswith("--no"))
+
+    def format_usage(self) -> str:
+        return " | ".join(self.option_strings)
 
 
 def parser(prog: str, description: str | None) -> argparse.ArgumentParser:
@@ -44,10 +68,27 @@ def error_message(e: BaseException) -> str:
     return str(e)
 
 
+class ErrorExit(SystemExit):
+    """The SystemExit of `fail`; `str()` is its `error: ...` line whatever the exit status.
+
+    With status 1 the line is the exit code itself, as `sys.exit("error: ...")` makes it: Python prints it on the
+    way out, and a caller that catches the exit (a test) finds it in `.code`. Other statuses print it first.
+    """
+
+    def __init__(self, line: str, code: int) -> None:
+        super().__init__(line if code == 1 else code)
+        self.line = line
+
+    def __str__(self) -> str:
+        return self.line
+
+
 def fail(message: str, code: int = 1) -> typing.NoReturn:
-    """Print `error: message` to stderr and exit with `code`."""
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    raise SystemExit(code)
+    """Exit with `error: message` on stderr and status `code`."""
+    line = f"error: {message}"
+    if code != 1:
+        print(line, file=sys.stderr, flush=True)
+    raise ErrorExit(line, code)
 
 
 def run_main(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -110,12 +151,12 @@ def _strip_optional(tp: Any) -> tuple[Any, bool]:
 
 def add_dataclass_args(p: argparse.ArgumentParser, cls: type, *, skip: Sequence[str] = (),
                        required: Sequence[str] = (), aliases: dict[str, Sequence[str]] | None = None,
-                       defaults: dict[str, Any] | None = None) -> None:
+                       defaults: dict[str, Any] | None = None, rename: dict[str, str] | None = None) -> None:
     """Add one `--name` flag per field of dataclass `cls`, typed from its annotation, its docstring as help.
 
-    bool fields get `--name/--no-name`; list fields take several values; `Literal[...]` fields get choices.
-    `required` fields have no default; `aliases` maps a field to extra flag spellings; `defaults` overrides the
-    dataclass defaults shown and used.
+    bool fields get `--name/--no_name`; list fields take several values; `Literal[...]` fields get choices.
+    `required` fields have no default; `aliases` maps a field to extra flag spellings; `rename` gives a field's main
+    flag another name (e.g. `inputs` -> `--input`); `defaults` overrides the dataclass defaults shown and used.
     """
     hints = typing.get_type_hints(cls)
     docs = field_docs(cls)
@@ -125,7 +166,7 @@ def add_dataclass_args(p: argparse.ArgumentParser, cls: type, *, skip: Sequence[
         if f.name in skip or not f.init:
             continue
         tp, optional = _strip_optional(hints[f.name])
-        flags = [f"--{f.name}", *aliases.get(f.name, ())]
+        flags = [f"--{(rename or {}).get(f.name, f.name)}", *aliases.get(f.name, ())]
         kw: dict[str, Any] = {"help": docs.get(f.name, ""), "dest": f.name}
         if f.name in required:
             kw["required"] = True
@@ -137,10 +178,10 @@ def add_dataclass_args(p: argparse.ArgumentParser, cls: type, *, skip: Sequence[
             kw["default"] = f.default_factory()  # type: ignore[misc]
         origin = typing.get_origin(tp)
         if tp is bool:
-            kw["action"] = argparse.BooleanOptionalAction
+            kw["action"] = BooleanFlag
         elif origin in (list, tuple, Sequence):
             (item, *_) = typing.get_args(tp) or (str,)
-            kw.update(nargs="+" if f.name in required else "*", type=item)
+            kw.update(nargs="+" if f.name in required else "*", type=item, metavar=f.name.rstrip("s").upper())
         elif origin is typing.Literal:
             choices = typing.get_args(tp)
             kw.update(choices=choices, type=type(choices[0]))

@@ -16,9 +16,12 @@ from typing import Any, Callable
 import torch
 from tqdm import tqdm
 
-from .data import LETTERS, Question, split_file
+from artifacts import check_device, default_device, default_dtype, load_model, load_tokenizer
+from common import cli
+from common.io import check_output_dir
 from common.tensors import DTYPES
-from artifacts.open import check_device, default_device, default_dtype, load_model, load_tokenizer
+
+from .data import LETTERS, Question, split_file
 from .report import SubjectScore, format_table, summarize, write_outputs
 from .scoring import Request, SubjectPrompts, build_requests, score_cached, score_plain
 
@@ -47,20 +50,22 @@ class Benchmark:
     """Write submission_{split}.json ({subject: {id: letter}}) when the split has no answers."""
 
 
-def build_parser(bench: Benchmark, description: str, shots_flags: list[str],
+def build_parser(bench: Benchmark, prog: str, description: str, shots_flags: list[str],
                  default_split: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description)
-    p.add_argument("--model_name_or_path", required=True,
+    p = cli.parser(prog, description)
+    p.add_argument("--model", "--model_name_or_path", dest="model", required=True,
                    help="a Hugging Face LLaMA folder (e.g. from pretrain.export) or a training run directory")
     p.add_argument("--data_dir", required=True, help="folder holding dev/, val/, test/ with {subject}_{split}.csv")
     p.add_argument("--output_dir", required=True, help="where results.json and predictions.jsonl go")
+    p.add_argument("--overwrite", action="store_true", help="replace what a non-empty --output_dir holds")
     p.add_argument("--split", default=default_split, choices=bench.splits, help="split to evaluate")
-    p.add_argument(*shots_flags, dest="shots", type=int, default=5, help="few-shot examples (first rows of dev)")
+    p.add_argument("--shots", *shots_flags, dest="shots", type=int, default=5,
+                   help="few-shot examples (first rows of dev); the reference scripts' spellings work too")
     p.add_argument("--subjects", nargs="+", metavar="SUBJECT", help="evaluate only these subjects")
     p.add_argument("--batch_size", type=int, default=16, help="questions run together over a shared prefix")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="default: bfloat16 on GPU, float32 on CPU")
     p.add_argument("--device", help="default: cuda when available, else cpu")
-    p.add_argument("--tokenizer", help="tokenizer.model to use (default: the one in --model_name_or_path)")
+    p.add_argument("--tokenizer", help="tokenizer.model to use (default: the one in --model)")
     p.add_argument("--tag", help="checkpoint tag of a training run directory (default: its latest)")
     p.add_argument("--max_length", type=int,
                    help="longest prompt in tokens; shots are dropped beyond it (default: the model's max_seq_len)")
@@ -118,17 +123,38 @@ def collect(subjects: list[str], data: dict[str, tuple[list[Question], list[Ques
     return predictions, scores
 
 
+def shots_used(requests: list[Request]) -> int | dict[str, float]:
+    """results.json's `shots`: the shots every prompt had, or {min, max, mean} when prompts were shortened."""
+    used = [r.shots for r in requests]
+    if min(used) == max(used):
+        return used[0]
+    return {"min": min(used), "max": max(used), "mean": round(sum(used) / len(used), 3)}
+
+
+def report_shortened(scores: list[SubjectScore], requests: list[Request], max_length: int) -> None:
+    """Say on the console which subjects' prompts lost shots or were cut to fit --max_length."""
+    fewest: dict[str, int] = {}
+    for r in requests:
+        fewest[r.subject] = min(r.shots, fewest.get(r.subject, r.shots))
+    for s in scores:
+        if s.shots_dropped or s.truncated:
+            cut = f"; {s.truncated} still too long with 0 shots were cut to their last tokens" if s.truncated else ""
+            print(f"warning: {s.subject}: {s.shots_dropped} of {s.count} prompts dropped shots to fit {max_length} "
+                  f"tokens (as few as {fewest[s.subject]} of {s.shots}){cut}", file=sys.stderr)
+
+
 def run(bench: Benchmark, args: argparse.Namespace) -> dict[str, Any]:
     """Evaluate, write the outputs, print the table; returns results.json's content."""
     start = time.perf_counter()
     subjects = _check_args(bench, args)
+    check_output_dir(args.output_dir, args.overwrite)
     data = load_data(bench, Path(args.data_dir), args.split, subjects, args.shots)
 
     device = args.device or default_device()
     check_device(device)
     dtype = args.dtype or default_dtype(device)
-    model = load_model(args.model_name_or_path, device, dtype, args.tag)
-    tokenizer = load_tokenizer(args.model_name_or_path, args.tokenizer, model)
+    model = load_model(args.model, device, dtype, args.tag)
+    tokenizer = load_tokenizer(args.model, args.tokenizer, model)
     max_length = args.max_length or model.config.max_seq_len
     if max_length > model.config.max_seq_len:
         raise ValueError(f"--max_length {max_length} exceeds the model's context of {model.config.max_seq_len} tokens")
@@ -150,12 +176,14 @@ def run(bench: Benchmark, args: argparse.Namespace) -> dict[str, Any]:
     score_time = time.perf_counter() - score_start
 
     predictions, scores = collect(subjects, data, requests, questions, logits)
+    report_shortened(scores, requests, max_length)
 
-    results: dict[str, Any] = {"benchmark": bench.name, "split": args.split, "shots": args.shots,
-                               "complete": set(subjects) == set(bench.subjects), "headline": bench.headline}
+    results: dict[str, Any] = {"benchmark": bench.name, "split": args.split, "shots": shots_used(requests),
+                               "shots_requested": args.shots, "complete": set(subjects) == set(bench.subjects),
+                               "headline": bench.headline}
     results.update(summarize(scores, bench.groups_of, bench.order, bench.headline))
     results["settings"] = {
-        "model": str(Path(args.model_name_or_path).resolve()), "tag": args.tag,
+        "model": str(Path(args.model).resolve()), "tag": args.tag,
         "tokenizer": str(tokenizer.path), "tokenizer_sha256": tokenizer.sha256, "bos": bos,
         "answer_tokens": [tokenizer.id_to_piece(i) for i in requests[0].choice_ids],
         "device": device, "dtype": dtype, "max_length": max_length, "batch_size": args.batch_size,
@@ -175,16 +203,11 @@ def run(bench: Benchmark, args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
-EXPECTED_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError)
-
-
 def main_for(bench: Benchmark, parser: argparse.ArgumentParser, argv: list[str] | None = None) -> None:
-    """Parse, run, and turn the expected errors into one line and a non-zero exit."""
+    """Parse, run, and turn the expected errors into one line and a non-zero exit (common.cli.run_main)."""
     args = parser.parse_args(argv)
     try:
-        run(bench, args)
-    except EXPECTED_ERRORS as e:
-        sys.exit(f"error: {e}")
+        cli.run_main(run, bench, args)
     except torch.OutOfMemoryError:
-        sys.exit(f"error: out of memory with --batch_size {args.batch_size}; lower it (each batch holds "
+        cli.fail(f"out of memory with --batch_size {args.batch_size}; lower it (each batch holds "
                  "batch_size copies of the prefix's KV cache)")

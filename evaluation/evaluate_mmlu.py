@@ -1,6 +1,6 @@
 """MMLU k-shot evaluation with the prompts of Hendrycks' original evaluate.py.
 
-    python evaluation/evaluate_mmlu.py --model_name_or_path M --data_dir D --output_dir O [--split test] [--ntrain 5]
+    python -m evaluation.evaluate_mmlu --model M --data_dir D --output_dir O [--split test] [--ntrain 5]
 
 D holds {dev,val,test}/{subject}_{split}.csv without a header (question,A,B,C,D,answer). The prediction is the
 argmax of the next-token logits of " A", " B", " C", " D" after "Answer:"; the score is the question-weighted
@@ -8,16 +8,10 @@ accuracy over the 57 subjects (plus the subject average), with 17 subcategories 
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-if __name__ == "__main__" and not __package__:  # run as a file: make the repository root importable
-    sys.path[0] = str(Path(__file__).resolve().parent.parent)
-
-from evaluation.common import Benchmark, build_parser, main_for  # noqa: E402
-from evaluation.data import Question, read_mmlu_csv  # noqa: E402
-from evaluation.scoring import SubjectPrompts  # noqa: E402
-from evaluation.subjects import MMLU_CATEGORIES, MMLU_SUBJECTS, mmlu_groups  # noqa: E402
+from evaluation.common import Benchmark, build_parser, main_for
+from evaluation.data import Question, read_mmlu_csv
+from evaluation.scoring import SubjectPrompts
+from evaluation.subjects import MMLU_CATEGORIES, MMLU_SUBJECTS, mmlu_groups
 
 
 def format_subject(subject: str) -> str:
@@ -51,7 +45,8 @@ MMLU = Benchmark(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = build_parser(MMLU, "MMLU few-shot evaluation (Hendrycks et al. prompts and scoring).",
+    parser = build_parser(MMLU, "python -m evaluation.evaluate_mmlu",
+                          "MMLU few-shot evaluation (Hendrycks et al. prompts and scoring).",
                           ["--ntrain", "-k"], default_split="test")
     main_for(MMLU, parser, argv)
 

@@ -1,6 +1,6 @@
 """C-Eval k-shot evaluation with the prompts of the official hkust-nlp/ceval code.
 
-    python evaluation/evaluate_zh.py --model_name_or_path M --data_dir D --output_dir O [--split val|test] [--shot 5]
+    python -m evaluation.evaluate_zh --model M --data_dir D --output_dir O [--split val|test] [--shot 5]
 
 D holds {dev,val,test}/{subject}_{split}.csv with a header (id,question,A,B,C,D[,answer[,explanation]]). The
 prediction is the argmax of the next-token logits of the letters as tokenized right after "答案：" (not of "A"
@@ -10,16 +10,10 @@ submission_test.json in the official {subject: {id: letter}} form.
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-if __name__ == "__main__" and not __package__:  # run as a file: make the repository root importable
-    sys.path[0] = str(Path(__file__).resolve().parent.parent)
-
-from evaluation.common import Benchmark, build_parser, main_for  # noqa: E402
-from evaluation.data import Question, read_ceval_csv  # noqa: E402
-from evaluation.scoring import SubjectPrompts  # noqa: E402
-from evaluation.subjects import CEVAL_CATEGORIES, CEVAL_SUBJECTS, CEVAL_SUBJECTS_SORTED, ceval_groups  # noqa: E402
+from evaluation.common import Benchmark, build_parser, main_for
+from evaluation.data import Question, read_ceval_csv
+from evaluation.scoring import SubjectPrompts
+from evaluation.subjects import CEVAL_CATEGORIES, CEVAL_SUBJECTS, CEVAL_SUBJECTS_SORTED, ceval_groups
 
 
 def header(subject: str) -> str:
@@ -44,7 +38,8 @@ CEVAL = Benchmark(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = build_parser(CEVAL, "C-Eval few-shot evaluation (official hkust-nlp/ceval prompts).",
+    parser = build_parser(CEVAL, "python -m evaluation.evaluate_zh",
+                          "C-Eval few-shot evaluation (official hkust-nlp/ceval prompts).",
                           ["--shot", "--ntrain", "-k"], default_split="val")
     main_for(CEVAL, parser, argv)
 

@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
+
+from common.io import write_json, write_text
 
 
 @dataclass
@@ -89,23 +90,12 @@ def format_table(results: dict[str, Any], levels: list[str]) -> str:
     return "\n".join(lines)
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write a file so that a reader never sees it half-written: a temp file renamed into place."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_outputs(out_dir: Path, results: dict[str, Any], predictions: list[dict[str, Any]],
                   extra: dict[str, Any] | None = None) -> None:
     """predictions.jsonl and any extra JSON files (e.g. a submission) first, results.json last, each atomically,
     so a results.json exists only for a finished run."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_atomic(out_dir / "predictions.jsonl",
-                 "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions))
+    write_text(out_dir / "predictions.jsonl", "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions))
     for name, obj in (extra or {}).items():
-        write_atomic(out_dir / name, json.dumps(obj, ensure_ascii=False, indent=2) + "\n")
-    write_atomic(out_dir / "results.json", json.dumps(results, ensure_ascii=False, indent=2) + "\n")
+        write_json(out_dir / name, obj)
+    write_json(out_dir / "results.json", results)

@@ -8,19 +8,13 @@ flash-attn and xformers are imported only when asked for, so nothing fails on ma
 """
 from __future__ import annotations
 
-import importlib.util
 import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-
-def _has_module(name: str) -> bool:
-    try:
-        return importlib.util.find_spec(name) is not None
-    except (ImportError, ValueError):
-        return False
+from common.cli import has_module
 
 
 def available(impl: str, device: torch.device) -> str | None:
@@ -35,7 +29,7 @@ def available(impl: str, device: torch.device) -> str | None:
     package = {"flash": "flash_attn", "xformers": "xformers"}[impl]
     if device.type != "cuda":
         return f"attn_impl={impl!r} needs a CUDA GPU, but the model is on {device.type}; use 'sdpa' or 'auto'"
-    if not _has_module(package):
+    if not has_module(package):
         return f"attn_impl={impl!r} needs the {package} package: pip install -e .[gpu] (or use 'sdpa' or 'auto')"
     return None
 

@@ -44,7 +44,8 @@ class ModelConfig:
     activation_checkpointing: bool = False
     """Recompute each block's activations in backward to save memory. Runtime only."""
     fused_kernels: bool = True
-    """Use flash-attn's fused rotary, RMSNorm and cross-entropy kernels when installed and on CUDA. Runtime only."""
+    """Use flash-attn's fused rotary and RMSNorm kernels when installed and on CUDA (the loss is the chunked
+    cross-entropy of model.py either way). Runtime only."""
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:

@@ -9,12 +9,12 @@ import functools
 
 import torch
 
-from .attention import _has_module
+from common.cli import has_module
 
 
 @functools.cache
 def flash_attn_installed() -> bool:
-    return _has_module("flash_attn")
+    return has_module("flash_attn")
 
 
 def enabled(x: torch.Tensor, wanted: bool) -> bool:

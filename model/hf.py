@@ -2,15 +2,15 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from common.io import atomic_dir
 
 from .config import ModelConfig
 
@@ -154,7 +154,7 @@ def load_hf(cls: type["Transformer"], path: str | Path, **overrides: Any) -> "Tr
 
 def save_hf(model: "Transformer", out_dir: str | Path, tokenizer_path: str | Path | None = None,
             dtype: torch.dtype | None = None) -> Path:
-    """Write a transformers-loadable folder atomically (a temp dir renamed into place)."""
+    """Write a transformers-loadable folder atomically (a temp dir renamed into place, replacing `out_dir`)."""
     out_dir = Path(out_dir)
     dtype = dtype or next(model.parameters()).dtype
     ids: dict[str, int | None] = {"bos_id": None, "eos_id": None, "pad_id": None}
@@ -165,9 +165,8 @@ def save_hf(model: "Transformer", out_dir: str | Path, tokenizer_path: str | Pat
         if tok.vocab_size > model.config.vocab_size:
             raise ValueError(f"tokenizer {tok.path} has {tok.vocab_size} ids, the model only {model.config.vocab_size}")
         ids = {"bos_id": tok.bos_id, "eos_id": tok.eos_id, "pad_id": tok.pad_id if tok.pad_id >= 0 else None}
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    # The caller decides whether out_dir may be replaced (common.io.check_output_dir); here it always is.
+    with atomic_dir(out_dir, overwrite=True) as tmp:
         ours = {k: v.detach().to(device="cpu", dtype=dtype) for k, v in model.state_dict().items()}
         state = {k: v.contiguous().clone() for k, v in to_hf_state_dict(ours, model.config).items()}
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
@@ -181,10 +180,4 @@ def save_hf(model: "Transformer", out_dir: str | Path, tokenizer_path: str | Pat
             save_hf_tokenizer(tok.path, tmp)
             if not (tmp / "tokenizer.model").exists():
                 shutil.copyfile(tok.path, tmp / "tokenizer.model")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return out_dir

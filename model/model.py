@@ -13,10 +13,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from common.tensors import IGNORE_INDEX
+
 from . import attention, fused
 from .config import ModelConfig
 
-IGNORE_INDEX = -100
 LOSS_CHUNK_BYTES = 2**30  # logits alive at once in the chunked loss: 4096 rows at vocab 64000 in fp32
 
 

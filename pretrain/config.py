@@ -6,12 +6,10 @@ the wrong type is a one-line error naming the key. The DeepSpeed JSON is derived
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import json
 import math
-import sys
 import tomllib
 import types
 import typing
@@ -21,6 +19,7 @@ from typing import Any, Sequence
 
 import yaml
 
+from common import cli
 from model.config import ModelConfig
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
@@ -412,19 +411,18 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
 
 
+@cli.entry_point
 def main(argv: Sequence[str] | None = None) -> None:
     """Print the resolved config (or one key of it): what a run with these arguments would use."""
-    parser = argparse.ArgumentParser(description="Show the training config that --config and overrides resolve to.")
-    parser.add_argument("--config", help="YAML or TOML training config")
+    parser = cli.parser("python -m pretrain.config", "Show the training config that --config and overrides "
+                        "resolve to.")
+    parser.add_argument("--config", help="YAML or TOML training config (default: the built-in debug run)")
     parser.add_argument("--get", metavar="KEY", help="print only this key's value")
-    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. lr=1e-3")
     args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-        if args.get is not None and args.get not in cfg.to_dict():
-            raise ValueError(f"unknown config key '{args.get}'")
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+    cfg = load_config(args.config, args.overrides)
+    if args.get is not None and args.get not in cfg.to_dict():
+        raise ValueError(f"unknown config key '{args.get}'")
     if args.get is not None:
         value = getattr(cfg, args.get)
         print("" if value is None else value)

@@ -20,7 +20,6 @@ folios), so resident memory stays flat whatever the corpus size.
 from __future__ import annotations
 
 import bisect
-import json
 import mmap
 import os
 from collections import OrderedDict
@@ -32,10 +31,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from pretrain.prepare_data import FORMAT_VERSION, INDEX_DTYPE, MANIFEST, STATE, check_shard, choose_dtype
-
-IGNORE_INDEX = -100
-"""Target value ignored by the loss (padding of the last window)."""
+from common.tensors import IGNORE_INDEX
+from pretrain.shards import INDEX_DTYPE, MANIFEST, check_shard, load_manifest
 MAX_OPEN_SHARDS = 256
 """Shards kept mapped at once (each holds two file descriptors); reopening one costs ~0.1 ms, so shuffled reads over
 more shards than this are slower. Capped further by the open-file limit, see _max_open_shards."""
@@ -74,48 +71,6 @@ def permute(indices: np.ndarray, n: int, seed: int | tuple[int, ...]) -> np.ndar
         out[walking] = feistel(out[walking])
         walking = out >= n
     return out.astype(np.int64)
-
-
-def load_manifest(
-    data_dir: str | os.PathLike, tokenizer_sha256: str | None = None, vocab_size: int | None = None
-) -> dict[str, Any]:
-    """Read and check DATA/manifest.json; optionally check it was made for the model's tokenizer and vocabulary."""
-    data_dir = Path(data_dir)
-    path = data_dir / MANIFEST
-    if not data_dir.is_dir():
-        raise FileNotFoundError(f"{data_dir}: no such data directory; create it with "
-                                f"python -m pretrain.prepare_data --output_dir {data_dir} ...")
-    if not path.is_file():
-        if (data_dir / STATE).exists():
-            raise FileNotFoundError(f"{path} is missing: preparing {data_dir} was interrupted; "
-                                    "rerun the same prepare_data command to finish it")
-        raise FileNotFoundError(f"{path} is missing: {data_dir} is not a prepared dataset; "
-                                f"run python -m pretrain.prepare_data --output_dir {data_dir} ... first")
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e}); rerun prepare_data to rewrite it") from None
-    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
-        version = manifest.get("format_version") if isinstance(manifest, dict) else None
-        raise ValueError(f"{path}: format_version {version!r} is not {FORMAT_VERSION}; "
-                         "re-prepare the data with this version of prepare_data")
-    for key in ("tokenizer_sha256", "vocab_size", "eos_id", "dtype", "splits"):
-        if key not in manifest:
-            raise ValueError(f"{path}: missing key '{key}'; re-prepare the data with prepare_data")
-    if manifest["dtype"] != choose_dtype(manifest["vocab_size"]).name:
-        raise ValueError(f"{path}: dtype {manifest['dtype']!r} does not match vocab_size {manifest['vocab_size']}")
-    if tokenizer_sha256 is not None and tokenizer_sha256 != manifest["tokenizer_sha256"]:
-        raise ValueError(
-            f"{path}: the data was tokenized with a different tokenizer (sha256 {manifest['tokenizer_sha256'][:12]}... "
-            f"vs {tokenizer_sha256[:12]}...); train with {data_dir / 'tokenizer.model'} or re-prepare the data "
-            "with your tokenizer"
-        )
-    if vocab_size is not None and vocab_size < manifest["vocab_size"]:
-        raise ValueError(
-            f"{path}: token ids go up to vocab_size {manifest['vocab_size']} but the model's vocab_size is "
-            f"{vocab_size}; set the model's vocab_size to at least {manifest['vocab_size']} or re-prepare the data"
-        )
-    return manifest
 
 
 def _max_open_shards() -> int:

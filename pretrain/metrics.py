@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 import uuid
 from pathlib import Path
@@ -16,6 +15,8 @@ from typing import Any
 import psutil
 import torch
 from tqdm import tqdm
+
+from common.io import atomic_write, write_text
 
 METRICS_FILE = "metrics.jsonl"
 LOSS_CURVE_FILE = "loss_curve.png"
@@ -49,8 +50,8 @@ def peak_flops(device_name: str) -> float | None:
     return None
 
 
-def memory_gb() -> float:
-    """Peak GPU memory allocated by this rank, or the process's resident memory on CPU."""
+def memory_gib() -> float:
+    """Peak GPU memory allocated by this rank, or the process's resident memory on CPU, in GiB (2**30 bytes)."""
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**30
     return psutil.Process().memory_info().rss / 2**30
@@ -93,10 +94,10 @@ def plot_loss_curve(run_dir: str | Path) -> Path | None:
     ax.legend()
     fig.tight_layout()
     out = Path(run_dir) / LOSS_CURVE_FILE
-    tmp = out.with_name(f".{out.stem}.tmp.png")
-    fig.savefig(tmp)
+    # The plot is redrawn every few steps: an atomic rename, but no fsync (cheap to remake).
+    with atomic_write(out, "wb", fsync=False) as f:
+        fig.savefig(f, format="png")
     plt.close(fig)
-    os.replace(tmp, out)
     return out
 
 
@@ -132,9 +133,7 @@ class MetricsLogger:
         if not path.is_file():
             return
         rows = [r for r in read_metrics(self.run_dir) if r.get("step", 0) <= step]
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        os.replace(tmp, path)
+        write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
     def log(self, step: int, values: dict[str, Any]) -> None:
         """Record `values` for `step` in metrics.jsonl, TensorBoard and wandb."""

@@ -2,15 +2,7 @@
 
     python -m pretrain.prepare_data --tokenizer tokenizer.model --input corpus/ --output_dir data/prepared
 
-Output directory (format_version 1):
-- ``{split}_{i:05d}.bin``: raw little-endian token ids, dtype in the manifest (uint16 when the vocabulary fits,
-  else uint32). Every document ends with EOS (and starts with BOS with --bos). Documents run on from one shard into
-  the next, so every shard of a split but its last holds exactly shard_tokens tokens and no tail is dropped.
-- ``{split}_{i:05d}.idx``: int64 offsets, within the shard, of the documents that start in it.
-- ``manifest.json``: tokenizer sha256, vocab size, dtype, token/document counts per split and shard, sources and
-  corpus statistics. Written last: a directory without it is not (yet) a dataset.
-- ``tokenizer.model``: a copy of the tokenizer, so training can take it from here.
-- ``.prepare_state.json``: what is written so far and where each split continues in the input stream, to resume.
+The output directory's format (shards, document index, manifest.json) is described in pretrain/shards.py.
 
 A document goes to the "val" split when a hash of its text falls under val_fraction: the split does not depend on
 file order or worker count, and duplicated documents never straddle train and val.
@@ -26,8 +18,6 @@ the documents already written without tokenizing them, and carries on.
 """
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import functools
 import hashlib
 import itertools
@@ -41,40 +31,24 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
+from common import cli
+from common.cli import entry_point
+from common.io import atomic_write, write_json
+from pretrain.shards import (FORMAT_VERSION, MANIFEST, SPLITS, STATE, STREAM_START, TOKENIZER_COPY,
+                             Position, ShardWriter, build_manifest, check_shard, choose_dtype, write_manifest)
 from tokenizer import Tokenizer
 from tokenizer.corpus import CorpusStats, iter_documents, resolve_inputs
 
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-STATE = ".prepare_state.json"
-TOKENIZER_COPY = "tokenizer.model"
-SPLITS = ("train", "val")
-INDEX_DTYPE = np.dtype("<i8")
 SAVE_EVERY_SECONDS = 60.0
 """How often the resume state is saved besides at every finished shard."""
 CHUNK_CHARS = 1 << 20
 """Characters of text sent to a tokenizer worker at a time: big enough to amortise the hand-off, small enough that
 a few chunks in flight per worker stay a few MB."""
-
-
-def choose_dtype(vocab_size: int) -> np.dtype:
-    """The smallest unsigned dtype that holds every token id of the vocabulary (little-endian, as stored)."""
-    if vocab_size <= 0:
-        raise ValueError(f"vocab_size must be positive, got {vocab_size}")
-    if vocab_size <= 1 << 16:
-        return np.dtype("<u2")
-    if vocab_size <= 1 << 32:
-        return np.dtype("<u4")
-    raise ValueError(f"vocab_size {vocab_size} does not fit in uint32 token ids")
-
-
-def shard_name(split: str, index: int) -> str:
-    return f"{split}_{index:05d}"
 
 
 def is_val_document(text: str, val_fraction: float) -> bool:
@@ -83,207 +57,6 @@ def is_val_document(text: str, val_fraction: float) -> bool:
         return False
     digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8, person=b"val-split").digest()
     return int.from_bytes(digest, "little") < val_fraction * 2**64
-
-
-class Position(NamedTuple):
-    """A place in the input stream: the `token`-th token of the `doc`-th document of the `file`-th input file."""
-
-    file: int
-    doc: int
-    token: int = 0
-
-
-STREAM_START = Position(0, 0, 0)
-
-
-def check_shard(data_dir: Path, shard: dict[str, Any], itemsize: int) -> str | None:
-    """What is wrong with a shard's files on disk (missing or wrong size), or None if they look complete."""
-    sizes = {"bin": shard["num_tokens"] * itemsize, "idx": shard["num_documents"] * INDEX_DTYPE.itemsize}
-    for key, expected in sizes.items():
-        path = data_dir / shard[key]
-        try:
-            size = path.stat().st_size
-        except FileNotFoundError:
-            return f"{path} is missing"
-        if size != expected:
-            return f"{path} is truncated or corrupt ({size} bytes, expected {expected})"
-    return None
-
-
-def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-
-
-class ShardWriter:
-    """Appends documents to one split: fixed-size .bin shards plus .idx document offsets.
-
-    The shard being filled lives in .bin.tmp/.idx.tmp files and is renamed into place only when complete, so a
-    half-written shard never looks finished. `checkpoint()` flushes it and describes it, so that a writer created
-    with that description (`resume`) truncates the .tmp files back to it and carries on. `on_shard` is called after
-    each shard lands (prepare saves its resume state there).
-    """
-
-    def __init__(
-        self,
-        out_dir: Path,
-        split: str,
-        dtype: np.dtype,
-        shard_tokens: int,
-        shards: Sequence[dict[str, Any]] = (),
-        next_start: Position = STREAM_START,
-        partial: dict[str, Any] | None = None,
-        on_shard: Callable[[], None] | None = None,
-    ) -> None:
-        if shard_tokens <= 0:
-            raise ValueError(f"shard_tokens must be positive, got {shard_tokens}")
-        self.out_dir = Path(out_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.split = split
-        self.dtype = np.dtype(dtype)
-        self.shard_tokens = shard_tokens
-        self.shards: list[dict[str, Any]] = list(shards)
-        self.next_start = Position(*next_start)
-        """Where in the input stream the shard being filled starts."""
-        self.position = self.next_start
-        """Where in the input stream this writer's next document comes from."""
-        self.on_shard = on_shard
-        self._bin: Any = None
-        self._idx: Any = None
-        self._count = 0
-        self._docs = 0
-        if partial is not None:
-            self._reopen(partial)
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(s["num_tokens"] for s in self.shards) + self._count
-
-    def _paths(self) -> tuple[Path, Path]:
-        name = shard_name(self.split, len(self.shards))
-        return self.out_dir / f"{name}.bin", self.out_dir / f"{name}.idx"
-
-    def _tmp_paths(self) -> tuple[Path, Path]:
-        return tuple(p.with_name(p.name + ".tmp") for p in self._paths())  # type: ignore[return-value]
-
-    def _open(self, mode: str) -> None:
-        self._bin, self._idx = (open(p, mode) for p in self._tmp_paths())
-
-    def _reopen(self, partial: dict[str, Any]) -> None:
-        """Continue the shard being filled from a checkpoint, if its .tmp files still hold what it recorded."""
-        tokens, docs = partial["num_tokens"], partial["num_documents"]
-        sizes = (tokens * self.dtype.itemsize, docs * INDEX_DTYPE.itemsize)
-        paths = self._tmp_paths()
-        if all(p.exists() and p.stat().st_size >= n for p, n in zip(paths, sizes)):
-            self._open("r+b")
-            for f, n in zip((self._bin, self._idx), sizes):
-                f.truncate(n)
-                f.seek(n)
-            self._count, self._docs = tokens, docs
-            self.position = Position(*partial["position"])
-        # else: the .tmp files are gone or short; the shard is redone from next_start.
-
-    def add(self, tokens: np.ndarray, file: int = 0, doc: int = 0, offset: int = 0) -> None:
-        """Append `tokens`, which start at token `offset` of document `doc` of input `file` (0: a new document)."""
-        tokens = np.asarray(tokens, dtype=self.dtype)
-        if self._bin is None and len(tokens):
-            self._open("wb")
-        if offset == 0 and len(tokens):
-            self._idx.write(np.int64(self._count).astype(INDEX_DTYPE).tobytes())
-            self._docs += 1
-        done = 0
-        while done < len(tokens):
-            if self._bin is None:
-                self._open("wb")
-            take = min(len(tokens) - done, self.shard_tokens - self._count)
-            self._bin.write(tokens[done : done + take].tobytes())
-            done += take
-            self._count += take
-            if self._count == self.shard_tokens:
-                end = offset + done
-                self._close_shard(Position(file, doc, end) if done < len(tokens) else Position(file, doc + 1, 0))
-        self.position = Position(file, doc + 1, 0)
-
-    def checkpoint(self) -> dict[str, Any]:
-        """Flush, and describe everything written so far (finished shards and the one being filled)."""
-        partial = None
-        if self._bin is not None:
-            self._bin.flush()
-            self._idx.flush()
-            partial = {"num_tokens": self._count, "num_documents": self._docs, "position": list(self.position)}
-        return {"shards": self.shards, "next": list(self.next_start), "partial": partial}
-
-    def close(self, end: Position) -> None:
-        """Write the last, partial shard (if any); `end` is the position just past the input."""
-        if self._count:
-            self._close_shard(end)
-        self.next_start = self.position = end
-
-    def _close_shard(self, next_start: Position) -> None:
-        bin_path, idx_path = self._paths()
-        bin_tmp, idx_tmp = self._tmp_paths()
-        self._bin.close()
-        self._idx.close()
-        self._bin = self._idx = None
-        os.replace(idx_tmp, idx_path)
-        os.replace(bin_tmp, bin_path)
-        self.shards.append({
-            "bin": bin_path.name,
-            "idx": idx_path.name,
-            "num_tokens": self._count,
-            "num_documents": self._docs,
-            "start": list(self.next_start),
-        })
-        self.next_start = self.position = next_start
-        self._count = self._docs = 0
-        if self.on_shard is not None:
-            self.on_shard()
-
-
-def build_manifest(
-    *,
-    tokenizer_sha256: str,
-    vocab_size: int,
-    bos_id: int,
-    eos_id: int,
-    bos: bool,
-    shard_tokens: int,
-    val_fraction: float,
-    splits: dict[str, Sequence[dict[str, Any]]],
-    sources: Sequence[dict[str, Any]] = (),
-    stats: dict[str, int] | None = None,
-) -> dict[str, Any]:
-    """The manifest.json of a prepared directory (also used to describe synthetic datasets in benchmarks)."""
-    split_info = {}
-    for name, shards in splits.items():
-        split_info[name] = {
-            "num_tokens": sum(s["num_tokens"] for s in shards),
-            "num_documents": sum(s["num_documents"] for s in shards),
-            "shards": [{k: s[k] for k in ("bin", "idx", "num_tokens", "num_documents")} for s in shards],
-        }
-    return {
-        "format_version": FORMAT_VERSION,
-        "tokenizer_sha256": tokenizer_sha256,
-        "vocab_size": vocab_size,
-        "bos_id": bos_id,
-        "eos_id": eos_id,
-        "dtype": choose_dtype(vocab_size).name,
-        "bos": bos,
-        "eos": True,
-        "shard_tokens": shard_tokens,
-        "val_fraction": val_fraction,
-        "num_tokens": sum(s["num_tokens"] for s in split_info.values()),
-        "num_documents": sum(s["num_documents"] for s in split_info.values()),
-        "splits": split_info,
-        "sources": list(sources),
-        "corpus_stats": stats or {},
-    }
-
-
-def write_manifest(out_dir: str | os.PathLike, manifest: dict[str, Any]) -> None:
-    """Write manifest.json atomically: the step that turns a directory of shards into a dataset."""
-    _write_json_atomic(Path(out_dir) / MANIFEST, manifest)
 
 
 @dataclass
@@ -305,7 +78,7 @@ class PrepareConfig:
     text_field: str = "text"
     """Key of the document text in .jsonl records."""
     num_workers: int = os.cpu_count() or 1
-    """Tokenizer processes (1: tokenize in this process). Does not change the output."""
+    """Tokenizer processes (1: tokenize in this process; default: every core). Does not change the output."""
     overwrite: bool = False
     """Delete data prepared earlier in output_dir with different inputs or settings instead of refusing."""
     progress: bool = True
@@ -539,12 +312,12 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
         (out / MANIFEST).unlink(missing_ok=True)
 
     def save_state(complete: bool = False) -> None:
-        _write_json_atomic(out / STATE, {
+        write_json(out / STATE, {
             "fingerprint": fingerprint,
             "complete": complete,
             "splits": {s: w.checkpoint() for s, w in writers.items()},
             "file_stats": {str(k): v for k, v in sorted(file_stats.items())},
-        })
+        }, indent=1)
 
     writers = {
         s: ShardWriter(out, s, dtype, cfg.shard_tokens, info["shards"], Position(*info["next"]), info.get("partial"),
@@ -570,8 +343,8 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
               "the corpus is too small for it", file=sys.stderr)
     copy = out / TOKENIZER_COPY
     if not (copy.exists() and copy.samefile(tok.path)):
-        shutil.copyfile(tok.path, copy.with_name(copy.name + ".tmp"))
-        os.replace(copy.with_name(copy.name + ".tmp"), copy)
+        with atomic_write(copy, "wb") as f, open(tok.path, "rb") as source:
+            shutil.copyfileobj(source, f)
     manifest = build_manifest(
         tokenizer_sha256=tok.sha256, vocab_size=tok.vocab_size, bos_id=tok.bos_id, eos_id=tok.eos_id, bos=cfg.bos,
         shard_tokens=cfg.shard_tokens, val_fraction=cfg.val_fraction,
@@ -589,30 +362,17 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
     return manifest
 
 
+@entry_point
 def main(argv: Sequence[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    fields = {f.name: f for f in dataclasses.fields(PrepareConfig)}
-    p.add_argument("--tokenizer", required=True, help="SentencePiece tokenizer.model (or a directory holding one)")
-    p.add_argument("--input", nargs="+", required=True, dest="inputs", metavar="PATH",
-                   help="corpus files, directories or globs (.txt, .jsonl, .txt.gz, .jsonl.gz)")
-    p.add_argument("--output_dir", required=True, help="where to write shards and manifest.json")
-    p.add_argument("--val_fraction", type=float, default=fields["val_fraction"].default,
-                   help="fraction of documents held out for validation (default: %(default)s)")
-    p.add_argument("--shard_tokens", type=int, default=fields["shard_tokens"].default,
-                   help="tokens per shard (default: %(default)s)")
-    p.add_argument("--bos", action="store_true", help="prepend BOS to every document (EOS is always appended)")
-    p.add_argument("--text_field", default="text", help="text key of .jsonl records (default: %(default)s)")
-    p.add_argument("--num_workers", type=int, default=fields["num_workers"].default,
-                   help="tokenizer processes (default: all cores, %(default)s)")
-    p.add_argument("--overwrite", action="store_true", help="replace data prepared earlier with other settings")
-    p.add_argument("--no_progress", dest="progress", action="store_false", help="no progress bar")
+    p = cli.parser("python -m pretrain.prepare_data", __doc__.split("\n\n")[0])
+    cli.add_dataclass_args(p, PrepareConfig, required=("tokenizer", "inputs", "output_dir"),
+                           rename={"inputs": "input"})
     args = p.parse_args(argv)
     try:
-        prepare(PrepareConfig(**vars(args)))
-    except (ValueError, FileNotFoundError, OSError) as e:
-        sys.exit(f"error: {e}")
+        prepare(cli.dataclass_from_args(PrepareConfig, args))
     except KeyboardInterrupt:
-        sys.exit("interrupted: finished shards are kept; rerun the same command to resume")
+        print("interrupted: finished shards are kept; rerun the same command to resume", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":

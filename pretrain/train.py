@@ -9,13 +9,11 @@ or Ctrl-C saves a checkpoint and exits.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import shutil
 import signal
-import sys
 import time
 import warnings
 from contextlib import nullcontext
@@ -30,12 +28,14 @@ import torch.distributed as dist
 import torch.nn as nn
 from deepspeed.ops.adam import DeepSpeedCPUAdam
 
+from common import cli
+from common.io import replace_file, tmp_path_for
 from model import ModelConfig, Transformer
 from pretrain import checkpoint
 from pretrain.config import (TrainConfig, deepspeed_config, grad_accum_steps, load_config, lr_at,
                              resolve_precision, save_config)
 from pretrain.data import DataLoader, load_manifest
-from pretrain.metrics import MetricsLogger, memory_gb, peak_flops
+from pretrain.metrics import MetricsLogger, memory_gib, peak_flops
 from tokenizer import Tokenizer
 
 # Fields that change how the model runs, not its weights: they may differ when resuming.
@@ -184,9 +184,9 @@ def prepare_run_dir(cfg: TrainConfig, mc: ModelConfig, tokenizer: Tokenizer, ds_
     for name, write in (("run_config.yaml", lambda p: save_config(cfg, p)), ("model_config.json", mc.save),
                         ("deepspeed_config.json", lambda p: p.write_text(json.dumps(ds_config, indent=2) + "\n")),
                         ("tokenizer.model", lambda p: shutil.copyfile(tokenizer.path, p))):
-        tmp = run_dir / f".{name}.tmp"
+        tmp = tmp_path_for(run_dir / name)
         write(tmp)
-        os.replace(tmp, run_dir / name)
+        replace_file(tmp, run_dir / name)
 
 
 def make_loader(cfg: TrainConfig, split: str, d: Dist, tokenizer: Tokenizer, model_vocab: int) -> DataLoader:
@@ -275,13 +275,22 @@ class StopFlag:
 
     def __init__(self) -> None:
         self.signal: str | None = None
+        self.announce = False
 
-    def install(self) -> None:
+    def install(self, announce: bool = False) -> None:
+        """Catch both signals; `announce` (rank 0) prints one line when the first one arrives."""
+        self.announce = announce
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, frame: Any) -> None:
+        # The first signal names the stop: a Ctrl-C reaches the ranks as SIGINT, and the launcher then sends them
+        # SIGTERM as well, which must not relabel it.
+        if self.signal is not None:
+            return
         self.signal = signal.Signals(signum).name
+        if self.announce:
+            os.write(2, f"{self.signal} received: saving a checkpoint after this step, then stopping\n".encode())
 
 
 def format_row(step: int, max_steps: int, row: dict[str, Any]) -> str:
@@ -374,7 +383,7 @@ def train(cfg: TrainConfig) -> None:
     load_manifest(cfg.data_dir, tokenizer.sha256)  # fail fast on bad data, before any rank builds a model
     d = init_distributed(cfg)
     stop = StopFlag()
-    stop.install()  # before the slow setup, so an early Ctrl-C still ends cleanly at the first step
+    stop.install(announce=d.rank == 0)  # before the slow setup: an early Ctrl-C still ends cleanly at step one
     run = setup(cfg, d, tokenizer)
     metrics = MetricsLogger(cfg.run_dir, cfg.to_dict(), enabled=d.rank == 0, start_step=run.step,
                             max_steps=cfg.max_steps, tensorboard=cfg.tensorboard, wandb_mode=cfg.wandb_mode,
@@ -410,7 +419,7 @@ def train(cfg: TrainConfig) -> None:
         if run.step % cfg.log_interval == 0 or last_step:
             tokens_per_sec = tokens_per_step * window.steps_per_sec()
             row = {"loss": window.mean_loss(), "lr": lr, "grad_norm": result.grad_norm,
-                   "tokens_per_sec": tokens_per_sec, "tokens": run.tokens_seen, "memory_gib": memory_gb(),
+                   "tokens_per_sec": tokens_per_sec, "tokens": run.tokens_seen, "memory_gib": memory_gib(),
                    "skipped_steps": skipped_total}
             if peak is not None:
                 row["mfu"] = tokens_per_sec / d.world_size * mc.flops_per_token(cfg.seq_len) / peak
@@ -436,14 +445,19 @@ def train(cfg: TrainConfig) -> None:
     metrics.close()
     if d.rank == 0 and run.step == cfg.max_steps:
         print(f"done: {run.step} steps, {run.tokens_seen:,} tokens; run directory {cfg.run_dir}\n"
-              f"export: python -m pretrain.export --checkpoint_dir {cfg.run_dir} --output_dir {cfg.run_dir}/hf",
+              f"export: python -m pretrain.export --model {cfg.run_dir} --output_dir {cfg.run_dir}/hf",
               flush=True)
     dist.barrier()
     dist.destroy_process_group()
 
 
+USER_ERROR = 2
+"""Exit status of a run stopped by a mistake in its input (config, data, diverged training): scripts/train.sh then
+says to fix it rather than to resume, since the same command would stop the same way."""
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.parser("pretrain/train.py (launched by deepspeed)", __doc__)
     parser.add_argument("--config", help="YAML or TOML training config (default: the built-in debug run)")
     parser.add_argument("--local_rank", type=int, default=None, help="passed by the deepspeed launcher; unused")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
@@ -453,8 +467,8 @@ def main(argv: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+`? is deprecated", category=FutureWarning)
     try:
         train(load_config(args.config, args.overrides))
-    except (ValueError, FileNotFoundError, TrainingStopped) as e:
-        sys.exit(f"error: {e}")
+    except (*cli.EXPECTED_ERRORS, TrainingStopped) as e:
+        cli.fail(cli.error_message(e), USER_ERROR)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pretrain.prepare_data import Position, ShardWriter, build_manifest, choose_dtype, write_manifest
+from pretrain.shards import Position, ShardWriter, build_manifest, choose_dtype, write_manifest
 
 _WORDS = ("the quick brown fox jumps over a lazy dog while seven wizards quietly brew strange potions "
           "in old stone towers near rivers and mountains under bright stars").split()

@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from fixtures_data import counting_documents, write_synthetic
-from pretrain.data import IGNORE_INDEX, Batch, DataLoader, permute
-from pretrain.prepare_data import STATE
+from common.tensors import IGNORE_INDEX
+from pretrain.data import Batch, DataLoader, permute
+from pretrain.shards import STATE
 
 
 def random_lengths(total: int, seed: int, max_len: int = 40) -> list[int]:

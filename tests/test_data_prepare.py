@@ -8,7 +8,8 @@ import pytest
 import pretrain.prepare_data as prep
 from fixtures_data import make_corpus, make_documents, train_tiny_tokenizer
 from pretrain.data import DataLoader
-from pretrain.prepare_data import MANIFEST, STATE, PrepareConfig, choose_dtype, is_val_document, prepare
+from pretrain.prepare_data import PrepareConfig, is_val_document, prepare
+from pretrain.shards import MANIFEST, STATE, choose_dtype
 from tokenizer import Tokenizer
 from tokenizer.corpus import iter_documents, resolve_inputs
 

@@ -1,13 +1,13 @@
 """The evaluation CLIs end to end on a tiny random model: output files and formats, grouping, bad input."""
 import csv
 import json
+import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from fixtures_eval import eval_assets  # noqa: F401  (pytest fixture)
 
 from evaluation import evaluate_mmlu, evaluate_zh
 from model import Transformer
@@ -35,7 +35,7 @@ def run_mmlu(assets, out, *extra):
                         "high_school_european_history", "--batch_size", "4", *extra])
 
 
-def test_mmlu_end_to_end(eval_assets, tmp_path, capsys):  # noqa: F811
+def test_mmlu_end_to_end(eval_assets, tmp_path, capsys):
     run_mmlu(eval_assets, tmp_path / "out")
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     preds = read_jsonl(tmp_path / "out" / "predictions.jsonl")
@@ -77,12 +77,31 @@ def test_mmlu_end_to_end(eval_assets, tmp_path, capsys):  # noqa: F811
     assert max(abs(a - b) for p, q in zip(plain, preds) for a, b in zip(p["probs"], q["probs"])) < 1e-5
 
 
-def test_mmlu_shots_dropped_are_counted(eval_assets, tmp_path):  # noqa: F811
+def test_mmlu_shots_dropped_are_counted(eval_assets, tmp_path, capsys):
     run_mmlu(eval_assets, tmp_path / "out", "--max_length", "300")
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     for r in results["subjects"].values():
         assert r["shots_dropped"] == r["count"] and r["truncated"] == 0
     assert results["settings"]["max_length"] == 300
+    # What was used, not what was asked for, and said on the console too.
+    assert results["shots_requested"] == 5 and results["shots"] != 5
+    used = results["shots"] if isinstance(results["shots"], int) else results["shots"]["max"]
+    assert used < 5
+    err = capsys.readouterr().err
+    assert all(f"warning: {s}: {r['count']} of {r['count']} prompts dropped shots" in err
+               for s, r in results["subjects"].items())
+
+
+def test_existing_output_dir_needs_overwrite(eval_assets, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.json").write_text("{}")
+    expect_error(["--model", str(eval_assets["model"]), "--data_dir", str(eval_assets["mmlu"]),
+                  "--output_dir", str(out), "--subjects", "anatomy"], "pass --overwrite")
+    assert (out / "results.json").read_text() == "{}"
+    evaluate_mmlu.main(["--model", str(eval_assets["model"]), "--data_dir", str(eval_assets["mmlu"]),
+                        "--output_dir", str(out), "--subjects", "anatomy", "--overwrite"])
+    assert json.loads((out / "results.json").read_text())["subjects"]["anatomy"]["count"] == 8
 
 
 def run_ceval(assets, out, split):
@@ -91,7 +110,7 @@ def run_ceval(assets, out, split):
                       "--subjects", "advanced_mathematics", "law", "accountant"])
 
 
-def test_ceval_val_scores_subject_average_and_hard(eval_assets, tmp_path):  # noqa: F811
+def test_ceval_val_scores_subject_average_and_hard(eval_assets, tmp_path):
     run_ceval(eval_assets, tmp_path / "val", "val")
     results = json.loads((tmp_path / "val" / "results.json").read_text())
     subj = results["subjects"]
@@ -107,7 +126,7 @@ def test_ceval_val_scores_subject_average_and_hard(eval_assets, tmp_path):  # no
     assert not list((tmp_path / "val").glob("submission_*"))
 
 
-def test_ceval_test_split_writes_the_official_submission(eval_assets, tmp_path):  # noqa: F811
+def test_ceval_test_split_writes_the_official_submission(eval_assets, tmp_path):
     run_ceval(eval_assets, tmp_path / "test", "test")
     out = tmp_path / "test"
     submission = json.loads((out / "submission_test.json").read_text())
@@ -142,7 +161,7 @@ def expect_error(argv, match):
     (lambda d: (d / "dev" / "anatomy_dev.csv").write_text("q,a,b,c,d\r\n"),
      "anatomy_dev.csv, line 1 (row 0): expected 6 columns"),
 ])
-def test_bad_data_fails_clearly_and_writes_nothing(eval_assets, tmp_path, breakage, message):  # noqa: F811
+def test_bad_data_fails_clearly_and_writes_nothing(eval_assets, tmp_path, breakage, message):
     data = copy_data(eval_assets, tmp_path)
     breakage(data)
     out = tmp_path / "out"
@@ -151,7 +170,7 @@ def test_bad_data_fails_clearly_and_writes_nothing(eval_assets, tmp_path, breaka
     assert not (out / "results.json").exists() and not (out / "predictions.jsonl").exists()
 
 
-def test_bad_arguments_fail_clearly(eval_assets, tmp_path):  # noqa: F811
+def test_bad_arguments_fail_clearly(eval_assets, tmp_path):
     base = ["--data_dir", str(eval_assets["mmlu"]), "--output_dir", str(tmp_path / "out")]
     expect_error(["--model_name_or_path", str(eval_assets["model"]), *base, "--subjects", "astrology"],
                  "unknown mmlu subject(s): astrology")
@@ -171,17 +190,18 @@ def test_bad_arguments_fail_clearly(eval_assets, tmp_path):  # noqa: F811
     assert not (tmp_path / "out").exists()
 
 
-def test_script_error_is_one_line_without_traceback(eval_assets, tmp_path):  # noqa: F811
+def test_script_error_is_one_line_without_traceback(eval_assets, tmp_path):
     proc = subprocess.run(
-        [sys.executable, str(REPO / "evaluation" / "evaluate_zh.py"), "--model_name_or_path", str(eval_assets["model"]),
+        [sys.executable, "-m", "evaluation.evaluate_zh", "--model_name_or_path", str(eval_assets["model"]),
          "--data_dir", str(tmp_path / "nowhere"), "--output_dir", str(tmp_path / "out")],
-        capture_output=True, text=True, cwd=tmp_path, timeout=120)
+        capture_output=True, text=True, cwd=tmp_path, timeout=120,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))})
     assert proc.returncode != 0
     assert proc.stderr.strip().splitlines() == [f"error: {tmp_path / 'nowhere' / 'dev'}: split directory not found; "
                                                 "--data_dir must hold dev/, val/ and test/"]
 
 
-def test_training_run_directory_loads_through_the_run_dir_reader(eval_assets, tmp_path, monkeypatch):  # noqa: F811
+def test_training_run_directory_loads_through_the_run_dir_reader(eval_assets, tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
     (run_dir / "step_000010").mkdir(parents=True)
     (run_dir / "latest").write_text("step_000010")

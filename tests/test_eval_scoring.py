@@ -2,7 +2,6 @@
 import numpy as np
 import pytest
 import torch
-from fixtures_eval import eval_assets  # noqa: F401  (pytest fixture)
 
 from evaluation import evaluate_mmlu, evaluate_zh
 from evaluation.common import load_data
@@ -12,12 +11,12 @@ from tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module")
-def model_and_tokenizer(eval_assets):  # noqa: F811
+def model_and_tokenizer(eval_assets):
     model = load_model(eval_assets["model"], "cpu", "float32")
     return model, load_tokenizer(eval_assets["model"], None, model)
 
 
-def test_letter_ids_are_read_in_context(eval_assets):  # noqa: F811
+def test_letter_ids_are_read_in_context(eval_assets):
     tok = Tokenizer(eval_assets["tokenizer"])
     mmlu_ids = answer_letter_ids(tok, "Q?\nA. x\nB. y\nC. z\nD. w\nAnswer:", " ", bos=True)
     assert [tok.id_to_piece(i) for i in mmlu_ids] == ["▁A", "▁B", "▁C", "▁D"]
@@ -80,7 +79,7 @@ def test_shots_dropped_from_the_end_until_the_prompt_fits(model_and_tokenizer):
     assert tiny[0].tokens.tolist() == tok.encode(p.prompt(0, 0), bos=True)[-8:]
 
 
-def test_fast_path_matches_plain_path_on_real_prompts(eval_assets, model_and_tokenizer):  # noqa: F811
+def test_fast_path_matches_plain_path_on_real_prompts(eval_assets, model_and_tokenizer):
     model, tok = model_and_tokenizer
     for bench, data_dir, split in ((evaluate_mmlu.MMLU, eval_assets["mmlu"], "test"),
                                    (evaluate_zh.CEVAL, eval_assets["ceval"], "val")):

@@ -14,8 +14,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pretrain.export import consolidated_state_dict, load_checkpoint_model, main
+from artifacts.run_dir import consolidated_state_dict, load_checkpoint_model
+from pretrain.export import main
 from fixtures_train import REPO, env, free_port
+
+pytestmark = pytest.mark.slow  # DeepSpeed engines and launches
 
 # name: (ZeRO stage, bf16)
 SETUPS = {"zero0": (0, False), "zero1_bf16": (1, True), "zero2": (2, False), "zero3": (3, False),

@@ -7,7 +7,7 @@ import torch
 
 from fixtures_tokenizer import train_small, write_corpus
 from model import ModelConfig, Transformer
-from model.generate import main as generate_main
+from inference.generate import main as generate_main
 from tokenizer import Tokenizer
 
 transformers = pytest.importorskip("transformers")
@@ -47,7 +47,7 @@ def test_generate_cli_prints_greedy_continuation(hf_folder, capsys):
 
 
 def test_generate_cli_bad_folder_is_one_line_error(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "model.generate", "--model", str(tmp_path), "--prompt", "x"],
+    proc = subprocess.run([sys.executable, "-m", "inference.generate", "--model", str(tmp_path), "--prompt", "x"],
                           capture_output=True, text=True)
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr and str(tmp_path) in proc.stderr

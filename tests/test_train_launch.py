@@ -11,10 +11,12 @@ import torch
 
 from pretrain.checkpoint import weights_only_loading
 from pretrain.config import load_config, lr_at
-from pretrain.export import load_checkpoint_model
+from artifacts.run_dir import load_checkpoint_model
 from pretrain.metrics import read_metrics
 from fixtures_train import (TINY_RUN, free_port, launch, prepare_sample_data, run,
                                   slow_train_script, train_losses, wait, wait_until, write_hostfile)
+
+pytestmark = pytest.mark.slow  # DeepSpeed engines and launches
 
 STEPS = 12
 

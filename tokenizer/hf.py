@@ -38,7 +38,8 @@ from tokenizers import AddedToken, Regex, decoders, normalizers, processors
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers.models import BPE
 
-from tokenizer.tokenizer import MODEL_FILENAME, _resolve_model_path
+from common.io import replace_file
+from tokenizer.tokenizer import MODEL_FILENAME, resolve_model_path
 
 _Piece = sp_pb2.ModelProto.SentencePiece
 HF_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", MODEL_FILENAME)
@@ -46,7 +47,7 @@ HF_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"
 
 def load_model_proto(model_path: str | os.PathLike) -> sp_pb2.ModelProto:
     """Parse a SentencePiece .model file (or a directory holding tokenizer.model) into its protobuf."""
-    path = _resolve_model_path(model_path)
+    path = resolve_model_path(model_path)
     proto = sp_pb2.ModelProto()
     try:
         proto.ParseFromString(path.read_bytes())
@@ -130,7 +131,7 @@ def save_hf_tokenizer(model_path: str | os.PathLike, out_dir: str | os.PathLike)
     `tok(text, add_special_tokens=False).input_ids == Tokenizer(model_path).encode(text)`, and with the default
     add_special_tokens=True the BOS id is prepended. Files already in out_dir with other names are left alone.
     """
-    src = _resolve_model_path(model_path)
+    src = resolve_model_path(model_path)
     proto = load_model_proto(src)
     _check_supported(proto, src)
     hf = build_hf_tokenizer(proto)
@@ -169,5 +170,5 @@ def save_hf_tokenizer(model_path: str | os.PathLike, out_dir: str | os.PathLike)
             target = out_dir / name
             if name == MODEL_FILENAME and target.exists() and target.resolve() == src.resolve():
                 continue
-            os.replace(tmp / name, target)
+            replace_file(tmp / name, target)
     return out_dir

@@ -9,11 +9,7 @@ per file so that huge corpora give a quick estimate.
 """
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import sys
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,6 +17,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from common import cli
+from common.io import write_json
 from tokenizer.corpus import CorpusStats, iter_documents, resolve_inputs
 from tokenizer.tokenizer import Tokenizer
 
@@ -182,43 +180,38 @@ def parse_tokenizer_arg(arg: str) -> tuple[str, str]:
     return p.stem, arg
 
 
+@cli.entry_point
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(
-        prog="python -m tokenizer.stats",
-        description="Tokens per byte / per character and vocabulary use of tokenizers on corpora, side by side.",
-    )
-    p.add_argument("--tokenizer", action="append", required=True,
-                   help="NAME=PATH or PATH of a tokenizer.model (or its directory); repeat to compare")
+    p = cli.parser("python -m tokenizer.stats",
+                   "Tokens per byte / per character and vocabulary use of tokenizers on corpora, side by side.")
+    p.add_argument("--tokenizer", action="extend", nargs="+", required=True, metavar="[NAME=]PATH",
+                   help="tokenizer.model files (or their directories), optionally named NAME=PATH; several to "
+                        "compare (after one --tokenizer, or with the flag repeated)")
     p.add_argument("--input", nargs="+", required=True, help="files, directories or globs (.txt, .jsonl, .gz)")
     p.add_argument("--text_field", default="text", help="text key of .jsonl records")
     p.add_argument("--max_chars", type=int, default=None, help="read at most this many characters per file")
     p.add_argument("--output_json", default=None, help="also write the rows to this JSON file")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
-    try:
-        if args.max_chars is not None and args.max_chars <= 0:
-            raise ValueError(f"--max_chars must be positive, got {args.max_chars}")
-        tokenizers: dict[str, Tokenizer] = {}
-        for arg in args.tokenizer:
-            name, path = parse_tokenizer_arg(arg)
-            if name in tokenizers:
-                raise ValueError(f"two tokenizers are named {name!r}; name them with --tokenizer NAME=PATH")
-            tokenizers[name] = Tokenizer(path)
-        files = resolve_inputs(args.input)
-        rows, corpus = compression_table(tokenizers, files, args.text_field, args.max_chars, not args.quiet)
-        if corpus.documents == 0:
-            raise ValueError(f"the inputs hold no text ({corpus.summary()}); check --input and --text_field")
-        if args.output_json:
-            out = Path(args.output_json)
-            if not out.parent.is_dir():
-                raise ValueError(f"{out.parent}: no such directory for --output_json")
-            payload = {"rows": [r.to_dict() for r in rows], "corpus": corpus.to_dict(),
-                       "tokenizers": {n: {"path": str(t.path), "sha256": t.sha256} for n, t in tokenizers.items()}}
-            with tempfile.NamedTemporaryFile("w", dir=out.parent or ".", delete=False, suffix=".tmp") as f:
-                json.dump(payload, f, indent=2, ensure_ascii=False)
-            os.replace(f.name, out)
-    except (ValueError, OSError) as e:
-        sys.exit(f"error: {e}")
+    if args.max_chars is not None and args.max_chars <= 0:
+        raise ValueError(f"--max_chars must be positive, got {args.max_chars}")
+    tokenizers: dict[str, Tokenizer] = {}
+    for arg in args.tokenizer:
+        name, path = parse_tokenizer_arg(arg)
+        if name in tokenizers:
+            raise ValueError(f"two tokenizers are named {name!r}; name them with --tokenizer NAME=PATH")
+        tokenizers[name] = Tokenizer(path)
+    files = resolve_inputs(args.input)
+    rows, corpus = compression_table(tokenizers, files, args.text_field, args.max_chars, not args.quiet)
+    if corpus.documents == 0:
+        raise ValueError(f"the inputs hold no text ({corpus.summary()}); check --input and --text_field")
+    if args.output_json:
+        out = Path(args.output_json)
+        if not out.parent.is_dir():
+            raise ValueError(f"{out.parent}: no such directory for --output_json")
+        payload = {"rows": [r.to_dict() for r in rows], "corpus": corpus.to_dict(),
+                   "tokenizers": {n: {"path": str(t.path), "sha256": t.sha256} for n, t in tokenizers.items()}}
+        write_json(out, payload)
     if corpus.skipped:
         print(f"skipped while reading: {corpus.summary()}", file=sys.stderr)
     print(format_table(rows))

@@ -15,7 +15,8 @@ import sentencepiece as spm
 MODEL_FILENAME = "tokenizer.model"
 
 
-def _resolve_model_path(path: str | os.PathLike) -> Path:
+def resolve_model_path(path: str | os.PathLike) -> Path:
+    """The tokenizer.model that `path` names: the file itself, or the one inside a directory."""
     path = Path(path)
     if path.is_dir():
         path = path / MODEL_FILENAME
@@ -34,7 +35,7 @@ class Tokenizer:
 
         num_threads bounds the threads used by encode_batch (default: all cores).
         """
-        self.path: Path = _resolve_model_path(path)
+        self.path: Path = resolve_model_path(path)
         data = self.path.read_bytes()
         self.sha256: str = hashlib.sha256(data).hexdigest()
         self.sp = spm.SentencePieceProcessor()

@@ -41,6 +41,8 @@ import psutil
 import sentencepiece as spm
 from tqdm import tqdm
 
+from common import cli
+from common.io import replace_file
 from tokenizer.corpus import resolve_inputs
 from tokenizer.hf import HF_FILES, load_model_proto, save_hf_tokenizer
 from tokenizer.sampling import SampleSpec, SamplingStats, drain, sample_sentences
@@ -343,7 +345,7 @@ def train_tokenizer(cfg: TrainerConfig, progress: bool = True, verbose: bool = F
         (tmp / CARD_FILENAME).write_text(json.dumps(card, indent=2, ensure_ascii=False) + "\n")
         # Move finished files into place, tokenizer.model last: its presence means the rest is there too.
         for name in sorted(card["tokenizer"]["files"], key=lambda n: n == MODEL_FILENAME):
-            os.replace(tmp / name, out / name)
+            replace_file(tmp / name, out / name)
         done = True
         return card
     finally:
@@ -353,49 +355,19 @@ def train_tokenizer(cfg: TrainerConfig, progress: bool = True, verbose: bool = F
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[TrainerConfig, argparse.Namespace]:
-    defaults = TrainerConfig(input=["-"], output_dir="-")
-    p = argparse.ArgumentParser(
-        prog="python -m tokenizer.train",
-        description="Train a SentencePiece BPE tokenizer (Baichuan-7B recipe) on .txt/.jsonl(.gz) corpora.",
-    )
-    p.add_argument("--input", nargs="+", required=True, help="files, directories or globs (.txt, .jsonl, .gz)")
-    p.add_argument("--output_dir", required=True, help="where tokenizer.model, the card and HF files go")
-    p.add_argument("--vocab_size", type=int, default=defaults.vocab_size,
-                   help="total vocabulary, special and 256 byte pieces included (default %(default)s)")
-    p.add_argument("--text_field", default=defaults.text_field, help="text key of .jsonl records (default %(default)s)")
-    p.add_argument("--max_piece_length", type=int, default=defaults.max_piece_length,
-                   help="longest piece in characters (default %(default)s)")
-    p.add_argument("--character_coverage", type=float, default=defaults.character_coverage,
-                   help="share of characters given their own piece, the rest use byte fallback (default %(default)s)")
-    p.add_argument("--split_digits", action=argparse.BooleanOptionalAction, default=defaults.split_digits,
-                   help="split numbers into single digits (default on)")
-    p.add_argument("--byte_fallback", action=argparse.BooleanOptionalAction, default=defaults.byte_fallback,
-                   help="encode unknown characters as UTF-8 bytes (default on)")
-    p.add_argument("--pad", action="store_true", help="add a <pad> token (id 3)")
-    p.add_argument("--user_defined_symbols", nargs="*", default=[], help="pieces always kept whole, e.g. <|im_start|>")
-    p.add_argument("--max_sentences", type=int, default=defaults.max_sentences,
-                   help="size of the uniform sentence sample; bounds memory (default %(default)s)")
-    p.add_argument("--max_sentence_bytes", type=int, default=defaults.max_sentence_bytes,
-                   help="longer lines are cut into sentences of this many bytes (default %(default)s)")
-    p.add_argument("--seed", type=int, default=defaults.seed, help="seed of the sample (default %(default)s)")
-    p.add_argument("--num_threads", type=int, default=defaults.num_threads, help="trainer threads, 0 = all cores")
-    p.add_argument("--num_workers", type=int, default=defaults.num_workers,
-                   help="processes reading the corpus, 0 = all cores for corpora over 64 MiB")
-    p.add_argument("--overwrite", action="store_true", help="replace a tokenizer already in --output_dir")
+    p = cli.parser("python -m tokenizer.train",
+                   "Train a SentencePiece BPE tokenizer (Baichuan-7B recipe) on .txt/.jsonl(.gz) corpora.")
+    cli.add_dataclass_args(p, TrainerConfig, required=("input", "output_dir"))
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--verbose", action="store_true", help="show SentencePiece's own log")
     args = p.parse_args(argv)
-    fields = {f.name for f in dataclasses.fields(TrainerConfig)}
-    cfg = TrainerConfig(**{k: v for k, v in vars(args).items() if k in fields})
-    return cfg, args
+    return cli.dataclass_from_args(TrainerConfig, args), args
 
 
+@cli.entry_point
 def main(argv: list[str] | None = None) -> None:
-    try:
-        cfg, args = parse_args(argv)
-        card = train_tokenizer(cfg, progress=not args.quiet, verbose=args.verbose)
-    except (ValueError, OSError) as e:
-        sys.exit(f"error: {e}")
+    cfg, args = parse_args(argv)
+    card = train_tokenizer(cfg, progress=not args.quiet, verbose=args.verbose)
     t = card["training"]
     print(
         f"wrote {Path(cfg.output_dir) / MODEL_FILENAME} (vocab {card['tokenizer']['vocab_size']}, "

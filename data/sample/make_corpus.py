@@ -1,6 +1,6 @@
 """Generate the small sample corpus shipped with the project (data/sample/*.txt, *.jsonl).
 
-    python data/sample/make_corpus.py [--out_dir data/sample] [--docs 1500]
+    python -m data.sample.make_corpus [--out_dir data/sample] [--docs 1500]
 
 Everything is produced from templates and word lists written for this project (no third-party text), with a
 fixed seed, so the output is byte-for-byte reproducible. It mixes what a Chinese/English base model sees: English
@@ -9,11 +9,12 @@ model falls visibly within a few hundred steps, which is what scripts/train.sh d
 """
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import random
 from pathlib import Path
+
+from common import cli
+from common.io import write_text
 
 EN_NAMES = ["Alice", "Bob", "Carol", "David", "Emma", "Frank", "Grace", "Henry", "Iris", "Jack", "Karen", "Leo",
             "Mia", "Noah", "Olivia", "Peter", "Quinn", "Rosa", "Sam", "Tina"]
@@ -112,26 +113,21 @@ def python_code(rng: random.Random) -> str:
             f"        return self.{name}[key]\n")
 
 
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out_dir", default=str(Path(__file__).parent), help="where to write (default: %(default)s)")
-    parser.add_argument("--docs", type=int, default=1500, help="documents per kind (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=1234)
-    args = parser.parse_args()
+@cli.entry_point
+def main(argv: list[str] | None = None) -> None:
+    parser = cli.parser("python -m data.sample.make_corpus", __doc__)
+    parser.add_argument("--out_dir", default=str(Path(__file__).parent), help="where to write")
+    parser.add_argument("--docs", type=int, default=1500, help="documents per kind")
+    parser.add_argument("--seed", type=int, default=1234, help="seed of the templates' choices")
+    args = parser.parse_args(argv)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(args.seed)
     # .txt files: documents separated by blank lines; .jsonl: one {"text": ...} per line (code keeps its newlines).
-    write_atomic(out / "english.txt", "\n\n".join(english(rng) for _ in range(args.docs)) + "\n")
-    write_atomic(out / "chinese.txt", "\n\n".join(chinese(rng) for _ in range(args.docs)) + "\n")
-    write_atomic(out / "arithmetic.txt", "\n\n".join(arithmetic(rng) for _ in range(args.docs)) + "\n")
-    write_atomic(out / "code.jsonl", "".join(json.dumps({"text": python_code(rng)}) + "\n" for _ in range(args.docs)))
+    write_text(out / "english.txt", "\n\n".join(english(rng) for _ in range(args.docs)) + "\n")
+    write_text(out / "chinese.txt", "\n\n".join(chinese(rng) for _ in range(args.docs)) + "\n")
+    write_text(out / "arithmetic.txt", "\n\n".join(arithmetic(rng) for _ in range(args.docs)) + "\n")
+    write_text(out / "code.jsonl", "".join(json.dumps({"text": python_code(rng)}) + "\n" for _ in range(args.docs)))
     for path in sorted(out.glob("*.txt")) + sorted(out.glob("*.jsonl")):
         print(f"{path}: {path.stat().st_size / 1024:.0f} KiB")
 

@@ -1,45 +1,44 @@
 """Continue a prompt with a model folder (Hugging Face LLaMA folder or training run) that has a tokenizer.
 
-    python -m model.generate --model out/hf --prompt "床前明月光" --max_new_tokens 64
+    python -m inference.generate --model out/hf --prompt "床前明月光" --max_new_tokens 64
 """
 from __future__ import annotations
 
-import argparse
-import sys
-
 import torch
 
-from .config import ATTN_IMPLS
+from artifacts import check_device, default_device, default_dtype, load_model, load_tokenizer
+from common import cli
 from common.tensors import DTYPES
-from artifacts.open import check_device, default_device, default_dtype, load_model, load_tokenizer
+from model.config import ATTN_IMPLS
 
 
+@cli.entry_point
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.parser("python -m inference.generate", __doc__)
     p.add_argument("--model", required=True, help="Hugging Face folder or training run directory")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--max_new_tokens", type=int, default=100)
+    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--max_new_tokens", type=int, default=100, help="tokens to generate at most")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top_k", type=int, default=None)
-    p.add_argument("--top_p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--top_k", type=int, default=None, help="sample from the k likeliest tokens only")
+    p.add_argument("--top_p", type=float, default=None, help="sample from the smallest set with this much mass")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampler")
     p.add_argument("--tag", default=None, help="checkpoint tag of a training run (default: latest)")
     p.add_argument("--tokenizer", default=None, help="tokenizer.model (default: the one in --model)")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bfloat16 on GPU, float32 on CPU")
-    p.add_argument("--attn_impl", default="auto", choices=ATTN_IMPLS)
+    p.add_argument("--attn_impl", default="auto", choices=ATTN_IMPLS, help="attention kernel")
     args = p.parse_args(argv)
+    device = args.device or default_device()
+    check_device(device)
     try:
-        device = args.device or default_device()
-        check_device(device)
         model = load_model(args.model, device, args.dtype or default_dtype(device), tag=args.tag)
-        model.config.attn_impl = args.attn_impl
-        tok = load_tokenizer(args.model, args.tokenizer, model)
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
-        sys.exit(f"error: {e}")
+    except RuntimeError as e:  # torch/DeepSpeed reading a damaged or foreign checkpoint
+        raise ValueError(f"{args.model}: cannot load the model ({e})") from None
+    model.config.attn_impl = args.attn_impl
+    tok = load_tokenizer(args.model, args.tokenizer, model)
     ids = tok.encode(args.prompt, bos=True)
     if len(ids) >= model.config.max_seq_len:
-        sys.exit(f"error: the prompt is {len(ids)} tokens; the model's context is {model.config.max_seq_len}")
+        raise ValueError(f"the prompt is {len(ids)} tokens; the model's context is {model.config.max_seq_len}")
     generator = torch.Generator(device=device).manual_seed(args.seed)
     out = model.generate(torch.tensor([ids], device=device), args.max_new_tokens, args.temperature,
                          args.top_k, args.top_p, eos_id=tok.eos_id, generator=generator)

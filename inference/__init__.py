@@ -1,0 +1,1 @@
+"""Running trained models: text generation (and, later, serving)."""

@@ -1,0 +1,255 @@
+"""The shared layer (common/: atomic writes, the overwrite rule, CLI conventions), the launch preflight, and what
+the unit tests may import."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import stat
+import subprocess
+import sys
+from pathlib import Path
+from typing import Literal
+
+import pytest
+
+from common import cli
+from common.io import atomic_dir, atomic_write, check_output_dir, write_json
+from pretrain import preflight
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run_env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# common.io
+
+
+def test_atomic_write_replaces_whole_or_not_at_all(tmp_path):
+    path = tmp_path / "f.json"
+    write_json(path, {"a": "中文"})
+    assert path.read_text(encoding="utf-8") == '{\n  "a": "中文"\n}\n'
+    with pytest.raises(RuntimeError):
+        with atomic_write(path) as f:
+            f.write("half")
+            raise RuntimeError("crash while writing")
+    assert path.read_text(encoding="utf-8").startswith('{\n  "a"')  # the old content, untouched
+    assert [p.name for p in tmp_path.iterdir()] == ["f.json"]  # no temporary left behind
+
+
+def test_atomic_dir_gives_normal_permissions_and_obeys_the_overwrite_rule(tmp_path):
+    old = os.umask(0o022)
+    try:
+        out = tmp_path / "hf"
+        with atomic_dir(out) as tmp:
+            (tmp / "sub").mkdir()
+            (tmp / "model.safetensors").write_bytes(b"x")
+            os.chmod(tmp / "model.safetensors", 0o600)  # what a temporary file would have
+        assert stat.S_IMODE(out.stat().st_mode) == 0o755 and stat.S_IMODE((out / "sub").stat().st_mode) == 0o755
+        assert stat.S_IMODE((out / "model.safetensors").stat().st_mode) == 0o644
+        with pytest.raises(ValueError, match="pass --overwrite"):
+            with atomic_dir(out):
+                pass
+        with atomic_dir(out, overwrite=True) as tmp:
+            (tmp / "new").write_text("n")
+        assert sorted(p.name for p in out.iterdir()) == ["new"]
+        with pytest.raises(RuntimeError):
+            with atomic_dir(out, overwrite=True) as tmp:
+                (tmp / "half").write_text("h")
+                raise RuntimeError("crash")
+        assert sorted(p.name for p in out.iterdir()) == ["new"] and sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+    finally:
+        os.umask(old)
+
+
+def test_check_output_dir(tmp_path):
+    assert check_output_dir(tmp_path / "new", False) == tmp_path / "new"
+    (tmp_path / "empty").mkdir()
+    check_output_dir(tmp_path / "empty", False)
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    with pytest.raises(ValueError, match="full already exists and is not empty; pass --overwrite"):
+        check_output_dir(tmp_path / "full", False)
+    check_output_dir(tmp_path / "full", True)
+    with pytest.raises(ValueError, match="is not a folder"):
+        check_output_dir(tmp_path / "full" / "x", True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# common.cli
+
+
+@dataclasses.dataclass
+class Example:
+    inputs: list[str]
+    """Files to read."""
+    name: str = "x"
+    """A name."""
+    flag: bool = True
+    """On by default."""
+    mode: Literal["a", "b"] = "a"
+    """One of two."""
+    limit: int | None = None
+    """No limit when unset."""
+
+
+def test_flags_generated_from_a_dataclass():
+    p = cli.parser("prog", "test")
+    cli.add_dataclass_args(p, Example, required=("inputs",), rename={"inputs": "input"})
+    args = p.parse_args(["--input", "a", "b", "--no_flag", "--mode", "b", "--limit", "3"])
+    assert cli.dataclass_from_args(Example, args) == Example(["a", "b"], "x", False, "b", 3)
+    assert cli.dataclass_from_args(Example, p.parse_args(["--input", "a"])) == Example(["a"])
+    help_text = p.format_help()
+    assert "Files to read." in help_text and "On by default. (default: True)" in help_text
+    assert "(default: x)" in help_text and "--flag, --no_flag" in help_text
+    with pytest.raises(SystemExit):
+        p.parse_args(["--input", "a", "--mode", "c"])
+
+
+def test_expected_errors_are_one_line_and_bugs_keep_their_traceback(capsys):
+    @cli.entry_point
+    def bad_input() -> None:
+        raise FileNotFoundError("data/x: no such file; pass --data_dir")
+
+    with pytest.raises(SystemExit) as e:
+        bad_input()
+    # As sys.exit("error: ...") does: the line is the exit code, which Python prints on its way out (status 1).
+    assert e.value.code == str(e.value) == "error: data/x: no such file; pass --data_dir"
+    result = subprocess.run([sys.executable, "-c", "from common import cli\ncli.run_main(open, 'missing/file')"],
+                            capture_output=True, text=True, cwd=REPO, env=run_env(), timeout=60)
+    assert result.returncode == 1 and result.stderr == "error: missing/file: No such file or directory\n"
+
+    @cli.entry_point
+    def bug() -> None:
+        raise TypeError("a bug")
+
+    with pytest.raises(TypeError):
+        bug()
+    with pytest.raises(SystemExit) as e:
+        cli.fail("stop", 2)
+    assert e.value.code == 2 and str(e.value) == "error: stop" and capsys.readouterr().err == "error: stop\n"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The launch preflight (scripts/train.sh runs it before DeepSpeed's launcher)
+
+
+def test_hostfile_errors_name_file_line_and_fix(tmp_path):
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("# nodes\nnode-1 slots=8\n\nlocalhost slots=abc\n")
+    with pytest.raises(ValueError, match=r"hosts, line 4: 'localhost slots=abc' is not '<host> slots=<n>'"):
+        preflight.read_hostfile(hostfile)
+    hostfile.write_text("node-1 slots=8\nnode-1 slots=8\n")
+    with pytest.raises(ValueError, match="line 2: host 'node-1' is listed twice"):
+        preflight.read_hostfile(hostfile)
+    hostfile.write_text("node-1 slots=8\nnode-2 slots=4\n")
+    hosts = preflight.read_hostfile(hostfile)
+    assert preflight.world_size(hosts) == (2, 12)
+    assert preflight.world_size(hosts, num_nodes=1) == (1, 8)
+    assert preflight.world_size(hosts, num_gpus=2) == (2, 4)
+    with pytest.raises(ValueError, match="--num_nodes 3 but the hostfile lists only 2"):
+        preflight.world_size(hosts, num_nodes=3)
+
+
+def run_preflight(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pretrain.preflight", *args], capture_output=True, text=True,
+                          cwd=REPO, env=run_env(), timeout=120)
+
+
+def test_preflight_batch_arithmetic_port_and_data(tmp_path):
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("localhost slots=1\n")
+    ok = run_preflight("--config", "config/debug.yaml", "--hostfile", str(hostfile), f"data_dir={tmp_path}/none")
+    assert ok.returncode == 0, ok.stderr
+    values = dict(line.split("=", 1) for line in ok.stdout.split())
+    assert values["WORLD_SIZE"] == "1" and int(values["MASTER_PORT"]) > 0  # a free port chosen: none was named
+
+    bad = run_preflight("--config", "config/debug.yaml", "--hostfile", str(hostfile), "--num_gpus", "3")
+    assert bad.returncode == 1 and bad.stderr.strip().splitlines() == [
+        "error: global_batch_size (8) must be divisible by micro_batch_size (4) x world size (3) = 12; change one "
+        f"of them (world size 3: 1 node(s) of {hostfile} x --num_gpus 3)"]
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        busy = run_preflight("--config", "config/debug.yaml", "--hostfile", str(hostfile), "--master_port", str(port))
+    assert busy.returncode == 1 and busy.stderr.strip().splitlines() == [
+        f"error: port {port} on 127.0.0.1 is in use (another job?); pass a free one with --master_port PORT"]
+
+
+def test_preflight_finds_data_of_another_tokenizer(tmp_path):
+    """A manifest made with another tokenizer is refused before launching (the loader's own check)."""
+    import numpy as np
+    from fixtures_data import train_tiny_tokenizer, write_synthetic
+
+    data = tmp_path / "data"
+    write_synthetic(data, {"train": [np.arange(5, 40)] * 4}, vocab_size=512)
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("localhost slots=1\n")
+    tok = train_tiny_tokenizer(tmp_path / "tok")
+    result = run_preflight("--config", "config/debug.yaml", "--hostfile", str(hostfile), f"data_dir={data}",
+                           f"tokenizer={tok}")
+    assert result.returncode == 1 and "the data was tokenized with a different tokenizer" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def run_train_sh(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", "scripts/train.sh", *args], capture_output=True, text=True, cwd=REPO,
+                          env={**run_env(), "LLAMA_PYTHON": sys.executable}, timeout=120)
+
+
+def test_train_sh_stops_before_launching_on_what_it_can_check(tmp_path):
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("localhost slots=abc\n")
+    result = run_train_sh("--hostfile", str(hostfile), f"run_dir={tmp_path}/run")
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        f"error: {hostfile}, line 1: 'localhost slots=abc' is not '<host> slots=<n>' with n a positive number of "
+        "processes, e.g. 'localhost slots=1'"]
+    # Only the embedded default falls back to the sample corpus: a mistyped data_dir is an error.
+    result = run_train_sh(f"data_dir={tmp_path}/mistyped", f"run_dir={tmp_path}/run")
+    assert result.returncode == 2 and "mistyped holds no prepared data (no manifest.json): is data_dir right?" \
+        in result.stderr
+    assert "training a" not in result.stdout and not (tmp_path / "tokenizer").exists()
+    assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Imports: model/ depends on nothing above it, and unit tests that do not need DeepSpeed do not import it
+
+
+def test_modules_without_deepspeed_do_not_import_it():
+    modules = ["artifacts", "common.cli", "common.io", "common.tensors", "evaluation.evaluate_mmlu",
+               "evaluation.evaluate_zh", "inference.generate", "model", "pretrain.config", "pretrain.data",
+               "pretrain.export", "pretrain.metrics", "pretrain.prepare_data", "pretrain.preflight", "pretrain.shards",
+               "tokenizer.stats", "tokenizer.train"]
+    code = f"import sys\nimport {', '.join(modules)}\nprint('deepspeed' in sys.modules)\n"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=run_env(),
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
+
+
+def test_unit_test_modules_do_not_import_deepspeed():
+    """Only the tests of the training engine (test_train, test_export, test_train_launch) need DeepSpeed."""
+    modules = sorted(p.stem for p in (REPO / "tests").glob("test_*.py")
+                     if p.stem not in ("test_train", "test_export", "test_train_launch"))
+    code = (f"import sys\nsys.path.insert(0, {str(REPO / 'tests')!r})\nimport conftest, {', '.join(modules)}\n"
+            "print('deepspeed' in sys.modules)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=run_env(),
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
+
+
+def test_model_package_imports_nothing_above_it():
+    code = ("import sys, model, model.hf\n"
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'artifacts', 'pretrain', 'evaluation', "
+            "'inference', 'deepspeed', 'tokenizer'}))\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=run_env(),
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
