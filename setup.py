@@ -9,7 +9,7 @@ setup(
     version="0.1.0",
     description="Pretrain LLaMA-style Chinese/English base models: tokenizer, data, model, DeepSpeed training, evaluation",
     python_requires=">=3.10",
-    packages=find_packages(include=["common*", "model*", "tokenizer*", "artifacts*", "pretrain*", "evaluation*"]),
+    packages=find_packages(include=["common*", "model*", "tokenizer*", "artifacts*", "pretrain*", "finetune*", "evaluation*"]),
     install_requires=[
         "torch>=2.1",
         "deepspeed>=0.14",
@@ -38,6 +38,8 @@ setup(
             "llama-prepare-data=pretrain.prepare_data:main",
             "llama-export=pretrain.export:main",
             "llama-generate=model.generate:main",
+            "llama-finetune-export=finetune.export:main",
+            "llama-sft-generate=finetune.generate:main",
         ]
     },
 )

@@ -343,3 +343,36 @@ def test_cli_errors_are_one_line(base, tmp_path):
         assert result.returncode != 0 and last.startswith("error: ") and message in last, result.stderr[-2000:]
         assert "Traceback" not in result.stderr
     assert not (tmp_path / "run").exists()  # nothing written for a run that never started
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Batch generation
+
+
+def test_generate_batches_prompt_lists_and_instruction_files(base, tmp_path, capsys):
+    from finetune.generate import batches_by_length, main as generate_main
+
+    assert batches_by_length([3, 5, 3, 3, 5], 2) == [[0, 2], [3], [1, 4]]
+    prompts = tmp_path / "01qa.json"
+    prompts.write_text(json.dumps(["天空为什么是蓝的", "What is 2 plus 2?", "天空为什么是红的", "列举三种水果"],
+                                  ensure_ascii=False))
+    files = write_sample_files(tmp_path)
+    out = {}
+    for batch in (1, 8):
+        out[batch] = tmp_path / f"answers{batch}.jsonl"
+        generate_main(["--model", str(base), "--input", str(prompts), str(files[1]), "--output", str(out[batch]),
+                       "--template", "vicuna", "--max_new_tokens", "6", "--batch_size", str(batch)])
+    rows = [json.loads(line) for line in out[8].read_text().splitlines()]
+    assert len(rows) == 4 + 12 and rows[0]["messages"] == [{"role": "user", "content": "天空为什么是蓝的"}]
+    assert rows[4]["reference"] and rows[4]["messages"][-1]["role"] == "user"  # the last reply is the reference
+    assert all(isinstance(r["answer"], str) for r in rows)
+    # Greedy answers do not depend on how prompts were batched.
+    assert [r["answer"] for r in rows] == [json.loads(x)["answer"] for x in out[1].read_text().splitlines()]
+    meta = json.loads((tmp_path / "answers8.jsonl.meta.json").read_text())
+    assert meta["sampling"]["batch_size"] == 8 and meta["chat_template"] == templates.get_template("vicuna").jinja()
+    assert meta["batches"] < 16  # prompts of equal token length shared batches
+
+    with pytest.raises(SystemExit):  # the base model stores no template: one line saying to pass --template
+        generate_main(["--model", str(base), "--input", str(prompts), "--output", str(tmp_path / "x.jsonl")])
+    assert "stores no chat template" in capsys.readouterr().err
+    assert not (tmp_path / "x.jsonl").exists()

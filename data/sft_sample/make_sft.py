@@ -9,7 +9,8 @@ fine-tuning config:
 - alpaca.jsonl: single-turn {"instruction", "input", "output"} records (arithmetic, sorting, word tasks,
   describing a scene, translating a word), some with a "system" text;
 - sharegpt.json: multi-turn {"conversations": [{"from": "human"|"gpt", "value"}]} records (a sum, then a
-  follow-up question about it).
+  follow-up question about it);
+- prompts.json: a JSON list of new instructions (DreamerGPT's test_data layout), for finetune.generate.
 
 The answers follow from the questions by fixed rules, so even the debug model's loss falls within a few dozen
 steps, which is what scripts/finetune.sh demonstrates.
@@ -98,11 +99,15 @@ def main(argv: list[str] | None = None) -> None:
             record = {"system": rng.choice(SYSTEMS), **record}
         records.append(record)
     chats = [conversation(rng) for _ in range(args.records // 4)]
+    prompts = [makers[i % len(makers)](rng) for i in range(16)]
+    prompts = [f"{r['instruction']}\n\n{r['input']}" if r["input"] else r["instruction"] for r in prompts]
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "alpaca.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     (out / "sharegpt.json").write_text(json.dumps(chats, ensure_ascii=False, indent=1) + "\n")
-    print(f"wrote {len(records)} records to {out / 'alpaca.jsonl'} and {len(chats)} to {out / 'sharegpt.json'}")
+    (out / "prompts.json").write_text(json.dumps(prompts, ensure_ascii=False, indent=1) + "\n")
+    print(f"wrote {len(records)} records to {out / 'alpaca.jsonl'}, {len(chats)} to {out / 'sharegpt.json'} and "
+          f"{len(prompts)} prompts to {out / 'prompts.json'}")
 
 
 if __name__ == "__main__":
