@@ -26,7 +26,7 @@ from finetune.config import RUNTIME_MODEL_FIELDS, FinetuneConfig, load_finetune_
 from finetune.data import DataOptions, Sample, load_samples
 from finetune.loader import InstructionLoader, fingerprint
 from finetune.templates import CHAT_TEMPLATE_FILE, get_template
-from model import ModelConfig, Transformer
+from model import Transformer
 from pretrain.train import Dist, Run, Task, TrainingStopped, saved_model_config
 from pretrain.train import train as train_core
 from tokenizer import Tokenizer
