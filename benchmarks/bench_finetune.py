@@ -1,7 +1,9 @@
 """Fine-tuning throughput: target tokens per second with packing against padding, step time and memory.
 
     python benchmarks/bench_finetune.py --model runs/sample/train \\
-        --data ../shared/data/sft/belle_eval_set.jsonl --steps 20 [--zero_stage 0] [--seq_len 512]
+        --data ../shared/data/sft/belle_eval_set.jsonl --steps 20 [--zero_stage 0] [--seq_len 256]
+    python benchmarks/bench_finetune.py --random_base debug --tokenizer runs/sample/train/tokenizer.model \\
+        --seq_len 1024 ...    # a random model of that preset, with max_seq_len = seq_len (speed needs no weights)
 
 Each variant is a real single-rank run of finetune/train.py (the shared training core, DeepSpeed engine, fp32 on
 CPU / bf16 on GPU), on BELLE's eval set read as question -> std_answer. Throughput is measured from the metrics
@@ -47,7 +49,9 @@ def run_variant(name: str, args: argparse.Namespace, overrides: list[str], work:
     times = [r["time"] for r in rows]
     intervals = [b - a for a, b in zip(times, times[1:])][args.warmup:]
     measured = rows[args.warmup + 1:]
-    report = next((line for line in result.stdout.splitlines() if " records -> " in line), "")
+    lines = result.stdout.splitlines()
+    first = next((i for i, line in enumerate(lines) if " records -> " in line), len(lines))
+    report = "\n".join([*lines[first:first + 1], *(x for x in lines[first + 1:first + 6] if x.startswith("  skip"))])
     return {"variant": name, "step_s": statistics.median(intervals),
             "target_tok_s": statistics.median(r["target_tokens_per_sec"] for r in measured),
             "tok_s": statistics.median(r["tokens_per_sec"] for r in measured),
@@ -81,12 +85,29 @@ def padding_fractions(args: argparse.Namespace) -> dict[str, float]:
     return out
 
 
+def random_base(preset: str, tokenizer: str, seq_len: int, out: Path) -> Path:
+    """A randomly initialised model of `preset` (max_seq_len = seq_len) saved as an HF folder with `tokenizer`."""
+    sys.path.insert(0, str(REPO))
+    import torch
+
+    from model import ModelConfig, Transformer
+    from tokenizer import Tokenizer
+
+    torch.manual_seed(0)
+    vocab = Tokenizer(tokenizer).vocab_size
+    model = Transformer(ModelConfig.from_preset(preset, vocab_size=max(vocab, 1024), max_seq_len=seq_len))
+    return model.to_hf(out, tokenizer_path=tokenizer)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="runs/sample/train", help="HF folder or run directory to tune")
+    p.add_argument("--random_base", default=None, metavar="PRESET",
+                   help="tune a random model of this preset instead of --model (its max_seq_len = --seq_len)")
+    p.add_argument("--tokenizer", default="runs/sample/train/tokenizer.model", help="for --random_base")
     p.add_argument("--data", default="../shared/data/sft/belle_eval_set.jsonl")
     p.add_argument("--template", default="plain")
-    p.add_argument("--seq_len", type=int, default=512)
+    p.add_argument("--seq_len", type=int, default=256)
     p.add_argument("--micro_batch_size", type=int, default=4)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3, help="first steps left out of the figures")
@@ -96,12 +117,15 @@ def main(argv: list[str] | None = None) -> None:
     args.model = str(Path(args.model).resolve())
     batch = [f"micro_batch_size={args.micro_batch_size}", f"global_batch_size={args.micro_batch_size}"]
     with tempfile.TemporaryDirectory() as work:
+        if args.random_base:
+            args.model = str(random_base(args.random_base, args.tokenizer, args.seq_len, Path(work) / "base"))
         results = [run_variant("packing", args, ["packing=true", *batch], Path(work)),
                    run_variant("padding", args, ["packing=false", *batch], Path(work))]
-    print(f"fine-tuning {args.model} on {args.data}: seq_len {args.seq_len}, {args.micro_batch_size} rows per step, "
+        pad = padding_fractions(args)
+    name = f"a random {args.random_base} model" if args.random_base else args.model
+    print(f"fine-tuning {name} on {args.data}: seq_len {args.seq_len}, {args.micro_batch_size} rows per step, "
           f"ZeRO-{args.zero_stage}, {args.steps} steps ({args.warmup} left out)")
     print(results[0]["data"])
-    pad = padding_fractions(args)
     print("| variant | target tokens/s | tokens/s (incl. padding) | padding | step time (s) | peak memory (GiB) | "
           "loss at end |")
     print("|---|---|---|---|---|---|---|")
