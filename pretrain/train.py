@@ -36,11 +36,11 @@ import torch.distributed as dist
 import torch.nn as nn
 from deepspeed.ops.adam import DeepSpeedCPUAdam
 
+from common.tensors import IGNORE_INDEX
 from model import ModelConfig, Transformer
 from pretrain import checkpoint
 from pretrain.config import (TrainConfig, deepspeed_config, grad_accum_steps, load_config, lr_at,
                              resolve_precision, save_config)
-from common.tensors import IGNORE_INDEX
 from pretrain.data import Batch, DataLoader, load_manifest
 from pretrain.metrics import MetricsLogger, memory_gb, peak_flops
 from tokenizer import Tokenizer
