@@ -94,8 +94,9 @@ def random_base(preset: str, tokenizer: str, seq_len: int, out: Path) -> Path:
     from tokenizer import Tokenizer
 
     torch.manual_seed(0)
-    vocab = Tokenizer(tokenizer).vocab_size
-    model = Transformer(ModelConfig.from_preset(preset, vocab_size=max(vocab, 1024), max_seq_len=seq_len))
+    config = ModelConfig.from_preset(preset, max_seq_len=seq_len)
+    config.vocab_size = max(config.vocab_size, Tokenizer(tokenizer).vocab_size)  # the preset's, unless too small
+    model = Transformer(config)
     return model.to_hf(out, tokenizer_path=tokenizer)
 
 

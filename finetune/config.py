@@ -7,7 +7,7 @@ Loaded exactly like the pretraining config (YAML/TOML file < key=value overrides
 
 Of the inherited fields, `data_dir`, `model_preset` and `init_from_hf` do not apply (the model comes from
 `model_path`); `model` may only set runtime switches (attn_impl, fused_kernels); `seq_len` is the length of a
-packed row (or the longest padded sample).
+packed row (or the longest padded sample); `tokenizer` defaults to model_path/tokenizer.model.
 """
 from __future__ import annotations
 

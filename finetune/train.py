@@ -70,6 +70,7 @@ class FinetuneTask(Task):
         cfg = self.cfg
         if Path(cfg.run_dir).resolve() == Path(cfg.model_path).resolve():
             raise ValueError(f"run_dir {cfg.run_dir} is model_path: write the fine-tuning run to another folder")
+        self.check_resume()
         path = Path(cfg.tokenizer) if cfg.tokenizer else Path(cfg.model_path) / "tokenizer.model"
         if not path.is_file():
             raise FileNotFoundError(f"{path}: tokenizer not found; set tokenizer=PATH (the model's tokenizer.model)")
@@ -94,6 +95,28 @@ class FinetuneTask(Task):
             raise ValueError("eval_interval is set but there is no validation data: give val_files, val_size > 0, "
                              "or set eval_interval=0")
         return tokenizer
+
+    def check_resume(self) -> None:
+        """A run directory is resumed only with the template, base model and finetuning type it was started with:
+        checked before anything in it is rewritten (its chat_template.jinja must stay the one its weights learnt)."""
+        path = Path(self.cfg.run_dir) / "finetune.json"
+        if not path.is_file():
+            return
+        saved = json.loads(path.read_text())
+
+        def differs(key: str, old: Any, new: str) -> bool:  # a path may be spelled relative or absolute
+            if key == "model_path" and isinstance(old, str):
+                return Path(old).resolve() != Path(new).resolve()
+            return old != new
+
+        changed = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in self.run_meta().items() if differs(k, saved.get(k), v)]
+        if changed:
+            raise ValueError(f"{self.cfg.run_dir} holds a fine-tuning run started with other settings "
+                             f"({', '.join(changed)}); use a new run_dir, or the original settings to resume")
+
+    def run_meta(self) -> dict[str, str]:
+        return {"template": self.template.name, "model_path": self.cfg.model_path,
+                "finetuning_type": self.cfg.finetuning_type}
 
     def build_model(self, tokenizer: Tokenizer, resuming: bool, zero3_config: dict[str, Any] | None) -> Transformer:
         """The model at model_path (fp32 on CPU; DeepSpeed moves, casts and partitions it)."""
@@ -130,10 +153,9 @@ class FinetuneTask(Task):
                                  data_hash=fingerprint(samples))
 
     def run_files(self) -> dict[str, Any]:
-        meta = {"template": self.template.name, "model_path": str(self.cfg.model_path),
-                "finetuning_type": self.cfg.finetuning_type}
+        meta = json.dumps(self.run_meta(), indent=2) + "\n"
         return {CHAT_TEMPLATE_FILE: lambda p: write_text(p, self.template.jinja() + "\n"),
-                "finetune.json": lambda p: write_text(p, json.dumps(meta, indent=2) + "\n")}
+                "finetune.json": lambda p: write_text(p, meta)}
 
     def done_message(self, run: Run) -> str:
         run_dir = self.cfg.run_dir

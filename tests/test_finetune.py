@@ -376,3 +376,15 @@ def test_generate_batches_prompt_lists_and_instruction_files(base, tmp_path, cap
         generate_main(["--model", str(base), "--input", str(prompts), "--output", str(tmp_path / "x.jsonl")])
     assert "stores no chat template" in capsys.readouterr().err
     assert not (tmp_path / "x.jsonl").exists()
+
+
+def test_resuming_with_another_template_is_refused_before_anything_is_rewritten(base, tmp_path):
+    files = write_sample_files(tmp_path)
+    args = run_args(tmp_path, base, files, "max_steps=1", "eval_interval=0", "save_interval=1")
+    assert run_finetune(args).returncode == 0
+    template = (tmp_path / "run" / "chat_template.jinja").read_text()
+    result = run_finetune([*args, "max_steps=2", "template=vicuna"])
+    assert result.returncode != 0
+    assert "started with other settings (template 'alpaca' -> 'vicuna')" in result.stderr.strip().splitlines()[-1]
+    assert (tmp_path / "run" / "chat_template.jinja").read_text() == template
+    assert (tmp_path / "run" / "latest").read_text() == "step_000001"
