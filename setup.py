@@ -24,6 +24,7 @@ setup(
         "matplotlib>=3.7",
         "tensorboard>=2.14",
         "psutil>=5.9",
+        "jinja2>=3.1",  # chat templates (finetune/templates.py renders them as transformers does)
     ],
     extras_require={
         "gpu": ["flash-attn>=2.5", "xformers>=0.0.25"],
