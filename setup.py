@@ -14,8 +14,8 @@ setup(
     version="0.1.0",
     description="Pretrain LLaMA-style Chinese/English base models: tokenizer, data, model, DeepSpeed training, evaluation",
     python_requires=">=3.10",
-    packages=find_packages(include=["common*", "model*", "tokenizer*", "artifacts*", "pretrain*", "evaluation*",
-                                    "inference*"]),
+    packages=find_packages(include=["common*", "model*", "tokenizer*", "artifacts*", "pretrain*", "finetune*",
+                                    "evaluation*", "inference*"]),
     install_requires=[
         "torch>=2.1",
         "deepspeed>=0.14",
@@ -30,6 +30,7 @@ setup(
         "matplotlib>=3.7",
         "tensorboard>=2.14",
         "psutil>=5.9",
+        "jinja2>=3.1",  # chat templates (finetune/templates.py renders them as transformers does)
     ],
     extras_require={
         "gpu": ["flash-attn>=2.5", "xformers>=0.0.25"],
@@ -48,6 +49,8 @@ setup(
             "llama-eval-mmlu=evaluation.evaluate_mmlu:main",
             "llama-eval-ceval=evaluation.evaluate_zh:main",
             "llama-generate=inference.generate:main",
+            "llama-finetune-export=finetune.export:main",
+            "llama-sft-generate=finetune.generate:main",
         ]
     },
 )

@@ -10,6 +10,7 @@ import copy
 import dataclasses
 import json
 import math
+import sys
 import tomllib
 import types
 import typing
@@ -224,6 +225,12 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
     elif typing.get_origin(annotation) is dict or annotation is dict:
         if isinstance(value, dict):
             return value
+    elif typing.get_origin(annotation) is list:
+        # A list from YAML, or from the command line as YAML flow syntax ([a, b]) or comma-separated text.
+        items = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+        if isinstance(items, list):
+            inner = (typing.get_args(annotation) or (Any,))[0]
+            return [_coerce(f"{key}[{i}]", v, inner) for i, v in enumerate(items)]
     else:
         return value
     name = getattr(annotation, "__name__", str(annotation))
@@ -258,9 +265,9 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def _apply(values: dict[str, Any], raw: dict[str, Any], where: str) -> None:
-    """Check and coerce `raw` into `values` (TrainConfig field -> value)."""
-    train_types = _field_types(TrainConfig)
+def _apply(values: dict[str, Any], raw: dict[str, Any], where: str, cls: type[TrainConfig] | None = None) -> None:
+    """Check and coerce `raw` into `values` (field of `cls`, default TrainConfig -> value)."""
+    train_types = _field_types(cls or TrainConfig)
     model_types = _field_types(ModelConfig)
     for key, value in raw.items():
         if key == "model" and isinstance(value, dict):
@@ -276,21 +283,25 @@ def _apply(values: dict[str, Any], raw: dict[str, Any], where: str) -> None:
         elif key in train_types:
             values[key] = _coerce(f"{where}: {key}", value, train_types[key])
         else:
-            raise ValueError(f"{where}: unknown config key '{key}'; see pretrain/config.py for the valid keys")
+            source = sys.modules[(cls or TrainConfig).__module__].__file__ or "pretrain/config.py"
+            raise ValueError(f"{where}: unknown config key '{key}'; see {Path(source).parent.name}/"
+                             f"{Path(source).name} for the valid keys")
 
 
-def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
-    """TrainConfig from defaults < `path` (YAML/TOML) < `overrides` ("key=value", "model.dim=128")."""
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = (),
+                cls: type[TrainConfig] | None = None) -> TrainConfig:
+    """`cls` (default TrainConfig, or a subclass such as finetune's) from defaults < `path` (YAML/TOML) <
+    `overrides` ("key=value", "model.dim=128")."""
     values: dict[str, Any] = {}
     if path is not None:
-        _apply(values, read_config_file(path), str(path))
+        _apply(values, read_config_file(path), str(path), cls)
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key.strip():
             raise ValueError(f"override {item!r} must look like key=value")
-        _apply(values, {key.strip(): _parse_scalar(text)}, "command line")
+        _apply(values, {key.strip(): _parse_scalar(text)}, "command line", cls)
     values["model"] = {**values.get("model", {})}
-    return TrainConfig(**values)
+    return (cls or TrainConfig)(**values)
 
 
 def save_config(cfg: TrainConfig, path: str | Path) -> None:
@@ -412,7 +423,7 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 @cli.entry_point
-def main(argv: Sequence[str] | None = None) -> None:
+def main(argv: Sequence[str] | None = None, cls: type[TrainConfig] | None = None) -> None:
     """Print the resolved config (or one key of it): what a run with these arguments would use."""
     parser = cli.parser("python -m pretrain.config", "Show the training config that --config and overrides "
                         "resolve to.")
@@ -420,7 +431,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--get", metavar="KEY", help="print only this key's value")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. lr=1e-3")
     args = parser.parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides, cls)
     if args.get is not None and args.get not in cfg.to_dict():
         raise ValueError(f"unknown config key '{args.get}'")
     if args.get is not None:

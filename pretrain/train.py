@@ -6,6 +6,12 @@
 (scripts/train.sh wraps this.) Everything comes from one config (pretrain/config.py, config/*.yaml); the DeepSpeed
 JSON is derived from it. Re-running the same command resumes from the run directory's latest checkpoint; SIGTERM
 or Ctrl-C saves a checkpoint and exits.
+
+This module is also the training core of every later stage: `train(cfg, task)` runs the loop, engine set-up,
+checkpoints, metrics and NaN policy for any `Task`, which supplies the tokenizer, the model (and a preparation
+step, e.g. freezing it for adapters) and the data sources. Pretraining is the base `Task`; instruction fine-tuning
+(finetune/train.py) is another. The loss of a step is the mean over all its target tokens, on all ranks and micro
+batches together, so gradient accumulation 4x1 equals 1x4 whatever the number of targets per sequence.
 """
 from __future__ import annotations
 
@@ -20,7 +26,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, Protocol
 
 import deepspeed
 import torch
@@ -30,11 +36,12 @@ from deepspeed.ops.adam import DeepSpeedCPUAdam
 
 from common import cli
 from common.io import replace_file, tmp_path_for
+from common.tensors import IGNORE_INDEX
 from model import ModelConfig, Transformer
 from pretrain import checkpoint
 from pretrain.config import (TrainConfig, deepspeed_config, grad_accum_steps, load_config, lr_at,
                              resolve_precision, save_config)
-from pretrain.data import DataLoader, load_manifest
+from pretrain.data import Batch, DataLoader, load_manifest
 from pretrain.metrics import MetricsLogger, memory_gib, peak_flops
 from tokenizer import Tokenizer
 
@@ -177,13 +184,16 @@ def build_model(cfg: TrainConfig, tokenizer: Tokenizer, resuming: bool,
     return model
 
 
-def prepare_run_dir(cfg: TrainConfig, mc: ModelConfig, tokenizer: Tokenizer, ds_config: dict[str, Any]) -> None:
-    """run_config.yaml, model_config.json, deepspeed_config.json and tokenizer.model, each written atomically."""
+def prepare_run_dir(cfg: TrainConfig, mc: ModelConfig, tokenizer: Tokenizer, ds_config: dict[str, Any],
+                    extra: dict[str, Any] | None = None) -> None:
+    """run_config.yaml, model_config.json, deepspeed_config.json, tokenizer.model and the task's `extra` files,
+    each written atomically."""
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     for name, write in (("run_config.yaml", lambda p: save_config(cfg, p)), ("model_config.json", mc.save),
                         ("deepspeed_config.json", lambda p: p.write_text(json.dumps(ds_config, indent=2) + "\n")),
-                        ("tokenizer.model", lambda p: shutil.copyfile(tokenizer.path, p))):
+                        ("tokenizer.model", lambda p: shutil.copyfile(tokenizer.path, p)),
+                        *(extra or {}).items()):
         tmp = tmp_path_for(run_dir / name)
         write(tmp)
         replace_file(tmp, run_dir / name)
@@ -195,6 +205,57 @@ def make_loader(cfg: TrainConfig, split: str, d: Dist, tokenizer: Tokenizer, mod
                       tokenizer_sha256=tokenizer.sha256, vocab_size=model_vocab)
 
 
+class DataSource(Protocol):
+    """What the loop needs from a stage's data: endless, exactly resumable micro batches of this rank's share."""
+
+    def next_batch(self) -> Batch: ...
+
+    def eval_batches(self, max_batches: int | None = None) -> Iterator[Batch]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class Task:
+    """What one training stage supplies to the shared loop; pretraining is the default implementation.
+
+    A stage overrides what differs: where the tokenizer and the starting model come from, `prepare_model` (which
+    parameters train: a full fine-tune keeps all, an adapter stage freezes the base and injects its modules),
+    the data sources, extra files for the run directory and the closing message.
+    """
+
+    name = "pretraining"
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+
+    def tokenizer(self) -> Tokenizer:
+        """The tokenizer, with every check that can fail before any process group exists."""
+        tokenizer = resolve_tokenizer(self.cfg)
+        load_manifest(self.cfg.data_dir, tokenizer.sha256)  # fail fast on bad data, before any rank builds a model
+        return tokenizer
+
+    def build_model(self, tokenizer: Tokenizer, resuming: bool, zero3_config: dict[str, Any] | None) -> Transformer:
+        return build_model(self.cfg, tokenizer, resuming, zero3_config)
+
+    def prepare_model(self, model: Transformer) -> nn.Module:
+        """Hook before the engine is built: set requires_grad, inject modules. Pretraining trains everything."""
+        return model
+
+    def make_source(self, split: str, d: Dist, tokenizer: Tokenizer, model_vocab: int) -> DataSource:
+        return make_loader(self.cfg, split, d, tokenizer, model_vocab)
+
+    def run_files(self) -> dict[str, Any]:
+        """Extra files for the run directory: name -> function writing that file to the path it is given."""
+        return {}
+
+    def done_message(self, run: "Run") -> str:
+        return (f"done: {run.step} steps, {run.tokens_seen:,} tokens; run directory {self.cfg.run_dir}\n"
+                f"export: python -m pretrain.export --model {self.cfg.run_dir} --output_dir "
+                f"{self.cfg.run_dir}/hf")
+
+
 @dataclass
 class Run:
     """Everything the loop works with, built by setup()."""
@@ -203,9 +264,9 @@ class Run:
     d: Dist
     engine: Any
     optimizer: torch.optim.Optimizer
-    model: Transformer
-    train_loader: DataLoader
-    val_loader: DataLoader | None
+    model: nn.Module
+    train_loader: DataSource
+    val_loader: DataSource | None
     precision: str
     grad_accum: int
     step: int = 0
@@ -213,18 +274,20 @@ class Run:
     resumed_from: str | None = None
 
 
-def setup(cfg: TrainConfig, d: Dist, tokenizer: Tokenizer) -> Run:
+def setup(task: Task, d: Dist, tokenizer: Tokenizer) -> Run:
+    cfg = task.cfg
     resuming = checkpoint.latest_tag(cfg.run_dir) is not None
     cuda = torch.cuda.is_available()
     precision = resolve_precision(cfg.precision, cuda, cuda and torch.cuda.is_bf16_supported())
     ds_config = deepspeed_config(cfg, d.world_size, precision)
-    model = build_model(cfg, tokenizer, resuming, ds_config if cfg.zero_stage == 3 else None)
+    model = task.build_model(tokenizer, resuming, ds_config if cfg.zero_stage == 3 else None)
     vocab = model.config.vocab_size
-    train_loader = make_loader(cfg, "train", d, tokenizer, vocab)
-    val_loader = make_loader(cfg, "val", d, tokenizer, vocab) if cfg.eval_interval else None
+    train_loader = task.make_source("train", d, tokenizer, vocab)
+    val_loader = task.make_source("val", d, tokenizer, vocab) if cfg.eval_interval else None
     if d.rank == 0:
-        prepare_run_dir(cfg, model.config, tokenizer, ds_config)
+        prepare_run_dir(cfg, model.config, tokenizer, ds_config, task.run_files())
     dist.barrier()
+    model = task.prepare_model(model)
     optimizer = build_optimizer(cfg, model)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     if cfg.compile:
@@ -248,6 +311,10 @@ def forward(engine: Any, batch: Any, device: torch.device) -> torch.Tensor:
     return engine(batch.tokens, targets=batch.targets, position_ids=batch.position_ids, cu_seqlens=batch.cu_seqlens)
 
 
+def num_targets(batch: Batch) -> int:
+    return int((batch.targets != IGNORE_INDEX).sum())
+
+
 def all_reduce_sum(values: list[float | torch.Tensor], device: torch.device) -> list[float]:
     t = torch.stack([torch.as_tensor(v, dtype=torch.float64).to(device) for v in values])
     dist.all_reduce(t)
@@ -256,12 +323,17 @@ def all_reduce_sum(values: list[float | torch.Tensor], device: torch.device) -> 
 
 @torch.no_grad()
 def evaluate(run: Run) -> float:
-    """Mean validation loss over the first eval_batches micro batches per rank: the same batches every time."""
+    """Mean validation loss per target token over the first eval_batches micro batches per rank: the same batches
+    every time."""
     run.engine.eval()
-    losses = [forward(run.engine, b, run.d.device).float() for b in run.val_loader.eval_batches(run.cfg.eval_batches)]
+    total, count = torch.zeros((), dtype=torch.float64), 0
+    for b in run.val_loader.eval_batches(run.cfg.eval_batches):
+        n = num_targets(b)
+        total += forward(run.engine, b, run.d.device).double().cpu() * n  # the batch's mean -> its sum
+        count += n
     run.engine.train()
-    total, count = all_reduce_sum([torch.stack(losses).sum(), len(losses)], run.d.device)
-    return total / count
+    total, count = all_reduce_sum([total, count], run.d.device)
+    return total / max(count, 1)
 
 
 def manual_grad_norm(model: nn.Module) -> float | None:
@@ -321,28 +393,43 @@ def save(run: Run) -> str:
 @dataclass
 class StepResult:
     loss: float
-    """Mean loss over the step's micro batches on all ranks (non-finite ones left out)."""
+    """Mean loss per target token over the step's micro batches on all ranks (non-finite ones left out)."""
     skipped: bool
     """Some rank saw a non-finite loss, so no update was applied (nan_policy=skip)."""
     stop: bool
     """Some rank received SIGTERM/SIGINT: every rank saves after this step and exits."""
     grad_norm: float | None
+    tokens: int = 0
+    """Input positions of the step on all ranks (padding included): what the compute was spent on."""
+    targets: int = 0
+    """Target tokens of the step on all ranks: what the loss is averaged over."""
 
 
 def train_step(run: Run, stop: StopFlag, manual_norm: bool) -> StepResult:
-    """One optimizer step: grad_accum micro batches through the engine, with the non-finite-loss policy applied."""
+    """One optimizer step: grad_accum micro batches through the engine, with the non-finite-loss policy applied.
+
+    The model returns each micro batch's mean loss; weighting it by the batch's share of the step's target tokens
+    (all ranks) makes the step's gradient that of the mean over every target token. DeepSpeed divides each micro
+    loss by grad_accum and averages gradients over ranks, so the weight multiplies both back: with equally full
+    batches (pretraining) it is exactly 1.
+    """
     engine, optimizer, cfg = run.engine, run.optimizer, run.cfg
     set_lr(optimizer, lr_at(run.step, cfg))
+    batches = [run.train_loader.next_batch() for _ in range(run.grad_accum)]
+    counts = [num_targets(b) for b in batches]
+    step_targets, step_tokens = (int(v) for v in all_reduce_sum(
+        [sum(counts), sum(b.tokens.numel() for b in batches)], run.d.device))
     losses, norm = [], None
-    for micro in range(run.grad_accum):
-        loss = forward(engine, run.train_loader.next_batch(), run.d.device)
-        losses.append(loss.detach().float())
+    for micro, batch in enumerate(batches):
+        loss = forward(engine, batch, run.d.device)
+        losses.append(loss.detach().float() * counts[micro])  # this batch's summed loss
+        loss = loss * (counts[micro] * run.grad_accum * run.d.world_size / max(step_targets, 1))
         last = micro == run.grad_accum - 1
         if last:
             # One small all-reduce per step: the loss, whether any rank saw a non-finite one, any stop signal.
             local = torch.stack(losses)
             loss_sum, n_bad, n_stop = all_reduce_sum(
-                [torch.nan_to_num(local, nan=0.0, posinf=0.0, neginf=0.0).mean(), (~local.isfinite()).sum(),
+                [torch.nan_to_num(local, nan=0.0, posinf=0.0, neginf=0.0).sum(), (~local.isfinite()).sum(),
                  float(stop.signal is not None)], run.d.device)
             if n_bad and cfg.nan_policy == "stop":
                 raise TrainingStopped(f"non-finite loss at step {run.step + 1} (nan_policy=stop); checkpoints are "
@@ -356,7 +443,8 @@ def train_step(run: Run, stop: StopFlag, manual_norm: bool) -> StepResult:
     if not manual_norm:
         norm = engine.get_global_grad_norm()
     run.step += 1
-    return StepResult(loss_sum / run.d.world_size, n_bad > 0, n_stop > 0, None if norm is None else float(norm))
+    return StepResult(loss_sum / max(step_targets, 1), n_bad > 0, n_stop > 0, None if norm is None else float(norm),
+                      step_tokens, step_targets)
 
 
 class LogWindow:
@@ -364,9 +452,12 @@ class LogWindow:
 
     def __init__(self) -> None:
         self.loss, self.good, self.steps, self.start = 0.0, 0, 0, time.perf_counter()
+        self.tokens, self.targets = 0, 0
 
     def add(self, result: StepResult) -> None:
         self.steps += 1
+        self.tokens += result.tokens
+        self.targets += result.targets
         if not result.skipped:
             self.loss += result.loss
             self.good += 1
@@ -374,28 +465,31 @@ class LogWindow:
     def mean_loss(self) -> float | None:
         return self.loss / self.good if self.good else None
 
-    def steps_per_sec(self) -> float:
-        return self.steps / (time.perf_counter() - self.start)
+    def per_sec(self, count: float) -> float:
+        return count / (time.perf_counter() - self.start)
 
 
-def train(cfg: TrainConfig) -> None:
-    tokenizer = resolve_tokenizer(cfg)
-    load_manifest(cfg.data_dir, tokenizer.sha256)  # fail fast on bad data, before any rank builds a model
+def train(cfg: TrainConfig, task: Task | None = None) -> None:
+    """Run `task` (default: pretraining) to cfg.max_steps, resuming from cfg.run_dir's latest checkpoint."""
+    task = task or Task(cfg)
+    tokenizer = task.tokenizer()
     d = init_distributed(cfg)
     stop = StopFlag()
     stop.install(announce=d.rank == 0)  # before the slow setup: an early Ctrl-C still ends cleanly at step one
-    run = setup(cfg, d, tokenizer)
+    run = setup(task, d, tokenizer)
     metrics = MetricsLogger(cfg.run_dir, cfg.to_dict(), enabled=d.rank == 0, start_step=run.step,
                             max_steps=cfg.max_steps, tensorboard=cfg.tensorboard, wandb_mode=cfg.wandb_mode,
                             wandb_project=cfg.wandb_project)
     mc = run.model.config
+    trainable = sum(getattr(p, "ds_numel", p.numel()) for p in run.model.parameters() if p.requires_grad)
+    if trainable != mc.num_params():
+        metrics.print(f"{task.name}: {trainable / 1e6:.2f}M of the model's parameters train")
     metrics.print(f"model {mc.num_params() / 1e6:.2f}M parameters | ZeRO-{cfg.zero_stage} {run.precision} | "
                   f"{cfg.micro_batch_size} sequences x {run.grad_accum} accumulation x {d.world_size} ranks = "
                   f"{cfg.global_batch_size} x {cfg.seq_len} tokens per step | run dir {cfg.run_dir}")
     if run.resumed_from:
         metrics.print(f"resumed from {Path(cfg.run_dir) / run.resumed_from} at step {run.step}")
 
-    tokens_per_step = cfg.global_batch_size * cfg.seq_len
     peak = peak_flops(torch.cuda.get_device_name(d.device)) if d.device.type == "cuda" else None
     manual_norm = cfg.zero_stage == 0 and run.precision == "fp32"  # the one setup where DeepSpeed reports no norm
     window, skipped_in_a_row, skipped_total = LogWindow(), 0, 0
@@ -412,15 +506,15 @@ def train(cfg: TrainConfig) -> None:
                                       f"{run.step}): training diverged; lower lr and resume from an earlier checkpoint")
         else:
             skipped_in_a_row = 0
-            run.tokens_seen += tokens_per_step
+            run.tokens_seen += result.tokens
         metrics.advance(run.step, loss=f"{result.loss:.4f}")
         last_step = run.step == cfg.max_steps
 
         if run.step % cfg.log_interval == 0 or last_step:
-            tokens_per_sec = tokens_per_step * window.steps_per_sec()
+            tokens_per_sec = window.per_sec(window.tokens)
             row = {"loss": window.mean_loss(), "lr": lr, "grad_norm": result.grad_norm,
-                   "tokens_per_sec": tokens_per_sec, "tokens": run.tokens_seen, "memory_gib": memory_gib(),
-                   "skipped_steps": skipped_total}
+                   "tokens_per_sec": tokens_per_sec, "target_tokens_per_sec": window.per_sec(window.targets),
+                   "tokens": run.tokens_seen, "memory_gib": memory_gib(), "skipped_steps": skipped_total}
             if peak is not None:
                 row["mfu"] = tokens_per_sec / d.world_size * mc.flops_per_token(cfg.seq_len) / peak
             metrics.log(run.step, row)
@@ -444,9 +538,7 @@ def train(cfg: TrainConfig) -> None:
 
     metrics.close()
     if d.rank == 0 and run.step == cfg.max_steps:
-        print(f"done: {run.step} steps, {run.tokens_seen:,} tokens; run directory {cfg.run_dir}\n"
-              f"export: python -m pretrain.export --model {cfg.run_dir} --output_dir {cfg.run_dir}/hf",
-              flush=True)
+        print(task.done_message(run), flush=True)
     dist.barrier()
     dist.destroy_process_group()
 

@@ -1,0 +1,144 @@
+"""Fine-tuning configuration: the pretraining TrainConfig (engine, optimizer, schedule, checkpoints, logging) plus
+what instruction tuning adds (base model, instruction files, chat template, masking, packing).
+
+Loaded exactly like the pretraining config (YAML/TOML file < key=value overrides, every key type-checked):
+
+    python -m finetune.config --config config/finetune_debug.yaml [--get KEY] [key=value ...]
+
+Of the inherited fields, `data_dir`, `model_preset` and `init_from_hf` do not apply (the model comes from
+`model_path`); `model` may only set runtime switches (attn_impl, fused_kernels); `seq_len` is the length of a
+packed row (or the longest padded sample); `tokenizer` defaults to model_path/tokenizer.model.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from pretrain import config as pretrain_config
+from finetune.templates import get_template
+from pretrain.config import TrainConfig
+
+FINETUNING_TYPES = ("full",)
+"""Which parameters train. `lora` (adapters on a frozen base, model/lora.py) plugs in here as another entry."""
+DATA_FORMATS = ("auto", "alpaca", "sharegpt", "openai")
+TRUNCATIONS = ("truncate", "drop")
+BAD_RECORDS = ("skip", "error")
+RUNTIME_MODEL_FIELDS = ("attn_impl", "fused_kernels")
+
+
+@dataclass
+class FinetuneConfig(TrainConfig):
+    """A fine-tuning run. The defaults are the debug run on the shipped instruction sample
+    (config/finetune_debug.yaml spells them out)."""
+
+    # --- defaults that differ from pretraining (same meaning as in TrainConfig) ---
+    run_dir: str = "runs/sample/sft"
+    """Output directory: checkpoints, configs, tokenizer.model, chat_template.jinja, metrics, loss curve."""
+    seq_len: int = 256
+    """Tokens per packed row (packing) or the most a padded micro batch may hold."""
+    max_steps: int = 60
+    """Optimizer steps to train for."""
+    lr: float = 1e-3
+    """Peak learning rate."""
+    min_lr: float = 1e-4
+    """Learning rate at the end of the cosine decay."""
+    warmup_steps: int = 5
+    """Steps of linear warmup."""
+    weight_decay: float = 0.0
+    """AdamW decoupled weight decay (matrices only)."""
+    eval_interval: int = 20
+    """Validation loss every N steps (and at the end); 0 disables it."""
+    eval_batches: int = 4
+    """Micro batches per rank used for each validation loss."""
+    save_interval: int = 30
+    """Save a checkpoint every N steps (and at the end)."""
+    wandb_project: str = "llama-finetune"
+    """Weights & Biases project name."""
+
+    # --- starting point ---
+    model_path: str = "runs/sample/train"
+    """The model to tune: a Hugging Face LLaMA folder or one of our training run directories."""
+    model_tag: str | None = None
+    """Checkpoint of a run directory model_path (default: its latest)."""
+    finetuning_type: str = "full"
+    """Which parameters train: 'full' (all of them)."""
+
+    # --- data ---
+    data_files: list[str] = field(default_factory=lambda: ["data/sft_sample/alpaca.jsonl",
+                                                           "data/sft_sample/sharegpt.json"])
+    """Instruction files (.json list or .jsonl, optionally .gz), mixed together and shuffled."""
+    val_files: list[str] = field(default_factory=list)
+    """Validation files; empty: hold out val_size records of data_files."""
+    val_size: int = 16
+    """Records of data_files held out for validation when val_files is empty (0: none)."""
+    data_format: str = "auto"
+    """'alpaca' (instruction/input/output, optional system and history), 'sharegpt' (conversations with
+    from/value), 'openai' (messages with role/content), or 'auto': decided per record by its keys."""
+    instruction_field: str = "instruction"
+    """Alpaca-layout key of the instruction (e.g. 'question' for BELLE's eval set)."""
+    input_field: str = "input"
+    """Alpaca-layout key of the optional input, appended to the instruction after a blank line."""
+    output_field: str = "output"
+    """Alpaca-layout key of the reply (e.g. 'std_answer' for BELLE's eval set)."""
+    system_field: str = "system"
+    """Key of an optional system text (alpaca and sharegpt layouts)."""
+    history_field: str = "history"
+    """Alpaca-layout key of optional earlier turns: a list of [instruction, reply] pairs."""
+    bad_records: str = "skip"
+    """A record with missing fields, non-alternating roles or an empty reply: 'skip' (counted, the first few
+    reported with file and line) or 'error' (stop at the first). Invalid JSON is always an error."""
+
+    # --- tokenization ---
+    template: str = "alpaca"
+    """Chat template: alpaca, vicuna, chatml, llama-2 or plain (finetune/templates.py)."""
+    cutoff_len: int | None = None
+    """Most tokens of one sample (BOS to last EOS); None: seq_len + 1 (a sample of n tokens fills n - 1
+    positions). Longer samples are handled by `truncation`."""
+    truncation: str = "truncate"
+    """'truncate': keep the leading whole turns that fit; when even the first does not, cut its reply (which
+    then has no EOS); a sample whose prompt alone fills cutoff_len is skipped. 'drop': skip every longer sample.
+    Both are counted in the data report."""
+    train_on_prompt: bool = False
+    """Also train on prompt tokens (default: loss on assistant replies and their EOS only)."""
+    mask_history: bool = False
+    """Train only on the last reply of a conversation (earlier replies are context)."""
+    packing: bool = True
+    """Pack several samples into each seq_len row with document masking; false pads each sample."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name, allowed in (("finetuning_type", FINETUNING_TYPES), ("data_format", DATA_FORMATS),
+                              ("truncation", TRUNCATIONS), ("bad_records", BAD_RECORDS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        get_template(self.template)  # an unknown name is a one-line error here, before anything runs
+        if not self.data_files:
+            raise ValueError("data_files is empty: give at least one instruction file")
+        if self.init_from_hf is not None:
+            raise ValueError("init_from_hf does not apply to fine-tuning: set model_path to the model to tune")
+        not_runtime = sorted(set(self.model) - set(RUNTIME_MODEL_FIELDS))
+        if not_runtime:
+            raise ValueError(f"model.{not_runtime[0]}: the architecture comes from model_path; only "
+                             f"{', '.join('model.' + f for f in RUNTIME_MODEL_FIELDS)} may be set")
+        if self.cutoff_len is not None and not 2 <= self.cutoff_len <= self.seq_len + 1:
+            raise ValueError(f"cutoff_len must be in [2, seq_len + 1 = {self.seq_len + 1}], got {self.cutoff_len}")
+        if self.val_size < 0:
+            raise ValueError(f"val_size must be >= 0, got {self.val_size}")
+
+    @property
+    def max_sample_len(self) -> int:
+        return self.cutoff_len or self.seq_len + 1
+
+
+def load_finetune_config(path: str | None = None, overrides: Sequence[str] = ()) -> FinetuneConfig:
+    return pretrain_config.load_config(path, overrides, FinetuneConfig)  # type: ignore[return-value]
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Print the resolved fine-tuning config (or one key of it)."""
+    pretrain_config.main(argv, FinetuneConfig)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,185 @@
+"""Instruction fine-tuning on the pretraining core: the same loop, DeepSpeed engine (ZeRO 0-3), checkpoints,
+auto-resume, SIGTERM save, metrics and NaN policy (pretrain/train.py); only the data, the loss mask and which
+parameters train differ.
+
+    deepspeed --hostfile config/hostfile --no_ssh --node_rank 0 --master_addr 127.0.0.1 \\
+        finetune/train.py --config config/finetune_debug.yaml [key=value ...]
+
+(scripts/finetune.sh wraps this and exports the result.) The model to tune is `model_path`: a Hugging Face LLaMA
+folder or one of our training run directories. Re-running the same command resumes from the latest checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import torch.nn as nn
+
+from artifacts.open import load_model
+from common.io import write_text
+from finetune.config import RUNTIME_MODEL_FIELDS, FinetuneConfig, load_finetune_config
+from finetune.data import DataOptions, Sample, load_samples
+from finetune.loader import InstructionLoader, fingerprint
+from finetune.templates import CHAT_TEMPLATE_FILE, get_template
+from model import Transformer
+from pretrain.train import Dist, Run, Task, TrainingStopped, saved_model_config
+from pretrain.train import train as train_core
+from tokenizer import Tokenizer
+
+
+def prepare_full(model: Transformer) -> nn.Module:
+    """Full-parameter fine-tuning: every parameter trains."""
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
+
+
+# finetuning_type -> the step that decides which parameters train (an adapter type adds its entry here).
+PREPARE: dict[str, Callable[[Transformer], nn.Module]] = {"full": prepare_full}
+
+
+def split_validation(samples: list[Sample], val_size: int, seed: int) -> tuple[list[Sample], list[Sample]]:
+    """Hold out val_size samples, chosen by a seeded draw (the same on every rank and every restart)."""
+    if val_size == 0:
+        return samples, []
+    if val_size >= len(samples):
+        raise ValueError(f"val_size={val_size} would leave no training samples out of {len(samples)}; lower it "
+                         "or give val_files")
+    import numpy as np
+
+    held = set(np.random.default_rng(seed).choice(len(samples), val_size, replace=False).tolist())
+    return [s for i, s in enumerate(samples) if i not in held], [samples[i] for i in sorted(held)]
+
+
+class FinetuneTask(Task):
+    name = "fine-tuning"
+
+    def __init__(self, cfg: FinetuneConfig) -> None:
+        super().__init__(cfg)
+        self.cfg: FinetuneConfig = cfg
+        self.template = get_template(cfg.template)
+        self.samples: dict[str, list[Sample]] = {}
+
+    def tokenizer(self) -> Tokenizer:
+        """The model's tokenizer, and every sample tokenized: bad data stops the run before any rank starts."""
+        cfg = self.cfg
+        if Path(cfg.run_dir).resolve() == Path(cfg.model_path).resolve():
+            raise ValueError(f"run_dir {cfg.run_dir} is model_path: write the fine-tuning run to another folder")
+        self.check_resume()
+        path = Path(cfg.tokenizer) if cfg.tokenizer else Path(cfg.model_path) / "tokenizer.model"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: tokenizer not found; set tokenizer=PATH (the model's tokenizer.model)")
+        tokenizer = Tokenizer(path)
+        if tokenizer.bos_id < 0 or tokenizer.eos_id < 0:
+            raise ValueError(f"{path}: the tokenizer needs BOS and EOS tokens for chat templates")
+        options = DataOptions.from_config(cfg)
+        train, report = load_samples(cfg.data_files, self.template, tokenizer, options)
+        if cfg.val_files:
+            val, val_report = load_samples(cfg.val_files, self.template, tokenizer, options)
+        else:
+            train, val = split_validation(train, cfg.val_size, cfg.seed)
+            val_report = None
+        self.samples = {"train": train, "val": val}
+        if os.environ.get("RANK", "0") == "0":
+            print(report.summary("data " + ", ".join(cfg.data_files)), flush=True)
+            if val_report is not None:
+                print(val_report.summary("validation " + ", ".join(cfg.val_files)), flush=True)
+            else:
+                print(f"validation: {len(val)} samples held out of data_files (val_size)", flush=True)
+        if cfg.eval_interval and not val:
+            raise ValueError("eval_interval is set but there is no validation data: give val_files, val_size > 0, "
+                             "or set eval_interval=0")
+        return tokenizer
+
+    def check_resume(self) -> None:
+        """A run directory is resumed only with the template, base model and finetuning type it was started with:
+        checked before anything in it is rewritten (its chat_template.jinja must stay the one its weights learnt)."""
+        path = Path(self.cfg.run_dir) / "finetune.json"
+        if not path.is_file():
+            return
+        saved = json.loads(path.read_text())
+
+        def differs(key: str, old: Any, new: str) -> bool:  # a path may be spelled relative or absolute
+            if key == "model_path" and isinstance(old, str):
+                return Path(old).resolve() != Path(new).resolve()
+            return old != new
+
+        changed = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in self.run_meta().items() if differs(k, saved.get(k), v)]
+        if changed:
+            raise ValueError(f"{self.cfg.run_dir} holds a fine-tuning run started with other settings "
+                             f"({', '.join(changed)}); use a new run_dir, or the original settings to resume")
+
+    def run_meta(self) -> dict[str, str]:
+        return {"template": self.template.name, "model_path": self.cfg.model_path,
+                "finetuning_type": self.cfg.finetuning_type}
+
+    def build_model(self, tokenizer: Tokenizer, resuming: bool, zero3_config: dict[str, Any] | None) -> Transformer:
+        """The model at model_path (fp32 on CPU; DeepSpeed moves, casts and partitions it)."""
+        cfg = self.cfg
+        model = load_model(cfg.model_path, "cpu", "float32", tag=cfg.model_tag).train()
+        for key in RUNTIME_MODEL_FIELDS:
+            if key in cfg.model:
+                setattr(model.config, key, cfg.model[key])
+        model.config.activation_checkpointing = cfg.activation_checkpointing
+        if tokenizer.vocab_size > model.config.vocab_size:
+            raise ValueError(f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} tokens but the model at "
+                             f"{cfg.model_path} only {model.config.vocab_size}")
+        if cfg.seq_len > model.config.max_seq_len:
+            raise ValueError(f"seq_len {cfg.seq_len} exceeds the model's max_seq_len {model.config.max_seq_len}")
+        saved = saved_model_config(cfg.run_dir) if resuming else None
+        if saved is not None:
+            mine = model.config.to_dict()
+            changed = [k for k, v in saved.to_dict().items()
+                       if k not in (*RUNTIME_MODEL_FIELDS, "activation_checkpointing") and mine.get(k) != v]
+            if changed:
+                raise ValueError(f"{cfg.run_dir} holds a fine-tuning run of a different model ({', '.join(changed)} "
+                                 f"differ from {cfg.model_path}); use a new run_dir or the original model_path")
+        return model
+
+    def prepare_model(self, model: Transformer) -> nn.Module:
+        return PREPARE[self.cfg.finetuning_type](model)
+
+    def make_source(self, split: str, d: Dist, tokenizer: Tokenizer, model_vocab: int) -> InstructionLoader:
+        cfg = self.cfg
+        samples = self.samples[split]
+        pad = tokenizer.pad_id if tokenizer.pad_id >= 0 else tokenizer.eos_id
+        return InstructionLoader(samples, cfg.seq_len, cfg.micro_batch_size, pad, d.rank, d.world_size, cfg.seed,
+                                 shuffle=split == "train", packing=cfg.packing, split=split,
+                                 data_hash=fingerprint(samples))
+
+    def run_files(self) -> dict[str, Any]:
+        meta = json.dumps(self.run_meta(), indent=2) + "\n"
+        return {CHAT_TEMPLATE_FILE: lambda p: write_text(p, self.template.jinja() + "\n"),
+                "finetune.json": lambda p: write_text(p, meta)}
+
+    def done_message(self, run: Run) -> str:
+        run_dir = self.cfg.run_dir
+        return (f"done: {run.step} steps, {run.tokens_seen:,} tokens; run directory {run_dir}\n"
+                f"export: python -m finetune.export --run_dir {run_dir} --output_dir {run_dir}/hf")
+
+
+def train(cfg: FinetuneConfig) -> None:
+    train_core(cfg, FinetuneTask(cfg))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML or TOML fine-tuning config (default: the built-in debug run)")
+    parser.add_argument("--local_rank", type=int, default=None, help="passed by the deepspeed launcher; unused")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="config overrides, e.g. lr=1e-5 template=vicuna data_files=[a.json,b.jsonl]")
+    args = parser.parse_args(argv)
+    warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+`? is deprecated", category=FutureWarning)
+    try:
+        train(load_finetune_config(args.config, args.overrides))
+    except (ValueError, FileNotFoundError, TrainingStopped) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
