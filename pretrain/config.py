@@ -53,6 +53,10 @@ class TrainConfig:
     compile: bool = False
     """torch.compile the model inside the engine (fused elementwise kernels on CPU and GPU); the first steps
     pay the compilation time."""
+    train_only_embeddings: bool = False
+    """Train only the token embeddings and the output head, every other weight frozen: the first stage after a
+    vocabulary extension (model.resize), so the new rows learn before the rest of the model moves. Run the
+    second stage from this run's export with it off (docs/long_context.md)."""
 
     # --- data ---
     data_dir: str = "runs/sample/data"
