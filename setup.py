@@ -38,6 +38,9 @@ setup(
             "llama-prepare-data=pretrain.prepare_data:main",
             "llama-export=pretrain.export:main",
             "llama-generate=model.generate:main",
+            "llama-merge-tokenizer=tokenizer.merge:main",
+            "llama-resize-vocab=model.resize:main",
+            "llama-passkey=evaluation.passkey:main",
         ]
     },
 )

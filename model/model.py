@@ -257,6 +257,16 @@ class Transformer(nn.Module):
             self._rope, self._rope_len = rope_table(self.config, device, length), length
         return self._rope
 
+    def set_rope(self, **fields) -> None:
+        """Change rotary settings (rope_theta, rope_type, rope_factor, ..., max_seq_len) of a built model, e.g. to
+        try NTK scaling on a model at inference; the weights are untouched. Fields are validated as ModelConfig's."""
+        allowed = {"max_seq_len", "rope_theta"} | {k for k in self.config.to_dict() if k.startswith("rope_")}
+        unknown = sorted(set(fields) - allowed)
+        if unknown:
+            raise ValueError(f"set_rope takes only {', '.join(sorted(allowed))}; got {', '.join(unknown)}")
+        self.config = ModelConfig.from_dict({**self.config.to_dict(), **fields})
+        self._rope = self._rope_len = None
+
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, *,
                 position_ids: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
                 cache: KVCache | None = None, output_positions: torch.Tensor | None = None) -> torch.Tensor:
