@@ -182,6 +182,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Baichuan-7B, as released.
     "baichuan-7b": dict(vocab_size=64000, dim=4096, n_layers=32, n_heads=32, hidden_dim=11008, max_seq_len=4096,
                         norm_eps=1e-6, rope_theta=10000.0),
+    # XVERSE-13B's shape with its 8K context: 40 layers, dim 5120, 40 heads, SwiGLU 13824. Its BPE tokenizer has
+    # 100,278 ids (XVERSE-13B README); the table is rounded up to a multiple of 64 (100,288) for GEMM speed, the
+    # last 10 rows unused. About 13.7B parameters with untied embeddings.
+    "xverse-13b": dict(vocab_size=100288, dim=5120, n_layers=40, n_heads=40, hidden_dim=13824, max_seq_len=8192,
+                       norm_eps=1e-6, rope_theta=10000.0),
     # About 13B parameters (LLaMA-13B shape with a 64000-word vocabulary).
     "13b": dict(vocab_size=64000, dim=5120, n_layers=40, n_heads=40, hidden_dim=13824, max_seq_len=4096),
 }

@@ -161,3 +161,22 @@ def test_sequence_beyond_the_scaled_context_is_rejected():
     model = Transformer(tiny(**SCALINGS["yarn"]))
     with pytest.raises(ValueError, match="exceeds max_seq_len=256"):
         model(torch.zeros(1, 257, dtype=torch.long))
+
+
+def test_xverse_preset_and_long_context_config():
+    from pretrain.config import deepspeed_config, load_config
+
+    xverse = ModelConfig.from_preset("xverse-13b")
+    assert (xverse.n_layers, xverse.dim, xverse.n_heads, xverse.hidden_dim, xverse.max_seq_len) == (
+        40, 5120, 40, 13824, 8192)
+    assert xverse.vocab_size >= 100278 and xverse.vocab_size % 64 == 0
+    assert config_to_hf(xverse, torch.bfloat16, 1, 2, None)["max_position_embeddings"] == 8192
+
+    repo = __import__("pathlib").Path(__file__).resolve().parents[1]
+    cfg = load_config(repo / "config" / "long_context.yaml")
+    # What build_model does with init_from_hf: the exported model's config plus cfg.model.
+    base = ModelConfig.from_preset("baichuan-7b")
+    extended = ModelConfig.from_dict({**base.to_dict(), **cfg.model})
+    assert extended.rope_theta == 500000.0 > base.rope_theta and extended.rope_type == "default"
+    assert cfg.seq_len == extended.max_seq_len > base.max_seq_len
+    assert cfg.lr == 2e-5 and deepspeed_config(cfg, 64, "bf16")["train_batch_size"] == cfg.global_batch_size
