@@ -103,8 +103,12 @@ def rope_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
         out["max_seq_len"] = int(factor * max_pos)
     elif kind in ("yarn", "llama3") and original is None:
         original = max_pos  # as transformers' standardize_rope_params
-    if kind == "yarn" and factor is None:
-        factor = max_pos / original  # transformers' implicit factor
+    if kind == "yarn":
+        if factor is None:
+            factor = max_pos / original  # transformers' implicit factor
+        # Qwen-style folders (and ours) keep max_position_embeddings at the original context: yarn runs to
+        # factor times it.
+        out["max_seq_len"] = max(max_pos, int(factor * original))
     out.update(rope_factor=float(factor), rope_original_max_seq_len=original)
     for ours, theirs in (("rope_low_freq_factor", "low_freq_factor"), ("rope_high_freq_factor", "high_freq_factor"),
                          ("rope_beta_fast", "beta_fast"), ("rope_beta_slow", "beta_slow"),
@@ -121,9 +125,13 @@ def rope_to_hf(config: ModelConfig) -> dict[str, Any]:
     scaling: dict[str, Any] = {"rope_type": kind}
     if kind != "default":
         scaling["factor"] = config.rope_factor
-    if kind == "dynamic":
-        max_pos = config.rope_original_max_seq_len  # transformers scales from max_position_embeddings
-    if kind in ("yarn", "llama3"):
+    if kind in ("dynamic", "yarn"):
+        # transformers scales dynamic NTK from max_position_embeddings, and 4.4x's yarn takes it as the original
+        # context too (later versions read original_max_position_embeddings, defaulting to it): so it is the
+        # original context here, and original_max_position_embeddings is left out (4.5x would otherwise recompute
+        # yarn's factor as max_position_embeddings / original).
+        max_pos = config.rope_original_max_seq_len
+    if kind == "llama3":
         scaling["original_max_position_embeddings"] = config.rope_original_max_seq_len
     if kind == "yarn":
         scaling.update(beta_fast=config.rope_beta_fast, beta_slow=config.rope_beta_slow)

@@ -21,7 +21,9 @@ SCALINGS = {
     "yarn": dict(rope_type="yarn", rope_factor=4.0, rope_original_max_seq_len=ORIGINAL, max_seq_len=256,
                  rope_beta_fast=16.0, rope_beta_slow=2.0),
     "yarn_attention_factor": dict(rope_type="yarn", rope_factor=4.0, rope_original_max_seq_len=ORIGINAL,
-                                  max_seq_len=256, rope_attention_factor=1.3, rope_truncate=False),
+                                  max_seq_len=256, rope_attention_factor=1.3),
+    "yarn_no_truncate": dict(rope_type="yarn", rope_factor=4.0, rope_original_max_seq_len=ORIGINAL,
+                             max_seq_len=256, rope_truncate=False),  # transformers >= 4.5x / 5 only
     "llama3": dict(rope_type="llama3", rope_factor=8.0, rope_original_max_seq_len=ORIGINAL, max_seq_len=256,
                    rope_low_freq_factor=1.0, rope_high_freq_factor=4.0, rope_theta=50000.0),
 }
