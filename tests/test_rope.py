@@ -122,6 +122,26 @@ def test_llama31_style_config_loads(tmp_path):
     config = config_from_hf(hf_dynamic)
     assert (config.rope_original_max_seq_len, config.max_seq_len) == (100, 200)
     assert config_from_hf(hf_dynamic, max_seq_len=150).max_seq_len == 150
+    # Qwen2.5-style yarn: max_position_embeddings stays at the original context, yarn runs to factor times it.
+    qwen = dict(hf, max_position_embeddings=128, rope_scaling={"type": "yarn", "factor": 4.0,
+                                                               "original_max_position_embeddings": 128})
+    config = config_from_hf(qwen)
+    assert (config.rope_original_max_seq_len, config.max_seq_len, config.rope_factor) == (128, 512, 4.0)
+
+
+def test_set_rope_changes_only_rotary_settings():
+    torch.manual_seed(0)
+    model = Transformer(tiny(max_seq_len=128)).eval()
+    x = torch.randint(0, 512, (1, 100))
+    with torch.no_grad():
+        before = model(x)
+        model.set_rope(rope_type="dynamic", rope_factor=2.0, rope_original_max_seq_len=128, max_seq_len=256)
+        assert torch.equal(model(x), before)  # within the original context dynamic NTK changes nothing
+        assert model(torch.randint(0, 512, (1, 200))).shape == (1, 200, 512)
+    with pytest.raises(ValueError, match="set_rope takes only"):
+        model.set_rope(dim=256)
+    with pytest.raises(ValueError, match="rope_factor must be >= 1"):
+        model.set_rope(rope_factor=0.5)
 
 
 @pytest.mark.parametrize("scaling, message", [
