@@ -115,6 +115,8 @@ class ModelConfig:
         if kind == "llama3" and not self.rope_high_freq_factor > self.rope_low_freq_factor:
             raise ValueError(f"ModelConfig.rope_high_freq_factor ({self.rope_high_freq_factor}) must exceed "
                              f"rope_low_freq_factor ({self.rope_low_freq_factor})")
+        if self.rope_attention_factor is not None and not self.rope_attention_factor > 0:
+            raise ValueError(f"ModelConfig.rope_attention_factor must be > 0 or None, got {self.rope_attention_factor!r}")
         if kind == "yarn" and not self.rope_beta_fast > self.rope_beta_slow:
             raise ValueError(f"ModelConfig.rope_beta_fast ({self.rope_beta_fast}) must exceed "
                              f"rope_beta_slow ({self.rope_beta_slow})")

@@ -42,7 +42,7 @@ class TrainConfig:
 
     # --- model ---
     model_preset: str = "debug"
-    """ModelConfig preset (debug, 125m, 1b, baichuan-7b, 13b); ignored when init_from_hf is set."""
+    """ModelConfig preset (debug, 125m, 1b, baichuan-7b, xverse-13b, 13b); ignored when init_from_hf is set."""
     model: dict[str, Any] = field(default_factory=dict)
     """ModelConfig fields overriding the preset, e.g. {dim: 128, n_layers: 4}. vocab_size defaults to the
     tokenizer's vocabulary size when not given."""
