@@ -25,8 +25,8 @@ from .hf import read_hf_state_dict
 
 INITS = ("mean", "normal")
 EMBEDDING, OUTPUT = "model.embed_tokens.weight", "lm_head.weight"
-_SKIP = {"model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json",
-         "config.json"}
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
+"""Files not copied from the source folder: its weights (single or sharded) are rewritten as model.safetensors."""
 
 
 def resize_rows(weight: torch.Tensor, new_rows: int, init: str, std: float, generator: torch.Generator) -> torch.Tensor:
@@ -97,7 +97,8 @@ def resize_hf(model: str | Path, output_dir: str | Path, vocab_size: int | None 
                   metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         for f in src.iterdir():
-            if f.is_file() and f.name not in _SKIP and not f.name.startswith("."):
+            if f.is_file() and f.name != "config.json" and not f.name.endswith(WEIGHT_SUFFIXES) \
+                    and not f.name.startswith("."):
                 if tok is not None and f.name.startswith(("tokenizer", "special_tokens_map", "added_tokens")):
                     continue  # the old tokenizer's files would contradict the new one
                 shutil.copyfile(f, tmp / f.name)

@@ -131,6 +131,15 @@ def test_resize_refuses_to_drop_ids_in_use(tokenizers, tmp_path):
     resize_hf(tmp_path / "padded", tmp_path / "unpadded", vocab_size=tok.vocab_size)
     a = Transformer.from_hf(tmp_path / "hf").tok_embeddings.weight
     assert torch.equal(Transformer.from_hf(tmp_path / "unpadded").tok_embeddings.weight, a)
+    # A sharded source: its shards are read, not copied beside the rewritten model.safetensors.
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)
+    theirs.save_pretrained(tmp_path / "sharded", max_shard_size="200KB")
+    assert len(list((tmp_path / "sharded").glob("*.safetensors"))) > 1
+    resize_hf(tmp_path / "sharded", tmp_path / "from_shards", vocab_size=tok.vocab_size + 64)
+    assert [f.name for f in (tmp_path / "from_shards").glob("*.safetensors")] == ["model.safetensors"]
+    assert not list((tmp_path / "from_shards").glob("*.index.json"))
+    grown = Transformer.from_hf(tmp_path / "from_shards").tok_embeddings.weight
+    assert torch.equal(grown[:tok.vocab_size], a)
 
 
 def test_continued_pretraining_trains_only_embeddings_and_head_first(tokenizers, tmp_path):
