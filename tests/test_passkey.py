@@ -94,13 +94,16 @@ def test_needle_depth_and_length_are_placed_as_asked(tok):
         build_trial(tok, 20, 0.5, "12345")
 
 
-def test_cli_runs_a_real_model_and_rejects_lengths_beyond_its_context(tok, tmp_path):
+def test_cli_runs_a_real_model_and_rejects_lengths_beyond_its_context(tok, tmp_path, capsys):
+    from evaluation.passkey import main
+
     torch.manual_seed(0)
     Transformer(ModelConfig.from_preset("debug", vocab_size=tok.vocab_size, max_seq_len=512)).to_hf(
         tmp_path / "hf", tokenizer_path=tok.path)
-    cmd = [sys.executable, "-m", "evaluation.passkey", "--model", str(tmp_path / "hf"), "--lengths", "256", "512",
-           "--depths", "0", "1", "--trials", "2", "--quiet", "--output_json", str(tmp_path / "out.json")]
-    out = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True)
+    args = ["--model", str(tmp_path / "hf"), "--lengths", "256", "512", "--depths", "0", "1", "--trials", "2",
+            "--quiet", "--output_json", str(tmp_path / "out.json")]
+    out = subprocess.run([sys.executable, "-m", "evaluation.passkey", *args], cwd=REPO, env=env(),
+                         capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "| depth \\ length | 256 | 512 |" in out.stdout
     result = json.loads((tmp_path / "out.json").read_text())
@@ -108,15 +111,16 @@ def test_cli_runs_a_real_model_and_rejects_lengths_beyond_its_context(tok, tmp_p
     # An untrained model: whatever it predicts, the verdict must agree with its predictions.
     assert all(r["retrieved"] == (r["predicted_ids"] == r["answer_ids"]) for r in result["records"])
 
-    out = subprocess.run(cmd[:6] + ["1024"] + cmd[7:], cwd=REPO, env=env(), capture_output=True, text=True)
-    assert out.returncode == 1 and out.stderr.strip().count("\n") == 0
-    assert "--lengths 1024 exceeds the model's max_seq_len=512" in out.stderr
+    longer = args[:3] + ["1024"] + args[4:]
+    with pytest.raises(SystemExit) as exit_:
+        main(longer)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 1 and err.strip().count("\n") == 0
+    assert "--lengths 1024 exceeds the model's max_seq_len=512" in err
     # Inference-time scaling opens the longer length.
-    out = subprocess.run(cmd[:6] + ["1024"] + cmd[7:] + ["--rope_type", "dynamic", "--rope_factor", "2",
-                                                         "--rope_original_max_seq_len", "512", "--max_seq_len", "1024"],
-                         cwd=REPO, env=env(), capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
+    main(longer + ["--rope_type", "dynamic", "--rope_factor", "2", "--rope_original_max_seq_len", "512",
+                   "--max_seq_len", "1024"])
     assert json.loads((tmp_path / "out.json").read_text())["rope"]["rope_type"] == "dynamic"
-    out = subprocess.run(cmd + ["--rope_type", "linear", "--rope_factor", "0.5"], cwd=REPO, env=env(),
-                         capture_output=True, text=True)
-    assert out.returncode == 1 and "rope_factor must be >= 1" in out.stderr
+    with pytest.raises(SystemExit):
+        main(args + ["--rope_type", "linear", "--rope_factor", "0.5"])
+    assert "rope_factor must be >= 1" in capsys.readouterr().err
