@@ -1,9 +1,10 @@
 """Rope scaling on a GPU: our model (auto attention kernel, fused rotary when flash-attn is installed) against
 transformers for every rope type, in fp32 (TF32 off) and bf16, plus the KV-cache path.
 
-    python benchmarks/check_rope_gpu.py
+    python benchmarks/check_rope_gpu.py [--device cuda]
 
-Prints one line per type; docs/long_context.md records the result.
+Prints one line per type. Not yet run on a GPU (the session's device machine ran a copy of the main tree, not
+this branch); run once on CPU (--device cpu) to check the script itself.
 """
 import sys
 from pathlib import Path
@@ -21,10 +22,14 @@ from test_rope import SCALINGS, tiny  # noqa: E402
 
 
 def main() -> None:
+    import argparse
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda")
+    dev = torch.device(p.parse_args().device)
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    dev = torch.device("cuda")
-    print(torch.cuda.get_device_name(), "torch", torch.__version__, "transformers", transformers.__version__,
+    print(torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "torch", torch.__version__, "transformers", transformers.__version__,
           "flash-attn fused kernels:", fused.flash_attn_installed(), flush=True)
     import tempfile
     with tempfile.TemporaryDirectory() as tmp:
