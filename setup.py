@@ -51,6 +51,9 @@ setup(
             "llama-generate=inference.generate:main",
             "llama-finetune-export=finetune.export:main",
             "llama-sft-generate=finetune.generate:main",
+            "llama-merge-tokenizer=tokenizer.merge:main",
+            "llama-resize-vocab=model.resize:main",
+            "llama-passkey=evaluation.passkey:main",
         ]
     },
 )

@@ -24,7 +24,7 @@ def available(impl: str, device: torch.device) -> str | None:
     if impl == "flex":
         if device.type != "cuda":  # torch's FlexAttention has no backward on the CPU
             return f"attn_impl='flex' needs a CUDA GPU, but the model is on {device.type}; use 'sdpa' or 'auto'"
-        return None if _has_module("torch.nn.attention.flex_attention") else \
+        return None if has_module("torch.nn.attention.flex_attention") else \
             "attn_impl='flex' needs torch >= 2.5 (torch.nn.attention.flex_attention)"
     package = {"flash": "flash_attn", "xformers": "xformers"}[impl]
     if device.type != "cuda":

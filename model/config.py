@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,9 +32,30 @@ class ModelConfig:
     norm_eps: float = 1e-6
     """RMSNorm epsilon."""
     rope_theta: float = 10000.0
-    """Base of the rotary embedding frequencies."""
+    """Base of the rotary embedding frequencies; raising it (with rope_type 'default') is ABF long-context training."""
     max_seq_len: int = 4096
-    """Longest sequence the model is trained on; sizes the rotary table and the KV cache."""
+    """Longest sequence the model runs on (the extended context when rope scaling is used); sizes the rotary table
+    and the KV cache."""
+    rope_type: str = "default"
+    """Rotary scaling, transformers' rope_type: 'default' (none), 'linear' (position interpolation), 'dynamic'
+    (NTK-aware, the base grows with the sequence), 'yarn' or 'llama3'. See model/rope.py and docs/long_context.md."""
+    rope_factor: float = 1.0
+    """Context extension factor of the scaling types (rope_scaling.factor); >= 1, and exactly 1 for 'default'."""
+    rope_original_max_seq_len: int | None = None
+    """Context the rotary embedding was pretrained at (original_max_position_embeddings); required by 'dynamic',
+    'yarn' and 'llama3', optional for 'linear' (then it bounds max_seq_len)."""
+    rope_low_freq_factor: float = 1.0
+    """llama3: wavelengths longer than original / low_freq_factor are divided by rope_factor."""
+    rope_high_freq_factor: float = 4.0
+    """llama3: wavelengths shorter than original / high_freq_factor are kept; a smooth ramp in between."""
+    rope_beta_fast: float = 32.0
+    """yarn: dimensions rotating more than this many times over the original context are not interpolated."""
+    rope_beta_slow: float = 1.0
+    """yarn: dimensions rotating fewer than this many times are fully interpolated (divided by rope_factor)."""
+    rope_attention_factor: float | None = None
+    """yarn: factor on cos and sin (attention temperature); None means 0.1 * ln(rope_factor) + 1."""
+    rope_truncate: bool = True
+    """yarn: round the correction range to whole dimensions (transformers' default)."""
     tie_embeddings: bool = False
     """Share the input embedding with the output projection (tie_word_embeddings)."""
     init_std: float = 0.02
@@ -70,8 +92,44 @@ class ModelConfig:
         for name in ("norm_eps", "rope_theta", "init_std"):
             if not float(getattr(self, name)) > 0:
                 raise ValueError(f"ModelConfig.{name} must be > 0, got {getattr(self, name)!r}")
+        self._check_rope()
         if self.attn_impl not in ATTN_IMPLS:
             raise ValueError(f"ModelConfig.attn_impl must be one of {', '.join(ATTN_IMPLS)}, got {self.attn_impl!r}")
+
+    def _check_rope(self) -> None:
+        from .rope import ROPE_TYPES
+
+        kind = self.rope_type
+        if kind not in ROPE_TYPES:
+            raise ValueError(f"ModelConfig.rope_type must be one of {', '.join(ROPE_TYPES)}, got {kind!r}")
+        if not float(self.rope_factor) >= 1:
+            raise ValueError(f"ModelConfig.rope_factor must be >= 1 (a factor below 1 would shrink the context), "
+                             f"got {self.rope_factor!r}")
+        if kind == "default" and self.rope_factor != 1:
+            raise ValueError(f"ModelConfig.rope_factor={self.rope_factor} has no effect with rope_type 'default'; "
+                             "choose a scaling rope_type or leave the factor at 1")
+        original = self.rope_original_max_seq_len
+        if original is None and kind in ("dynamic", "yarn", "llama3"):
+            raise ValueError(f"ModelConfig.rope_original_max_seq_len is required for rope_type {kind!r} "
+                             "(the context the model was pretrained at)")
+        if original is not None and (not isinstance(original, int) or isinstance(original, bool) or original <= 0):
+            raise ValueError(f"ModelConfig.rope_original_max_seq_len must be a positive integer, got {original!r}")
+        if kind == "llama3" and not self.rope_high_freq_factor > self.rope_low_freq_factor:
+            raise ValueError(f"ModelConfig.rope_high_freq_factor ({self.rope_high_freq_factor}) must exceed "
+                             f"rope_low_freq_factor ({self.rope_low_freq_factor})")
+        if self.rope_attention_factor is not None and not self.rope_attention_factor > 0:
+            raise ValueError(f"ModelConfig.rope_attention_factor must be > 0 or None, got {self.rope_attention_factor!r}")
+        if kind == "yarn" and not self.rope_beta_fast > self.rope_beta_slow:
+            raise ValueError(f"ModelConfig.rope_beta_fast ({self.rope_beta_fast}) must exceed "
+                             f"rope_beta_slow ({self.rope_beta_slow})")
+        # llama3 is exempt: Llama 3.1 ships 128K positions with factor 8 over 8K (high frequencies are not scaled).
+        if original is not None and kind in ("linear", "dynamic", "yarn"):
+            limit = math.ceil(self.rope_factor * original)
+            if self.max_seq_len > limit:
+                raise ValueError(
+                    f"ModelConfig.max_seq_len={self.max_seq_len} exceeds what the rope settings allow: rope_factor "
+                    f"{self.rope_factor} x rope_original_max_seq_len {original} = {limit}; raise rope_factor or "
+                    "lower max_seq_len")
 
     @property
     def head_dim(self) -> int:
@@ -128,6 +186,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Baichuan-7B, as released.
     "baichuan-7b": dict(vocab_size=64000, dim=4096, n_layers=32, n_heads=32, hidden_dim=11008, max_seq_len=4096,
                         norm_eps=1e-6, rope_theta=10000.0),
+    # XVERSE-13B's shape with its 8K context: 40 layers, dim 5120, 40 heads, SwiGLU 13824. Its BPE tokenizer has
+    # 100,278 ids (XVERSE-13B README); the table is rounded up to a multiple of 64 (100,288) for GEMM speed, the
+    # last 10 rows unused. About 13.7B parameters with untied embeddings.
+    "xverse-13b": dict(vocab_size=100288, dim=5120, n_layers=40, n_heads=40, hidden_dim=13824, max_seq_len=8192,
+                       norm_eps=1e-6, rope_theta=10000.0),
     # About 13B parameters (LLaMA-13B shape with a 64000-word vocabulary).
     "13b": dict(vocab_size=64000, dim=5120, n_layers=40, n_heads=40, hidden_dim=13824, max_seq_len=4096),
 }

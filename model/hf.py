@@ -63,15 +63,92 @@ def to_hf_state_dict(state: dict[str, torch.Tensor], config: ModelConfig) -> dic
     return out
 
 
+# rope_scaling keys that a rope_type reads, beyond rope_type/type/factor/rope_theta.
+_ROPE_KEYS = {
+    "default": set(), "linear": set(), "dynamic": set(),
+    "yarn": {"original_max_position_embeddings", "beta_fast", "beta_slow", "attention_factor", "truncate"},
+    "llama3": {"original_max_position_embeddings", "low_freq_factor", "high_freq_factor"},
+}
+_ROPE_REQUIRED = {"linear": ("factor",), "dynamic": ("factor",), "yarn": (),
+                  "llama3": ("factor", "low_freq_factor", "high_freq_factor")}
+
+
+def rope_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
+    """ModelConfig rope fields (and max_seq_len) from transformers 5's rope_parameters or 4.x's rope_scaling +
+    rope_theta. transformers 5 gives rope_scaling priority when both are present; so does this."""
+    where = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
+    params = dict(hf.get(where) or {})
+    theta = params.get("rope_theta") or (hf.get("rope_parameters") or {}).get("rope_theta") or hf.get("rope_theta")
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind not in _ROPE_KEYS:
+        raise ValueError(f"config.json {where}.rope_type={kind!r} is not supported; supported: "
+                         f"{', '.join(_ROPE_KEYS)}")
+    for key in _ROPE_REQUIRED.get(kind, ()):
+        if params.get(key) is None:
+            raise ValueError(f"config.json {where} of rope_type {kind!r} lacks the required key {key!r}")
+    known = {"rope_type", "type", "rope_theta", "factor", "original_max_position_embeddings"} | _ROPE_KEYS[kind]
+    unknown = sorted(set(params) - known)
+    if unknown:
+        raise ValueError(f"config.json {where} has key {unknown[0]!r}, which rope_type {kind!r} does not use here")
+    max_pos = hf.get("max_position_embeddings", 2048)
+    out: dict[str, Any] = dict(rope_theta=float(theta or 10000.0), rope_type=kind, max_seq_len=max_pos)
+    if kind == "default":
+        return out
+    original = params.get("original_max_position_embeddings")
+    factor = params.get("factor")
+    if kind == "dynamic":
+        # transformers scales dynamic NTK from max_position_embeddings: that is the original context here, and
+        # the model may run to factor times it.
+        original = max_pos
+        out["max_seq_len"] = int(factor * max_pos)
+    elif kind in ("yarn", "llama3") and original is None:
+        original = max_pos  # as transformers' standardize_rope_params
+    if kind == "yarn":
+        if factor is None:
+            factor = max_pos / original  # transformers' implicit factor
+        # Qwen-style folders (and ours) keep max_position_embeddings at the original context: yarn runs to
+        # factor times it.
+        out["max_seq_len"] = max(max_pos, int(factor * original))
+    out.update(rope_factor=float(factor), rope_original_max_seq_len=original)
+    for ours, theirs in (("rope_low_freq_factor", "low_freq_factor"), ("rope_high_freq_factor", "high_freq_factor"),
+                         ("rope_beta_fast", "beta_fast"), ("rope_beta_slow", "beta_slow"),
+                         ("rope_attention_factor", "attention_factor"), ("rope_truncate", "truncate")):
+        if params.get(theirs) is not None:
+            out[ours] = params[theirs]
+    return out
+
+
+def rope_to_hf(config: ModelConfig) -> dict[str, Any]:
+    """rope_theta, rope_scaling (transformers 4.4x), rope_parameters (5.x) and max_position_embeddings."""
+    kind = config.rope_type
+    max_pos = config.max_seq_len
+    scaling: dict[str, Any] = {"rope_type": kind}
+    if kind != "default":
+        scaling["factor"] = config.rope_factor
+    if kind in ("dynamic", "yarn"):
+        # transformers scales dynamic NTK from max_position_embeddings, and 4.4x's yarn takes it as the original
+        # context too (later versions read original_max_position_embeddings, defaulting to it): so it is the
+        # original context here, and original_max_position_embeddings is left out (4.5x would otherwise recompute
+        # yarn's factor as max_position_embeddings / original).
+        max_pos = config.rope_original_max_seq_len
+    if kind == "llama3":
+        scaling["original_max_position_embeddings"] = config.rope_original_max_seq_len
+    if kind == "yarn":
+        scaling.update(beta_fast=config.rope_beta_fast, beta_slow=config.rope_beta_slow)
+        if config.rope_attention_factor is not None:
+            scaling["attention_factor"] = float(config.rope_attention_factor)
+        if not config.rope_truncate:
+            scaling["truncate"] = False
+    if kind == "llama3":
+        scaling.update(low_freq_factor=config.rope_low_freq_factor, high_freq_factor=config.rope_high_freq_factor)
+    return {"rope_theta": config.rope_theta, "rope_scaling": scaling if kind != "default" else None,
+            "rope_parameters": {**scaling, "rope_theta": config.rope_theta}, "max_position_embeddings": max_pos}
+
+
 def config_from_hf(hf: dict[str, Any], **overrides: Any) -> ModelConfig:
     """ModelConfig from a transformers LlamaConfig dict (transformers 4 or 5 layout)."""
     if hf.get("model_type") not in ("llama", None):
         raise ValueError(f"config.json has model_type={hf.get('model_type')!r}; only LLaMA-family folders load")
-    rope = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling") or {}
-    kind = rope.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
-    if kind != "default":
-        raise ValueError(f"config.json uses rope scaling {kind!r}, which this model does not implement")
     if hf.get("attention_bias") or hf.get("mlp_bias"):
         raise ValueError("config.json has attention_bias/mlp_bias set; this model has no biases")
     heads = hf["num_attention_heads"]
@@ -80,9 +157,8 @@ def config_from_hf(hf: dict[str, Any], **overrides: Any) -> ModelConfig:
     values = dict(
         vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"], n_heads=heads,
         n_kv_heads=hf.get("num_key_value_heads") or heads, hidden_dim=hf["intermediate_size"],
-        norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
-        max_seq_len=hf.get("max_position_embeddings", 2048), tie_embeddings=hf.get("tie_word_embeddings", False),
-        init_std=hf.get("initializer_range", 0.02))
+        norm_eps=hf.get("rms_norm_eps", 1e-6), tie_embeddings=hf.get("tie_word_embeddings", False),
+        init_std=hf.get("initializer_range", 0.02), **rope_from_hf(hf))
     return ModelConfig.from_dict({**values, **overrides})
 
 
@@ -93,9 +169,9 @@ def config_to_hf(config: ModelConfig, dtype: torch.dtype, bos_id: int | None, eo
         "vocab_size": config.vocab_size, "hidden_size": config.dim, "intermediate_size": config.hidden_dim,
         "num_hidden_layers": config.n_layers, "num_attention_heads": config.n_heads,
         "num_key_value_heads": config.n_kv_heads, "head_dim": config.head_dim, "hidden_act": "silu",
-        "max_position_embeddings": config.max_seq_len, "rms_norm_eps": config.norm_eps,
-        # transformers 5 reads rope_parameters, 4.x reads rope_theta: write both.
-        "rope_theta": config.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
+        "rms_norm_eps": config.norm_eps,
+        # transformers 5 reads rope_parameters (rope_scaling first if set), 4.x rope_scaling + rope_theta: write all.
+        **rope_to_hf(config),
         "tie_word_embeddings": config.tie_embeddings, "initializer_range": config.init_std,
         "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0, "use_cache": True,
         "bos_token_id": bos_id, "eos_token_id": eos_id, "pad_token_id": pad_id,

@@ -17,6 +17,7 @@ from common.tensors import IGNORE_INDEX
 
 from . import attention, fused
 from .config import ModelConfig
+from .rope import dynamic_length, rope_table
 
 LOSS_CHUNK_BYTES = 2**30  # logits alive at once in the chunked loss: 4096 rows at vocab 64000 in fp32
 
@@ -66,15 +67,6 @@ def residual_std(config: ModelConfig) -> float:
     """Init std of the projections into the residual stream (GPT-2 / LLaMA practice): it shrinks with depth so
     the stream's variance stays O(1)."""
     return config.init_std / math.sqrt(2 * config.n_layers)
-
-
-def rope_table(config: ModelConfig, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 cos/sin [max_seq_len, head_dim], each frequency repeated for both halves (rotate-half layout)."""
-    d = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, device=device, dtype=torch.float32) / d))
-    freqs = torch.outer(torch.arange(config.max_seq_len, device=device, dtype=torch.float32), inv_freq)
-    emb = torch.cat([freqs, freqs], dim=-1)
-    return emb.cos(), emb.sin()
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -257,11 +249,24 @@ class Transformer(nn.Module):
             self.output.weight = self.tok_embeddings.weight
         # The rotary table is kept out of the state dict and out of .to(dtype): it must stay fp32.
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._rope_len: int | None = None
 
-    def rope(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._rope is None or self._rope[0].device != device:
-            self._rope = rope_table(self.config, device)
+    def rope(self, device: torch.device, seq_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin tables; seq_len (positions so far plus new ones) only matters for dynamic NTK scaling."""
+        length = dynamic_length(self.config, seq_len)
+        if self._rope is None or self._rope[0].device != device or self._rope_len != length:
+            self._rope, self._rope_len = rope_table(self.config, device, length), length
         return self._rope
+
+    def set_rope(self, **fields) -> None:
+        """Change rotary settings (rope_theta, rope_type, rope_factor, ..., max_seq_len) of a built model, e.g. to
+        try NTK scaling on a model at inference; the weights are untouched. Fields are validated as ModelConfig's."""
+        allowed = {"max_seq_len", "rope_theta"} | {k for k in self.config.to_dict() if k.startswith("rope_")}
+        unknown = sorted(set(fields) - allowed)
+        if unknown:
+            raise ValueError(f"set_rope takes only {', '.join(sorted(allowed))}; got {', '.join(unknown)}")
+        self.config = ModelConfig.from_dict({**self.config.to_dict(), **fields})
+        self._rope = self._rope_len = None
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, *,
                 position_ids: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
@@ -274,7 +279,10 @@ class Transformer(nn.Module):
         if cache is not None and offset + T > cache.max_len:
             raise ValueError(f"KV cache holds {cache.max_len} positions, {offset + T} needed")
         h = self.tok_embeddings(tokens)
-        cos, sin = self.rope(h.device)
+        seq_len = offset + T
+        if self.config.rope_type == "dynamic" and position_ids is not None:
+            seq_len = int(position_ids.max()) + 1  # as transformers: the furthest position in the batch
+        cos, sin = self.rope(h.device, seq_len)
         rope = (cos, sin, True) if position_ids is None else (cos[position_ids], sin[position_ids], False)
         impl = attention.resolve(self.config.attn_impl, h.device, h.dtype)
         meta = attention.AttnMeta.build(impl, B, T, offset, cu_seqlens, h.device)

@@ -42,7 +42,7 @@ class TrainConfig:
 
     # --- model ---
     model_preset: str = "debug"
-    """ModelConfig preset (debug, 125m, 1b, baichuan-7b, 13b); ignored when init_from_hf is set."""
+    """ModelConfig preset (debug, 125m, 1b, baichuan-7b, xverse-13b, 13b); ignored when init_from_hf is set."""
     model: dict[str, Any] = field(default_factory=dict)
     """ModelConfig fields overriding the preset, e.g. {dim: 128, n_layers: 4}. vocab_size defaults to the
     tokenizer's vocabulary size when not given."""
@@ -53,6 +53,10 @@ class TrainConfig:
     compile: bool = False
     """torch.compile the model inside the engine (fused elementwise kernels on CPU and GPU); the first steps
     pay the compilation time."""
+    train_only_embeddings: bool = False
+    """Train only the token embeddings and the output head, every other weight frozen: the first stage after a
+    vocabulary extension (model.resize), so the new rows learn before the rest of the model moves. Run the
+    second stage from this run's export with it off (docs/long_context.md)."""
 
     # --- data ---
     data_dir: str = "runs/sample/data"

@@ -181,7 +181,19 @@ def build_model(cfg: TrainConfig, tokenizer: Tokenizer, resuming: bool,
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} tokens but the model's vocab_size "
                          f"is {model.config.vocab_size}; set model.vocab_size >= {tokenizer.vocab_size}")
+    if cfg.seq_len > model.config.max_seq_len:
+        raise ValueError(f"seq_len={cfg.seq_len} exceeds the model's max_seq_len={model.config.max_seq_len}; raise "
+                         "model.max_seq_len (with a larger model.rope_theta or rope scaling, docs/long_context.md)")
+    if cfg.train_only_embeddings:
+        freeze_all_but_embeddings(model)
     return model
+
+
+def freeze_all_but_embeddings(model: Transformer) -> None:
+    """requires_grad only on the token embeddings and the output head (tied or not); the optimizer skips the rest."""
+    keep = {id(model.tok_embeddings.weight), id(model.output.weight)}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in keep)
 
 
 def prepare_run_dir(cfg: TrainConfig, mc: ModelConfig, tokenizer: Tokenizer, ds_config: dict[str, Any],
