@@ -9,7 +9,8 @@ setup(
     version="0.1.0",
     description="Pretrain LLaMA-style Chinese/English base models: tokenizer, data, model, DeepSpeed training, evaluation",
     python_requires=">=3.10",
-    packages=find_packages(include=["common*", "model*", "tokenizer*", "artifacts*", "pretrain*", "evaluation*"]),
+    packages=find_packages(include=["common*", "model*", "tokenizer*", "artifacts*", "pretrain*", "evaluation*",
+                                    "finetune*"]),
     install_requires=[
         "torch>=2.1",
         "deepspeed>=0.14",
@@ -28,7 +29,7 @@ setup(
     extras_require={
         "gpu": ["flash-attn>=2.5", "xformers>=0.0.25"],
         "wandb": ["wandb>=0.16"],
-        "test": ["pytest>=7.4", "pytest-timeout>=2.2"],
+        "test": ["pytest>=7.4", "pytest-timeout>=2.2", "peft>=0.10"],  # peft: the LoRA reference in tests
         "bench": ["lm_eval>=0.4"],
     },
     entry_points={
@@ -38,6 +39,8 @@ setup(
             "llama-prepare-data=pretrain.prepare_data:main",
             "llama-export=pretrain.export:main",
             "llama-generate=model.generate:main",
+            "llama-merge-lora=finetune.merge:main",
+            "llama-delta=finetune.delta:main",
         ]
     },
 )

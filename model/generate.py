@@ -24,6 +24,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--top_p", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tag", default=None, help="checkpoint tag of a training run (default: latest)")
+    p.add_argument("--adapter", default=None, help="PEFT LoRA adapter folder to apply on top of --model")
     p.add_argument("--tokenizer", default=None, help="tokenizer.model (default: the one in --model)")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bfloat16 on GPU, float32 on CPU")
@@ -32,7 +33,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         device = args.device or default_device()
         check_device(device)
-        model = load_model(args.model, device, args.dtype or default_dtype(device), tag=args.tag)
+        model = load_model(args.model, device, args.dtype or default_dtype(device), tag=args.tag,
+                           adapter=args.adapter)
         model.config.attn_impl = args.attn_impl
         tok = load_tokenizer(args.model, args.tokenizer, model)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
