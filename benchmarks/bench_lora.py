@@ -7,7 +7,8 @@ One training step is forward, backward and an AdamW step in plain PyTorch (one p
 both modes except for what is trainable: every parameter (full) or only the adapters that model.lora.prepare_lora
 adds (lora). Each mode runs in its own fresh process, so its peak memory (the process's peak RSS on a CPU,
 torch.cuda.max_memory_allocated on a GPU) is its own; the processes alternate full, lora, full, lora ... so that load
-drifting on a shared machine hits both. The checkpoint is what resuming needs: the trained weights (the whole model
+drifting on a shared machine hits both; on a CPU the process's CPU time per step is reported beside the wall time,
+as it hardly depends on other users' load (set OMP_NUM_THREADS=1 so that it is one core's work). The checkpoint is what resuming needs: the trained weights (the whole model
 as safetensors, or the PEFT adapter folder) plus the optimizer state (torch.save of its state_dict).
 """
 from __future__ import annotations
@@ -65,9 +66,9 @@ def child(args: argparse.Namespace) -> None:
     x = torch.randint(0, config.vocab_size, (args.batch, args.seq_len), device=device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    times = []
+    times, cpu_times = [], []
     for step in range(args.warmup + args.steps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         loss = model(x, targets=x)
         loss.backward()
         optimizer.step()
@@ -75,6 +76,7 @@ def child(args: argparse.Namespace) -> None:
         sync()
         if step >= args.warmup:
             times.append(time.perf_counter() - t0)
+            cpu_times.append(time.process_time() - c0)
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device)
     else:
@@ -87,7 +89,7 @@ def child(args: argparse.Namespace) -> None:
             model.cpu().to_hf(tmp / "weights")
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         weights, optim = folder_bytes(tmp / "weights"), (tmp / "optimizer.pt").stat().st_size
-    print(json.dumps({"mode": args.mode, "step_s": times, "peak_bytes": peak, "rss_before_bytes": rss_before,
+    print(json.dumps({"mode": args.mode, "step_s": times, "cpu_s": cpu_times, "peak_bytes": peak, "rss_before_bytes": rss_before,
                       "trainable": trainable, "total": sum(p.numel() for p in model.parameters()),
                       "weights_bytes": weights, "optimizer_bytes": optim}))
 
@@ -124,20 +126,23 @@ def main() -> None:
             out = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--mode", mode], check=True,
                                  capture_output=True, text=True).stdout
             runs[mode].append(json.loads(out.strip().splitlines()[-1]))
-            print(f"  {mode}: median step {statistics.median(runs[mode][-1]['step_s']):.3f} s", flush=True)
+            last = runs[mode][-1]
+            print(f"  {mode}: median step {statistics.median(last['step_s']):.3f} s wall, "
+                  f"{statistics.median(last['cpu_s']):.3f} s CPU", flush=True)
     print(f"load average at end: {os.getloadavg()}")
     print(f"\nmodel: {bench_config(args)}\nbatch {args.batch} x seq {args.seq_len}, {args.device}, {args.dtype}, "
           f"LoRA r={args.rank} on {' '.join(args.targets)}\n")
-    print("| mode | trainable params | median step (s) | peak memory (MiB) | weights saved (MiB) | "
-          "optimizer state (MiB) |")
-    print("|---|---|---|---|---|---|")
+    print("| mode | trainable params | median step, wall (s) | median step, CPU (s) | peak memory (MiB) | "
+          "weights saved (MiB) | optimizer state (MiB) |")
+    print("|---|---|---|---|---|---|---|")
     mib = 2**20
     for mode, rs in runs.items():
         step = statistics.median(t for r in rs for t in r["step_s"])
+        cpu = statistics.median(t for r in rs for t in r["cpu_s"])
         peak = max(r["peak_bytes"] for r in rs)
         r0 = rs[0]
         print(f"| {mode} | {r0['trainable']:,} of {r0['total']:,} ({100 * r0['trainable'] / r0['total']:.2f}%) "
-              f"| {step:.3f} | {peak / mib:,.0f} | {r0['weights_bytes'] / mib:,.2f} | "
+              f"| {step:.3f} | {cpu:.3f} | {peak / mib:,.0f} | {r0['weights_bytes'] / mib:,.2f} | "
               f"{r0['optimizer_bytes'] / mib:,.2f} |")
 
 

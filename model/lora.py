@@ -17,9 +17,11 @@ partitioned like every other parameter; DeepSpeed then trains only them because 
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterable
 
 import torch
@@ -28,7 +30,8 @@ import torch.nn.functional as F
 
 from .model import Linear, Transformer
 
-# PEFT's projection name -> (our module inside a block, index of its slice of that module's output rows).
+# PEFT's projection name -> (our module inside a block, index of its slice of that module's output rows), in the
+# order the slices are stacked.
 TARGETS: dict[str, tuple[str, int]] = {
     "q_proj": ("attention.wqkv", 0), "k_proj": ("attention.wqkv", 1), "v_proj": ("attention.wqkv", 2),
     "o_proj": ("attention.wo", 0),
@@ -118,46 +121,49 @@ class LoRALinear(nn.Module):
     """A frozen base projection plus adapters on slices of its output rows (q/k/v of wqkv, gate/up of w13).
 
     It holds the base's own Parameter as `weight`, so the base keeps its name in the state dict (and its ZeRO
-    partition); adapters live under `lora.<peft name>`.
+    partition); adapters live under `lora.<peft name>`. `parts` names every projection stacked in the base, in
+    order, with its rows; adapters go on the `targets` among them.
     """
 
-    def __init__(self, base: Linear, slices: dict[str, tuple[int, int]], cfg: LoRAConfig):
+    def __init__(self, base: Linear, parts: dict[str, tuple[int, int]], targets: list[str], cfg: LoRAConfig):
         super().__init__()
         self.in_features, self.out_features, self.std = base.in_features, base.out_features, base.std
         self.weight = base.weight
-        self.slices = slices
+        self.parts = parts
+        self.sizes = [end - start for start, end in parts.values()]
         self.lora = nn.ModuleDict({name: LoRAAdapter(self.in_features, end - start, cfg.r, cfg.scale, cfg.dropout)
-                                   for name, (start, end) in slices.items()})
+                                   for name, (start, end) in parts.items() if name in targets})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight)
-        for name, adapter in self.lora.items():
-            start, end = self.slices[name]
-            y[..., start:end] += adapter(x)  # the matmul's backward does not need y, so in place is safe
-        return y
+        if len(self.parts) == 1:
+            return y + next(iter(self.lora.values()))(x)
+        # One concatenation, rather than an in-place add per slice: autograd would copy the whole output's gradient
+        # for each of those, while a concatenation's backward only takes views.
+        pieces = y.split(self.sizes, dim=-1)
+        return torch.cat([p + self.lora[name](x) if name in self.lora else p for name, p in zip(self.parts, pieces)],
+                         dim=-1)
 
     def merged_weight(self) -> torch.Tensor:
         """The base weight with every adapter added, computed in fp32 and returned in the base's dtype."""
         w = self.weight.detach().float().clone()
         for name, adapter in self.lora.items():
-            start, end = self.slices[name]
+            start, end = self.parts[name]
             w[start:end] += adapter.delta_weight().to(w.device)
         return w.to(self.weight.dtype)
 
 
-def _slices(model: Transformer, module: str) -> list[tuple[int, int]]:
-    """Row ranges of the PEFT projections stacked in `module` (one range when it is not stacked)."""
+def stacked_parts(model: Transformer, module: str) -> dict[str, tuple[int, int]]:
+    """PEFT projection -> its row range in our `module` (one entry when the module is not stacked)."""
     c = model.config
-    if module == "attention.wqkv":
-        sizes = [c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim, c.n_kv_heads * c.head_dim]
-    elif module == "feed_forward.w13":
-        sizes = [c.hidden_dim, c.hidden_dim]
-    else:
-        sizes = [c.dim]  # wo and w2 write the residual stream
-    bounds = [0]
-    for s in sizes:
-        bounds.append(bounds[-1] + s)
-    return list(zip(bounds[:-1], bounds[1:]))
+    sizes = {"attention.wqkv": [c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim, c.n_kv_heads * c.head_dim],
+             "feed_forward.w13": [c.hidden_dim, c.hidden_dim]}.get(module, [c.dim])  # wo and w2 write the stream
+    names = [name for name, (m, _) in TARGETS.items() if m == module]
+    parts, start = {}, 0
+    for name, size in zip(names, sizes):
+        parts[name] = (start, start + size)
+        start += size
+    return parts
 
 
 def inject_lora(model: Transformer, cfg: LoRAConfig, layers: Iterable[int] | None = None) -> Transformer:
@@ -169,17 +175,14 @@ def inject_lora(model: Transformer, cfg: LoRAConfig, layers: Iterable[int] | Non
     if has_lora(model):
         raise ValueError("the model already has LoRA adapters; merge them (merge_lora) before adding new ones")
     layers = range(model.config.n_layers) if layers is None else sorted(set(layers))
-    by_module: dict[str, dict[str, tuple[int, int]]] = {}
-    for name in cfg.target_modules:
-        module, index = TARGETS[name]
-        by_module.setdefault(module, {})[name] = _slices(model, module)[index]
+    modules = dict.fromkeys(TARGETS[name][0] for name in cfg.target_modules)
     for i in layers:
         block = model.layers[i]
-        for module, slices in by_module.items():
+        for module in modules:
             parent_name, child_name = module.split(".")
             parent = getattr(block, parent_name)
             base = getattr(parent, child_name)
-            wrapped = LoRALinear(base, slices, cfg)
+            wrapped = LoRALinear(base, stacked_parts(model, module), cfg.target_modules, cfg)
             if not hasattr(base.weight, "ds_id"):  # a ZeRO-3 shard has no meaningful dtype/device to follow
                 wrapped.lora.to(device=base.weight.device, dtype=base.weight.dtype)
             setattr(parent, child_name, wrapped)
@@ -207,9 +210,27 @@ def mark_only_lora_trainable(model: nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
-def prepare_lora(model: Transformer, cfg: LoRAConfig) -> Transformer:
-    """What the training loop calls before building its optimizer: adapters in, everything else frozen."""
-    inject_lora(model, cfg)
+def prepare_lora(model: Transformer, cfg: LoRAConfig, init_adapter: str | Path | None = None) -> Transformer:
+    """What the training loop calls before building its optimizer: adapters in, everything else frozen.
+
+    init_adapter: a PEFT adapter folder to start from (a hot start or an incremental round: its weights, a fresh
+    optimizer). Its r, alpha, target_modules and use_rslora must equal cfg's (model.lora_peft.read_adapter_config
+    gives them); the training dropout is cfg's. Every rank calls this, also under ZeRO-3.
+    """
+    if init_adapter is None:
+        inject_lora(model, cfg)
+    else:
+        from .lora_peft import apply_adapter  # lora_peft builds on this module
+
+        found = apply_adapter(model, init_adapter)
+        differ = [f"{k}={getattr(found, k)!r} (config: {getattr(cfg, k)!r})"
+                  for k in ("r", "alpha", "target_modules", "use_rslora") if getattr(found, k) != getattr(cfg, k)]
+        if differ:
+            raise ValueError(f"init_adapter {init_adapter} does not match the LoRA config: {', '.join(differ)}; "
+                             "set the LoRA fields to the adapter's")
+        for m in model.modules():
+            if isinstance(m, LoRAAdapter):
+                m.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
     mark_only_lora_trainable(model)
     return model
 
@@ -237,17 +258,28 @@ def gather_lora_state_dict(model_or_engine: nn.Module) -> dict[str, torch.Tensor
 
 
 def load_lora_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str = "adapter") -> None:
-    """Copy adapter tensors (our names) into a model with the same adapters; a mismatch is one clear error."""
-    own = lora_state_dict(model)
+    """Copy adapter tensors (our names) into a model with the same adapters; a mismatch is one clear error.
+    Under ZeRO-3 every rank must call it (rank 0's tensors are scattered to the shards)."""
+    model = getattr(model, "module", model)
+    own = {n: p for n, p in model.named_parameters() if is_lora_name(n)}
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     if missing or unexpected:
         raise ValueError(f"{source}: adapter tensors do not match the model's adapters "
                          f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
     for k, v in state.items():
-        if v.shape != own[k].shape:
+        shape = tuple(getattr(own[k], "ds_shape", own[k].shape))  # a ZeRO-3 shard's own shape is empty
+        if tuple(v.shape) != shape:
             raise ValueError(f"{source}: adapter tensor {k} has shape {tuple(v.shape)}, the model expects "
-                             f"{tuple(own[k].shape)} (a different base model or rank?)")
-    model.load_state_dict(state, strict=False)
+                             f"{shape} (a different base model or rank?)")
+    params = list(own.values())
+    gathered = contextlib.nullcontext()
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+
+        gathered = deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+    with gathered, torch.no_grad():
+        for k, v in state.items():
+            own[k].data.copy_(v)
 
 
 def _plain_linear(wrapped: LoRALinear, weight: torch.Tensor) -> Linear:

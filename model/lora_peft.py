@@ -90,11 +90,9 @@ def config_from_peft(raw: dict[str, Any], source: str) -> LoRAConfig:
         raise ValueError(f"{source}: {e}") from None
 
 
-def read_adapter(path: str | Path) -> tuple[LoRAConfig, dict[str, torch.Tensor], dict[str, Any]]:
-    """(config, tensors under our names, adapter_config.json as read) of a PEFT adapter folder."""
+def read_adapter_config(path: str | Path) -> LoRAConfig:
+    """The LoRAConfig of a PEFT adapter folder (e.g. to continue training it: prepare_lora's init_adapter)."""
     path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path}: adapter folder not found")
     config_path = path / CONFIG_FILE
     if not config_path.is_file():
         raise FileNotFoundError(f"{path}: no {CONFIG_FILE}; an adapter folder holds {CONFIG_FILE} and {WEIGHTS_FILE} "
@@ -103,7 +101,16 @@ def read_adapter(path: str | Path) -> tuple[LoRAConfig, dict[str, torch.Tensor],
         raw = json.loads(config_path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{config_path}: not valid JSON ({e})") from None
-    cfg = config_from_peft(raw, str(config_path))
+    return config_from_peft(raw, str(config_path))
+
+
+def read_adapter(path: str | Path) -> tuple[LoRAConfig, dict[str, torch.Tensor], dict[str, Any]]:
+    """(config, tensors under our names, adapter_config.json as read) of a PEFT adapter folder."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: adapter folder not found")
+    cfg = read_adapter_config(path)
+    raw = json.loads((path / CONFIG_FILE).read_text())
     if (path / WEIGHTS_FILE).is_file():
         tensors = load_file(str(path / WEIGHTS_FILE))
     elif (path / LEGACY_WEIGHTS_FILE).is_file():

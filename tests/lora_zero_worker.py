@@ -2,8 +2,9 @@
 
 Builds the debug model with LoRA adapters (under deepspeed.zero.Init for ZeRO-3), trains only the adapters for a
 few steps on this rank's share of a fixed global batch of 4 sequences, gathers the adapter and (rank 0) saves it in
-PEFT's format. Prints JSON: the losses, how much of each adapter tensor this rank held, whether the frozen base
-moved, and the parameter counts the optimizer saw.
+PEFT's format, then starts a new model from that adapter (init_adapter). Prints JSON: the losses, how much of each
+adapter tensor this rank held, whether the frozen base moved, the parameter counts the optimizer saw, and whether the
+hot-started model holds the saved adapter.
 """
 from __future__ import annotations
 
@@ -59,8 +60,16 @@ def main() -> None:
     base_moved = any(not torch.equal(a, b) for a, b in zip(frozen_before, full(frozen)))
     if rank == 0:
         save_adapter(state, cfg, out / "adapter", None)
+    dist.barrier()
+    # Hot start: a new model (partitioned at birth under ZeRO-3) starting from the saved adapter holds its tensors.
+    torch.manual_seed(1)
+    with deepspeed.zero.Init(config_dict_or_path=ds, enabled=stage == 3):
+        again = prepare_lora(Transformer(ModelConfig.from_preset("debug", attn_impl="eager")), cfg,
+                             init_adapter=out / "adapter")
+    again_state = gather_lora_state_dict(again)
     print(json.dumps({"losses": losses, "held": held, "base_moved": base_moved, "optimized": optimized,
-                      "adapter_numel": sum(v.numel() for v in state.values())}))
+                      "adapter_numel": sum(v.numel() for v in state.values()),
+                      "hot_start_equal": all(torch.equal(again_state[k], v) for k, v in state.items())}))
     dist.barrier()
     dist.destroy_process_group()
 

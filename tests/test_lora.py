@@ -217,3 +217,31 @@ def test_no_adapters_to_train_is_an_error():
         mark_only_lora_trainable(make())
     with pytest.raises(ValueError, match="already has LoRA adapters"):
         prepare_lora(prepare_lora(make(), LoRAConfig()), LoRAConfig())
+
+
+def test_hot_start_from_an_adapter(tmp_path):
+    cfg = LoRAConfig(r=2, alpha=4, target_modules=["q_proj", "v_proj"])
+    first = prepare_lora(make(), cfg)
+    randomize_adapters(first)
+    save_adapter(first, cfg, tmp_path / "round1", None)
+    nxt = prepare_lora(make(), LoRAConfig(r=2, alpha=4, dropout=0.2, target_modules=["v_proj", "q_proj"]),
+                       init_adapter=tmp_path / "round1")
+    x = tokens()
+    with torch.no_grad():
+        assert torch.equal(nxt.eval()(x), first.eval()(x))
+    assert all(p.requires_grad == (".lora." in n) for n, p in nxt.named_parameters())
+    assert nxt.layers[0].attention.wqkv.lora["q_proj"].dropout.p == 0.2  # the run's dropout, not the file's
+    with pytest.raises(ValueError) as e:
+        prepare_lora(make(), LoRAConfig(r=4, alpha=4, target_modules=["q_proj", "v_proj"]),
+                     init_adapter=tmp_path / "round1")
+    assert "r=2 (config: 4)" in str(e.value) and str(tmp_path / "round1") in str(e.value)
+
+
+def test_frozen_output_layer_skips_its_gradient_and_keeps_the_rest():
+    from model.model import chunked_cross_entropy
+
+    h, w = torch.randn(40, 16), torch.randn(50, 16)
+    t = torch.randint(0, 50, (40,))
+    loss, gh, gw = chunked_cross_entropy(h, w, t, chunk=16, want_grad=True)
+    loss2, gh2, gw2 = chunked_cross_entropy(h, w, t, chunk=16, want_grad=True, want_grad_w=False)
+    assert gw is not None and gw2 is None and torch.equal(gh, gh2) and torch.equal(loss, loss2)

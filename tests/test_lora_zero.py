@@ -1,5 +1,6 @@
 """LoRA under DeepSpeed on CPU (gloo): 2 ranks with ZeRO-2 and ZeRO-3 train the same adapter as 1 rank, only the
-adapter moves, and the ZeRO-3 adapter is saved whole (gathered), not as empty shards."""
+adapter moves, the ZeRO-3 adapter is saved whole (gathered), not as empty shards, and a model hot-started from the
+saved adapter (init_adapter, partitioned at birth under ZeRO-3) holds exactly its tensors."""
 from __future__ import annotations
 
 import json
@@ -53,6 +54,7 @@ def test_two_ranks_train_the_same_adapter_as_one(stage, reference, tmp_path):
     assert any(t.abs().sum() > 0 for n, t in state.items() if n.endswith(".B"))  # training moved B off zero
     for res in results:
         assert not res["base_moved"] and res["optimized"] == ref["optimized"] == res["adapter_numel"]
+        assert res["hot_start_equal"]
         if stage == 3:  # each rank held about half of every adapter tensor
             assert all(0.3 < part < 0.7 for part in res["held"].values()), res["held"]
     # The global batch's mean loss: the mean of the two ranks' halves.
