@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 from artifacts.open import load_model
@@ -50,9 +51,12 @@ def write_tokenizer(out: Path, base: Path, tokenizer: Path | None, chat_template
     """Tokenizer files beside the weights (save_hf wrote them from tokenizer.model when there is one; otherwise the
     base's Hugging Face tokenizer files are copied), with the chat template set in tokenizer_config.json."""
     if tokenizer is None:
-        for name in HF_TOKENIZER_FILES:
-            if (base / name).is_file():
-                shutil.copyfile(base / name, out / name)
+        copied = [name for name in HF_TOKENIZER_FILES if (base / name).is_file()]
+        for name in copied:
+            shutil.copyfile(base / name, out / name)
+        if not copied:
+            print(f"warning: {base} has no tokenizer.model or tokenizer files; the merged folder has no tokenizer "
+                  "(pass --tokenizer)", file=sys.stderr)
     if chat_template is not None:
         path = out / "tokenizer_config.json"
         config = json.loads(path.read_text()) if path.is_file() else {}
