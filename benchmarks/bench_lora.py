@@ -4,12 +4,14 @@
     python benchmarks/bench_lora.py --preset 1b --seq_len 2048 --batch 4 --dtype bfloat16 --device cuda
 
 One training step is forward, backward and an AdamW step in plain PyTorch (one process, no DeepSpeed), identical in
-both modes except for what is trainable: every parameter (full) or only the adapters that model.lora.prepare_lora
-adds (lora). Each mode runs in its own fresh process, so its peak memory (the process's peak RSS on a CPU,
+both modes except for what is trainable: every parameter (full) or only the adapters that model.lora.prepare_lora adds
+(lora). Each mode runs in its own fresh process, so its peak memory (the process's peak RSS on a CPU,
 torch.cuda.max_memory_allocated on a GPU) is its own; the processes alternate full, lora, full, lora ... so that load
-drifting on a shared machine hits both; on a CPU the process's CPU time per step is reported beside the wall time,
-as it hardly depends on other users' load (set OMP_NUM_THREADS=1 so that it is one core's work). The checkpoint is what resuming needs: the trained weights (the whole model
-as safetensors, or the PEFT adapter folder) plus the optimizer state (torch.save of its state_dict).
+drifting on a shared machine hits both; on a CPU the process's CPU time per step is reported beside the wall time, as
+it hardly depends on other users' load (set OMP_NUM_THREADS=1 so that it is one core's work). "Of which training" is
+the peak less the peak before the first step (interpreter, torch and the model's weights). The checkpoint is what
+resuming needs: the trained weights (the whole model as safetensors, or the PEFT adapter folder) plus the optimizer
+state (torch.save of its state_dict).
 """
 from __future__ import annotations
 
@@ -65,7 +67,10 @@ def child(args: argparse.Namespace) -> None:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     x = torch.randint(0, config.vocab_size, (args.batch, args.seq_len), device=device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if device.type == "cuda":
+        before = torch.cuda.memory_allocated(device)
+    else:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     times, cpu_times = [], []
     for step in range(args.warmup + args.steps):
         t0, c0 = time.perf_counter(), time.process_time()
@@ -89,7 +94,8 @@ def child(args: argparse.Namespace) -> None:
             model.cpu().to_hf(tmp / "weights")
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         weights, optim = folder_bytes(tmp / "weights"), (tmp / "optimizer.pt").stat().st_size
-    print(json.dumps({"mode": args.mode, "step_s": times, "cpu_s": cpu_times, "peak_bytes": peak, "rss_before_bytes": rss_before,
+    print(json.dumps({"mode": args.mode, "step_s": times, "cpu_s": cpu_times, "peak_bytes": peak,
+                      "before_bytes": before,
                       "trainable": trainable, "total": sum(p.numel() for p in model.parameters()),
                       "weights_bytes": weights, "optimizer_bytes": optim}))
 
@@ -133,16 +139,18 @@ def main() -> None:
     print(f"\nmodel: {bench_config(args)}\nbatch {args.batch} x seq {args.seq_len}, {args.device}, {args.dtype}, "
           f"LoRA r={args.rank} on {' '.join(args.targets)}\n")
     print("| mode | trainable params | median step, wall (s) | median step, CPU (s) | peak memory (MiB) | "
-          "weights saved (MiB) | optimizer state (MiB) |")
-    print("|---|---|---|---|---|---|---|")
+          "of which training (MiB) | weights saved (MiB) | optimizer state (MiB) |")
+    print("|---|---|---|---|---|---|---|---|")
     mib = 2**20
     for mode, rs in runs.items():
         step = statistics.median(t for r in rs for t in r["step_s"])
         cpu = statistics.median(t for r in rs for t in r["cpu_s"])
         peak = max(r["peak_bytes"] for r in rs)
+        training = max(r["peak_bytes"] - r["before_bytes"] for r in rs)
         r0 = rs[0]
         print(f"| {mode} | {r0['trainable']:,} of {r0['total']:,} ({100 * r0['trainable'] / r0['total']:.2f}%) "
-              f"| {step:.3f} | {cpu:.3f} | {peak / mib:,.0f} | {r0['weights_bytes'] / mib:,.2f} | "
+              f"| {step:.3f} | {cpu:.3f} | {peak / mib:,.0f} | {training / mib:,.0f} | "
+              f"{r0['weights_bytes'] / mib:,.2f} | "
               f"{r0['optimizer_bytes'] / mib:,.2f} |")
 
 

@@ -170,8 +170,9 @@ def apply_delta(base_path: str | Path, delta_path: str | Path, output_dir: str |
                          f"vocabulary, but base {base.path} has {vocab}: apply it to the base it was made from")
     digest = checksum(base, "base checksum")
     if digest != config["base_sha256"]:
-        raise ValueError(f"delta {delta_path} was made from a base with weights sha256 {config['base_sha256'][:16]}…, "
-                         f"but base {base.path} has {digest[:16]}…: apply it to the base it was made from")
+        raise ValueError(f"delta {delta_path} was made from a base with weights sha256 "
+                         f"{config['base_sha256'][:16]}…, but base {base.path} has {digest[:16]}…: apply it to the "
+                         "base it was made from")
     if base.names() != delta.names():
         raise ValueError(f"delta {delta_path} and base {base.path} hold different tensors")
     dtypes = {n: DTYPES[d] for n, d in config["target_dtypes"].items()}
