@@ -30,13 +30,11 @@ import torch.nn.functional as F
 
 from .model import Linear, Transformer
 
-# PEFT's projection name -> (our module inside a block, index of its slice of that module's output rows), in the
-# order the slices are stacked.
-TARGETS: dict[str, tuple[str, int]] = {
-    "q_proj": ("attention.wqkv", 0), "k_proj": ("attention.wqkv", 1), "v_proj": ("attention.wqkv", 2),
-    "o_proj": ("attention.wo", 0),
-    "gate_proj": ("feed_forward.w13", 0), "up_proj": ("feed_forward.w13", 1),
-    "down_proj": ("feed_forward.w2", 0),
+# PEFT's projection name -> our module inside a block; projections stacked in one module are listed in the order
+# of their rows (q, k, v in wqkv; gate, up in w13).
+TARGETS: dict[str, str] = {
+    "q_proj": "attention.wqkv", "k_proj": "attention.wqkv", "v_proj": "attention.wqkv", "o_proj": "attention.wo",
+    "gate_proj": "feed_forward.w13", "up_proj": "feed_forward.w13", "down_proj": "feed_forward.w2",
 }
 ALL = ("all", "all-linear")  # PEFT spells it all-linear; both mean every projection above (never the lm_head)
 
@@ -158,7 +156,7 @@ def stacked_parts(model: Transformer, module: str) -> dict[str, tuple[int, int]]
     c = model.config
     sizes = {"attention.wqkv": [c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim, c.n_kv_heads * c.head_dim],
              "feed_forward.w13": [c.hidden_dim, c.hidden_dim]}.get(module, [c.dim])  # wo and w2 write the stream
-    names = [name for name, (m, _) in TARGETS.items() if m == module]
+    names = [name for name, m in TARGETS.items() if m == module]
     parts, start = {}, 0
     for name, size in zip(names, sizes):
         parts[name] = (start, start + size)
@@ -175,7 +173,7 @@ def inject_lora(model: Transformer, cfg: LoRAConfig, layers: Iterable[int] | Non
     if has_lora(model):
         raise ValueError("the model already has LoRA adapters; merge them (merge_lora) before adding new ones")
     layers = range(model.config.n_layers) if layers is None else sorted(set(layers))
-    modules = dict.fromkeys(TARGETS[name][0] for name in cfg.target_modules)
+    modules = dict.fromkeys(TARGETS[name] for name in cfg.target_modules)
     for i in layers:
         block = model.layers[i]
         for module in modules:

@@ -26,7 +26,7 @@ PEFT_NAME = re.compile(r"(?:base_model\.model\.)?model\.layers\.(\d+)\.(self_att
 
 
 def _group(peft_name: str) -> str:
-    return "self_attn" if TARGETS[peft_name][0].startswith("attention") else "mlp"
+    return "self_attn" if TARGETS[peft_name].startswith("attention") else "mlp"
 
 
 def to_peft_name(name: str) -> str:
@@ -47,7 +47,7 @@ def from_peft_name(key: str, source: str) -> tuple[int, str, str]:
 
 
 def our_name(layer: int, proj: str, ab: str) -> str:
-    return f"layers.{layer}.{TARGETS[proj][0]}.lora.{proj}.{ab}"
+    return f"layers.{layer}.{TARGETS[proj]}.lora.{proj}.{ab}"
 
 
 def peft_config(cfg: LoRAConfig, base_model_name_or_path: str | Path | None) -> dict[str, Any]:
