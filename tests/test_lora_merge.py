@@ -192,3 +192,16 @@ def test_delta_refuses_the_wrong_base(setup, tmp_path):
         assert proc.returncode == 1 and last.startswith("error: ") and message in last, proc.stderr
         assert str(wrong) in last and str(tmp_path / "delta") in last and "Traceback" not in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_delta_make_needs_the_same_shapes(setup, tmp_path):
+    root, _ = setup
+    base = load_file(str(root / "base" / "model.safetensors"))
+    wider = tmp_path / "wider"
+    wider.mkdir()
+    save_file({k: torch.zeros(640, v.shape[1]) if v.shape[0] == 600 else v for k, v in base.items()},
+              str(wider / "model.safetensors"))
+    with pytest.raises(ValueError) as e:
+        delta_cli.make_delta(root / "base", wider, tmp_path / "delta")
+    assert "has shape (600, 64) in base" in str(e.value) and "(640, 64) in target" in str(e.value)
+    assert not (tmp_path / "delta").exists()
