@@ -98,8 +98,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="PEFT LoRA adapter folder; repeat to merge several, in order")
     p.add_argument("--output_dir", required=True, help="Hugging Face folder to write")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
-                   help="weight dtype of the output (default: the base's, from its config.json)")
-    p.add_argument("--tokenizer", default=None, help="tokenizer.model (default: the one in --model)")
+                   help="weight dtype of the output; unset: the base's (from its config.json)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer.model; unset: the one in --model")
     p.add_argument("--overwrite", action="store_true", help="replace --output_dir if it is not empty")
     args = p.parse_args(argv)
     out = merge(args.model, args.adapter, args.output_dir, args.dtype, args.tokenizer, args.overwrite)
