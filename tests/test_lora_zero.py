@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from fixtures_train import REPO, env, free_port
 from model.lora_peft import read_adapter
