@@ -35,7 +35,7 @@ setup(
     extras_require={
         "gpu": ["flash-attn>=2.5", "xformers>=0.0.25"],
         "wandb": ["wandb>=0.16"],
-        "test": ["pytest>=7.4", "pytest-timeout>=2.2"],
+        "test": ["pytest>=7.4", "pytest-timeout>=2.2", "peft>=0.10"],  # peft: the LoRA reference in tests
         "bench": ["lm_eval>=0.4"],
     },
     entry_points={
@@ -54,6 +54,8 @@ setup(
             "llama-merge-tokenizer=tokenizer.merge:main",
             "llama-resize-vocab=model.resize:main",
             "llama-passkey=evaluation.passkey:main",
+            "llama-merge-lora=finetune.merge:main",
+            "llama-delta=finetune.delta:main",
         ]
     },
 )

@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
 from common.tensors import DTYPES
 from model import Transformer
+from model.lora import merge_lora
+from model.lora_peft import apply_adapter
 from tokenizer import Tokenizer
 
 from .run_dir import is_run_dir, load_checkpoint_model
@@ -22,8 +25,14 @@ def check_device(device: str) -> torch.device:
     return dev
 
 
-def load_model(path: str | Path, device: str, dtype: str, tag: str | None = None) -> Transformer:
-    """The model at `path` (fp32 weights cast to `dtype`), on `device`, in eval mode."""
+def load_model(path: str | Path, device: str, dtype: str, tag: str | None = None,
+               adapter: str | Path | Sequence[str | Path] | None = None, merge_adapter: bool = True) -> Transformer:
+    """The model at `path` (fp32 weights cast to `dtype`), on `device`, in eval mode.
+
+    `adapter`: one PEFT LoRA adapter folder (or several, applied in order) on top of the base. They are merged
+    into the weights in fp32 before the cast (as fast as the base at run time); with merge_adapter=False a single
+    adapter stays a separate branch (exactly PEFT's computation, a little slower).
+    """
     path = Path(path)
     check_device(device)
     if not path.is_dir():
@@ -38,6 +47,11 @@ def load_model(path: str | Path, device: str, dtype: str, tag: str | None = None
     else:
         raise ValueError(f"{path}: neither a Hugging Face model folder (no config.json) nor a training run "
                          "directory (no `latest` file or step_* checkpoints)")
+    adapters = [] if adapter is None else [adapter] if isinstance(adapter, (str, Path)) else list(adapter)
+    for n, folder in enumerate(adapters):
+        apply_adapter(model, folder)
+        if merge_adapter or n < len(adapters) - 1:
+            merge_lora(model)
     return model.to(device=device, dtype=DTYPES[dtype]).eval()
 
 

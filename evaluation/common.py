@@ -67,6 +67,7 @@ def build_parser(bench: Benchmark, prog: str, description: str, shots_flags: lis
     p.add_argument("--device", help="default: cuda when available, else cpu")
     p.add_argument("--tokenizer", help="tokenizer.model to use (default: the one in --model)")
     p.add_argument("--tag", help="checkpoint tag of a training run directory (default: its latest)")
+    p.add_argument("--adapter", help="PEFT LoRA adapter folder applied (merged) on top of the model")
     p.add_argument("--max_length", type=int,
                    help="longest prompt in tokens; shots are dropped beyond it (default: the model's max_seq_len)")
     p.add_argument("--no_prefix_cache", action="store_true",
@@ -153,7 +154,7 @@ def run(bench: Benchmark, args: argparse.Namespace) -> dict[str, Any]:
     device = args.device or default_device()
     check_device(device)
     dtype = args.dtype or default_dtype(device)
-    model = load_model(args.model, device, dtype, args.tag)
+    model = load_model(args.model, device, dtype, args.tag, adapter=args.adapter)
     tokenizer = load_tokenizer(args.model, args.tokenizer, model)
     max_length = args.max_length or model.config.max_seq_len
     if max_length > model.config.max_seq_len:
@@ -184,6 +185,7 @@ def run(bench: Benchmark, args: argparse.Namespace) -> dict[str, Any]:
     results.update(summarize(scores, bench.groups_of, bench.order, bench.headline))
     results["settings"] = {
         "model": str(Path(args.model).resolve()), "tag": args.tag,
+        "adapter": str(Path(args.adapter).resolve()) if args.adapter else None,
         "tokenizer": str(tokenizer.path), "tokenizer_sha256": tokenizer.sha256, "bos": bos,
         "answer_tokens": [tokenizer.id_to_piece(i) for i in requests[0].choice_ids],
         "device": device, "dtype": dtype, "max_length": max_length, "batch_size": args.batch_size,

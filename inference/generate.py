@@ -23,6 +23,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--top_p", type=float, default=None, help="sample from the smallest set with this much mass")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampler")
     p.add_argument("--tag", default=None, help="checkpoint tag of a training run (default: latest)")
+    p.add_argument("--adapter", default=None, help="PEFT LoRA adapter folder to apply on top of --model")
     p.add_argument("--tokenizer", default=None, help="tokenizer.model (default: the one in --model)")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bfloat16 on GPU, float32 on CPU")
@@ -31,7 +32,8 @@ def main(argv: list[str] | None = None) -> None:
     device = args.device or default_device()
     check_device(device)
     try:
-        model = load_model(args.model, device, args.dtype or default_dtype(device), tag=args.tag)
+        model = load_model(args.model, device, args.dtype or default_dtype(device), tag=args.tag,
+                           adapter=args.adapter)
     except RuntimeError as e:  # torch/DeepSpeed reading a damaged or foreign checkpoint
         raise ValueError(f"{args.model}: cannot load the model ({e})") from None
     model.config.attn_impl = args.attn_impl

@@ -173,19 +173,21 @@ def loss_chunk_rows(vocab_size: int) -> int:
 
 @torch.no_grad()  # gradients are computed here by hand
 def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int,
-                          want_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+                          want_grad: bool, want_grad_w: bool = True
+                          ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Mean cross-entropy of h @ weight.T, one chunk of rows of logits at a time.
 
     With want_grad, the gradients for h and weight are made in the same pass (as Liger-Kernel's fused linear
     cross-entropy does), so the full fp32 logits never exist and backward needs no recomputation. Passes over
     a chunk's logits are the cost on CPU, so there are three (GEMM, log-softmax, exp) into two buffers reused
     by every chunk; the per-row loss weights scale the small operands of the two gradient GEMMs instead.
+    want_grad_w=False skips the weight's gradient (a frozen output layer, as in LoRA).
     """
     n = h.shape[0]
     valid = targets != IGNORE_INDEX
     row_weight = valid / valid.sum().clamp(min=1)  # d(mean loss) / d(row loss), fp32
     grad_h = torch.empty_like(h) if want_grad else None
-    grad_w = torch.zeros_like(weight, dtype=torch.float32) if want_grad else None  # fp32 sum over chunks
+    grad_w = torch.zeros_like(weight, dtype=torch.float32) if want_grad and want_grad_w else None  # fp32 sum
     total = torch.zeros((), device=h.device, dtype=torch.float32)
     logits_buf = torch.empty(min(chunk, n), weight.shape[0], device=h.device, dtype=h.dtype)
     logp_buf = torch.empty(logits_buf.shape, device=h.device, dtype=torch.float32)
@@ -201,6 +203,8 @@ def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.
             g[rows[:m], tgt] -= 1.0
             g = g.to(h.dtype)
             torch.mm(g, weight, out=grad_h[s:s + m]).mul_(w)
+            if grad_w is None:
+                continue
             if g.dtype == grad_w.dtype:
                 grad_w.addmm_(g.t(), hc * w)
             else:
@@ -211,14 +215,16 @@ def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.
 class _ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, targets, chunk: int):
-        loss, grad_h, grad_w = chunked_cross_entropy(h, weight, targets, chunk, want_grad=True)
+        loss, grad_h, grad_w = chunked_cross_entropy(h, weight, targets, chunk, want_grad=True,
+                                                     want_grad_w=weight.requires_grad)
         ctx.save_for_backward(grad_h, grad_w)
         return loss
 
     @staticmethod
     def backward(ctx, grad_out):
         grad_h, grad_w = ctx.saved_tensors
-        return (grad_h * grad_out).to(grad_h.dtype), (grad_w * grad_out).to(grad_w.dtype), None, None
+        grad_w = None if grad_w is None else (grad_w * grad_out).to(grad_w.dtype)
+        return (grad_h * grad_out).to(grad_h.dtype), grad_w, None, None
 
 
 class LMHead(Linear):

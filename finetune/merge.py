@@ -1,0 +1,110 @@
+"""Merge LoRA adapters into their base model and write a Hugging Face folder.
+
+    python -m finetune.merge --model BASE --adapter ADAPTER [--adapter ADAPTER2 ...] --output_dir OUT
+
+Adapters (PEFT folders: adapter_config.json + adapter_model.safetensors) are applied and merged one after the
+other, in the order given (an incremental round's adapter was trained on top of the previous rounds' merge). All
+arithmetic is fp32; the folder is written in the base's dtype unless --dtype says otherwise. Tokenizer files come
+from the base; the chat template from the last adapter folder that has one, else from the base.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from artifacts.open import load_model
+from common.cli import entry_point, parser
+from common.io import atomic_dir, check_output_dir
+from common.tensors import DTYPES, dtype_from_name
+
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
+
+
+def base_dtype(path: Path) -> str:
+    """The dtype a Hugging Face folder's config.json declares (float32 when it says nothing we know)."""
+    config = path / "config.json"
+    if config.is_file():
+        hf = json.loads(config.read_text())
+        name = hf.get("dtype") or hf.get("torch_dtype")
+        if name in DTYPES:
+            return name
+    return "float32"
+
+
+def find_chat_template(folders: list[Path]) -> str | None:
+    """The chat template of the first folder that has one (tokenizer_config.json's chat_template, or the
+    chat_template.jinja file transformers 5 writes)."""
+    for folder in folders:
+        if (folder / "chat_template.jinja").is_file():
+            return (folder / "chat_template.jinja").read_text()
+        config = folder / "tokenizer_config.json"
+        if config.is_file():
+            template = json.loads(config.read_text()).get("chat_template")
+            if template:
+                return template
+    return None
+
+
+def write_tokenizer(out: Path, base: Path, tokenizer: Path | None, chat_template: str | None) -> None:
+    """Tokenizer files beside the weights (save_hf wrote them from tokenizer.model when there is one; otherwise the
+    base's Hugging Face tokenizer files are copied), with the chat template set in tokenizer_config.json."""
+    if tokenizer is None:
+        copied = [name for name in HF_TOKENIZER_FILES if (base / name).is_file()]
+        for name in copied:
+            shutil.copyfile(base / name, out / name)
+        if not copied:
+            print(f"warning: {base} has no tokenizer.model or tokenizer files; the merged folder has no tokenizer "
+                  "(pass --tokenizer)", file=sys.stderr)
+    if chat_template is not None:
+        path = out / "tokenizer_config.json"
+        config = json.loads(path.read_text()) if path.is_file() else {}
+        config["chat_template"] = chat_template
+        path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+
+
+def merge(model_path: str | Path, adapters: list[str | Path], output_dir: str | Path, dtype: str | None = None,
+          tokenizer: str | Path | None = None, overwrite: bool = False) -> Path:
+    """Base + adapters (merged in order, fp32) written as a Hugging Face folder at output_dir; returns it."""
+    base, out = Path(model_path), Path(output_dir)
+    if not adapters:
+        raise ValueError("give at least one --adapter to merge")
+    check_output_dir(out, overwrite)
+    if out.resolve() == base.resolve() or any(out.resolve() == Path(a).resolve() for a in adapters):
+        raise ValueError(f"--output_dir {out} is one of the inputs; write the merged model to a new folder")
+    out_dtype = dtype_from_name(dtype or base_dtype(base))
+    model = load_model(base, "cpu", "float32", adapter=adapters, merge_adapter=True)
+    tok = Path(tokenizer) if tokenizer else base / "tokenizer.model"
+    tok = tok if tok.is_file() else None
+    if tokenizer and tok is None:
+        raise FileNotFoundError(f"--tokenizer {tokenizer}: file not found")
+    template = find_chat_template([Path(a) for a in reversed(adapters)] + [base])
+    with atomic_dir(out, overwrite) as tmp:
+        model.to_hf(tmp, tokenizer_path=tok, dtype=out_dtype)
+        write_tokenizer(tmp, base, tok, template)
+        (tmp / "merge_info.json").write_text(json.dumps(
+            {"base": str(base.resolve()), "adapters": [str(Path(a).resolve()) for a in adapters],
+             "dtype": str(out_dtype).removeprefix("torch.")}, indent=2) + "\n")
+    return out
+
+
+@entry_point
+def main(argv: list[str] | None = None) -> None:
+    p = parser("python -m finetune.merge", __doc__)
+    p.add_argument("--model", "--model_name_or_path", dest="model", required=True,
+                   help="base model: a Hugging Face LLaMA folder or a training run directory")
+    p.add_argument("--adapter", action="append", required=True, metavar="PATH",
+                   help="PEFT LoRA adapter folder; repeat to merge several, in order")
+    p.add_argument("--output_dir", required=True, help="Hugging Face folder to write")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                   help="weight dtype of the output; unset: the base's (from its config.json)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer.model; unset: the one in --model")
+    p.add_argument("--overwrite", action="store_true", help="replace --output_dir if it is not empty")
+    args = p.parse_args(argv)
+    out = merge(args.model, args.adapter, args.output_dir, args.dtype, args.tokenizer, args.overwrite)
+    print(f"merged {len(args.adapter)} adapter(s) into {args.model}; wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
