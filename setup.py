@@ -24,6 +24,8 @@ setup(
         "matplotlib>=3.7",
         "tensorboard>=2.14",
         "psutil>=5.9",
+        "httpx>=0.24",  # evaluation/judge.py talks to an OpenAI-compatible judge endpoint
+        "jinja2>=3.0",  # evaluation/generation.py renders chat templates
     ],
     extras_require={
         "gpu": ["flash-attn>=2.5", "xformers>=0.0.25"],
@@ -38,6 +40,8 @@ setup(
             "llama-prepare-data=pretrain.prepare_data:main",
             "llama-export=pretrain.export:main",
             "llama-generate=model.generate:main",
+            "llama-eval-cmmlu=evaluation.evaluate_cmmlu:main",
+            "llama-judge=evaluation.judge:main",
         ]
     },
 )

@@ -43,7 +43,7 @@ from tqdm import tqdm
 
 from artifacts.open import check_device, default_device, default_dtype
 from common.cli import parser as make_parser
-from common.cli import run_main
+from common.cli import add_dataclass_args, dataclass_from_args, run_main
 from common.io import check_output_dir, write_json, write_text
 from common.tensors import DTYPES
 
@@ -69,9 +69,10 @@ def read_records(path: Path, required: tuple[str, ...]) -> list[tuple[int, dict[
         text = Path(path).read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
-    if text.lstrip().startswith("["):
+    listed = text.lstrip().startswith("[")
+    if listed:
         try:
-            items = [(0, r) for r in json.loads(text)]
+            items = list(enumerate(json.loads(text)))
         except ValueError as e:
             raise ValueError(f"{path}: not valid JSON ({e})") from None
     else:
@@ -83,7 +84,7 @@ def read_records(path: Path, required: tuple[str, ...]) -> list[tuple[int, dict[
                 except ValueError as e:
                     raise ValueError(f"{path}, line {n}: not valid JSON ({e})") from None
     for n, record in items:
-        where = f"{path}, line {n}" if n else f"{path}, item {items.index((n, record))}"
+        where = f"{path}, item {n}" if listed else f"{path}, line {n}"
         if not isinstance(record, dict):
             raise ValueError(f"{where}: expected an object with {', '.join(required)}")
         missing = [k for k in required if not isinstance(record.get(k), str)]
@@ -319,12 +320,7 @@ def build_parser():
     p.add_argument("--judge_concurrency", type=int, default=4, help="judge requests in flight")
     p.add_argument("--generate_only", action="store_true", help="write answers.jsonl and stop")
     p.add_argument("--limit", type=int, help="only the first N questions")
-    p.add_argument("--max_new_tokens", type=int, default=512)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top_k", type=int)
-    p.add_argument("--top_p", type=float)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch_size", type=int, default=8, help="prompts generated together")
+    add_dataclass_args(p, GenerationConfig)
     p.add_argument("--tokenizer", help="tokenizer.model or a folder with tokenizer.json (default: the model's)")
     p.add_argument("--tag", help="checkpoint tag of a training run directory")
     p.add_argument("--device", help="default: cuda when available, else cpu")
@@ -350,7 +346,7 @@ def run(args) -> dict[str, Any] | None:
     questions, prompts = read_eval_set(args.eval_set, args.judge_prompts)
     if args.limit:
         questions = questions[:args.limit]
-    gen = GenerationConfig(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed, args.batch_size)
+    gen = dataclass_from_args(GenerationConfig, args)
     key = answers_key(args, file_sha256(args.eval_set), gen)
     out = args.output_dir
     answers_path = out / ANSWERS
