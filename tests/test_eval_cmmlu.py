@@ -156,9 +156,11 @@ def tokenizer_json_only(src_model: Path, tokenizer_model: Path, out: Path) -> Pa
 def test_tokenizer_json_only_folder_gives_the_same_predictions(eval_assets, tmp_path):  # noqa: F811
     folder = tokenizer_json_only(eval_assets["model"], eval_assets["tokenizer"], tmp_path)
     data = write_cmmlu_dir(tmp_path / "cmmlu")
-    for name, run in (("cmmlu", lambda m, o: run_cmmlu(m, data, o)),
-                      ("mmlu", lambda m, o: evaluate_mmlu.main(["--model", str(m), "--data_dir", str(eval_assets["mmlu"]),
-                                                                "--output_dir", str(o), "--subjects", "anatomy"]))):
+    def run_mmlu(model, out):
+        evaluate_mmlu.main(["--model", str(model), "--data_dir", str(eval_assets["mmlu"]), "--output_dir", str(out),
+                            "--subjects", "anatomy"])
+
+    for name, run in (("cmmlu", lambda m, o: run_cmmlu(m, data, o)), ("mmlu", run_mmlu)):
         run(eval_assets["model"], tmp_path / f"{name}_sp")
         run(folder, tmp_path / f"{name}_json")
         sp = (tmp_path / f"{name}_sp" / "predictions.jsonl").read_text()
