@@ -15,7 +15,8 @@
    for generation, brainstorming and rewrite (no single right answer) without the reference:
    `{instruction} {question}  模型回答： '{answer}'。请针对模型回答给出得分，顺便给出理由：`.
    The score is read from the reply (`得分: 0.5`, `得分：0.5`, `score: 1`, `0.5分`, `8/10`, ...); a reply without one
-   is asked again once, then counted as unscored. Every exchange goes to O/judgments.jsonl as it happens.
+   is asked again once, then counted as unscored. Every exchange goes to O/judgments.jsonl as it happens; a re-run
+   does not ask again what an earlier run settled there (unless --overwrite).
 3. O/results.json: the average score per class and over all scored answers (and over classes), as in Toucan's
    table; a table is printed.
 
@@ -212,12 +213,39 @@ class Judge:
         self.client.close()
 
 
+def body_key(body: dict[str, Any]) -> str:
+    return json.dumps(body, ensure_ascii=False, sort_keys=True)
+
+
+def settled_judgments(path: Path) -> dict[str, float | None]:
+    """Request -> its final score in an earlier run's exchanges (a score, or None after both attempts failed to
+    give one), so that a re-run after an interruption asks only what is still open."""
+    settled: dict[str, float | None] = {}
+    if not path.exists():
+        return settled
+    for line in path.read_text(encoding="utf-8").split("\n"):
+        try:
+            e = json.loads(line)
+            key = body_key(e["request"])
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut short by an interruption
+        if e.get("score") is not None or e.get("attempt") == 2:
+            settled[key] = e.get("score")
+    return settled
+
+
 def judge_all(judge: Judge, items: list[dict[str, Any]], prompts: dict[str, str],
-              log: Callable[[dict[str, Any]], None], concurrency: int) -> list[float | None]:
-    """Each item's score (None: unscored after one retry); `log` gets every exchange."""
+              log: Callable[[dict[str, Any]], None], concurrency: int,
+              settled: dict[str, float | None] | None = None) -> list[float | None]:
+    """Each item's score (None: unscored after one retry); `log` gets every new exchange. Requests already in
+    `settled` are not sent again."""
+    settled = settled or {}
+
     def one(item: dict[str, Any]) -> float | None:
         body = judge.request(judge_prompt(prompts[class_key(item["class"])], item["class"], item["question"],
                                           item["std_answer"], item["answer"]))
+        if body_key(body) in settled:
+            return settled[body_key(body)]
         for attempt in (1, 2):  # an unparsable reply is asked again once
             reply = judge.ask(body)
             score = parse_score(reply)
@@ -381,14 +409,21 @@ def run(args) -> dict[str, Any] | None:
     judge = Judge(JudgeConfig(args.judge_base_url, args.judge_model, api_key, args.judge_max_tokens,
                               args.judge_timeout, args.judge_retries, args.judge_retry_wait))
     lock = threading.Lock()
-    with open(out / JUDGMENTS, "w", encoding="utf-8") as log_file:
+    settled = {} if args.overwrite else settled_judgments(out / JUDGMENTS)
+    if settled:
+        print(f"reusing {len(settled)} judgments from {out / JUDGMENTS}", file=sys.stderr)
+    log_path = out / JUDGMENTS
+    cut = log_path.exists() and not args.overwrite and not log_path.read_bytes().endswith(b"\n")
+    with open(log_path, "w" if args.overwrite else "a", encoding="utf-8") as log_file:
+        if cut and log_path.stat().st_size:
+            log_file.write("\n")  # an interrupted run's last line stays alone on its line
         def log(exchange: dict[str, Any]) -> None:
             with lock:
                 log_file.write(json.dumps(exchange, ensure_ascii=False) + "\n")
                 log_file.flush()
 
         try:
-            scores = judge_all(judge, items, prompts, log, args.judge_concurrency)
+            scores = judge_all(judge, items, prompts, log, args.judge_concurrency, settled)
         except JudgeError as e:
             raise JudgeError(f"{e}. The {len(items)} answers are kept in {answers_path}; run the same command again "
                              "to judge them without generating again") from None

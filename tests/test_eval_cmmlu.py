@@ -228,3 +228,14 @@ def test_hf_tokenizer_wrapper_encodes_like_sentencepiece(eval_assets, tmp_path):
     texts = ["题目：甲\nA. 乙\n答案是：", "The answer is  A", " 前导空格"]
     assert hf.encode_batch(texts, bos=True) == sp.encode_batch(texts, bos=True)
     assert hf.adds_bos and (hf.bos_id, hf.eos_id) == (sp.bos_id, sp.eos_id)
+
+
+def test_cmmlu_subject_table_is_the_published_one():
+    assert len(CMMLU_SUBJECTS) == 67
+    sizes: dict[str, int] = {}
+    for subject in CMMLU_SUBJECTS:
+        for cat in cmmlu_groups(subject)["categories"]:
+            sizes[cat] = sizes.get(cat, 0) + 1
+    # haonan-li/CMMLU categories.py: every subject counts towards the category of each of its subcategories
+    assert sizes == {"STEM": 17, "Humanities": 13, "Social Science": 22, "Other": 15, "China specific": 15}
+    assert CMMLU_SUBJECTS["chinese_driving_rule"] == ("中国驾驶规则", ["other", "china specific"])

@@ -187,6 +187,18 @@ def test_fake_judge_end_to_end(eval_assets, tmp_path, fake_judge, monkeypatch, c
     assert [a["question"] for a in answers] == [r["question"] for r in EVAL_SET]
     assert all(0 < a["new_tokens"] <= 8 for a in answers)
 
+    # a re-run asks the judge nothing it already settled, and reports the same scores
+    judge.main(judge_argv(eval_assets, tmp_path, server.url))
+    assert len(server.requests) == 7 and "reusing 5 judgments" in capsys.readouterr().err
+    assert json.loads((out / "results.json").read_text())["classes"] == results["classes"]
+    # a judging cut short: only the open requests are sent again
+    lines = (out / "judgments.jsonl").read_text(encoding="utf-8").splitlines()
+    kept = [line for line in lines if json.loads(line)["index"] != 1]
+    (out / "judgments.jsonl").write_text("\n".join(kept) + "\n" + lines[-1][:10], encoding="utf-8")
+    judge.main(judge_argv(eval_assets, tmp_path, server.url))
+    assert len(server.requests) == 8 and server.requests[-1][2]["messages"][0]["content"].find(" Q2 ") > 0
+    assert json.loads((out / "results.json").read_text())["classes"]["math"]["score"] == 0.375
+
 
 def closed_port_url() -> str:
     with socket.socket() as s:
