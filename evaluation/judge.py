@@ -349,10 +349,10 @@ def build_parser():
     p.add_argument("--generate_only", action="store_true", help="write answers.jsonl and stop")
     p.add_argument("--limit", type=int, help="only the first N questions")
     add_dataclass_args(p, GenerationConfig)
-    p.add_argument("--tokenizer", help="tokenizer.model or a folder with tokenizer.json (default: the model's)")
-    p.add_argument("--tag", help="checkpoint tag of a training run directory")
-    p.add_argument("--device", help="default: cuda when available, else cpu")
-    p.add_argument("--dtype", choices=sorted(DTYPES), help="default: bfloat16 on GPU, float32 on CPU")
+    p.add_argument("--tokenizer", help="tokenizer.model or a folder with tokenizer.json; unset: the model's")
+    p.add_argument("--tag", help="checkpoint tag of a training run directory; unset: its latest")
+    p.add_argument("--device", help="unset: cuda when available, else cpu")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="unset: bfloat16 on GPU, float32 on CPU")
     p.add_argument("--overwrite", action="store_true", help="generate again even if answers.jsonl exists")
     return p
 
