@@ -30,7 +30,8 @@ setup(
         "matplotlib>=3.7",
         "tensorboard>=2.14",
         "psutil>=5.9",
-        "jinja2>=3.1",  # chat templates (finetune/templates.py renders them as transformers does)
+        "httpx>=0.24",  # evaluation/judge.py talks to an OpenAI-compatible judge endpoint
+        "jinja2>=3.1",  # chat templates, rendered as transformers renders them
     ],
     extras_require={
         "gpu": ["flash-attn>=2.5", "xformers>=0.0.25"],
@@ -56,6 +57,8 @@ setup(
             "llama-passkey=evaluation.passkey:main",
             "llama-merge-lora=finetune.merge:main",
             "llama-delta=finetune.delta:main",
+            "llama-eval-cmmlu=evaluation.evaluate_cmmlu:main",
+            "llama-judge=evaluation.judge:main",
         ]
     },
 )

@@ -1,15 +1,20 @@
-"""Benchmark evaluation/evaluate_mmlu.py against lm-evaluation-harness: full MMLU test split, k-shot, same model.
+"""Benchmark our evaluators against lm-evaluation-harness in ONE run: MMLU, C-Eval and CMMLU, k-shot, same models.
 
-    python benchmarks/bench_eval.py --data_dir ../shared/data/mmlu \
-        --tokenizer ../shared/data/weights/llama2c_tokenizer.model --work_dir runs/bench_eval
+    python benchmarks/bench_eval.py --mmlu_dir ../shared/data/mmlu --ceval_dir ../shared/data/ceval \
+        --cmmlu_dir ../shared/data/cmmlu --tokenizer ../shared/data/weights/llama2c_tokenizer.model \
+        --work_dir runs/bench_eval [--mmlu_subjects ...] [--ceval_subjects ...] [--cmmlu_subjects ...]
 
-1. Makes a small randomly initialised model (a preset, vocabulary = the tokenizer's) as a Hugging Face folder.
-2. Times `python -m evaluation.evaluate_mmlu` on it (the whole command: loading, tokenizing, scoring, writing).
-3. Times `lm_eval --model hf` on the same folder with a local task that reads the same CSVs and builds the same
-   prompt (benchmarks/lm_eval_tasks/mmlu_local_utils.py), with --log_samples.
-4. Checks that both read the very same prompt text, and compares predictions and letter probabilities.
-Prints the figures and writes WORK_DIR/bench_eval.json. Needs `pip install -c constraints.txt "lm_eval[hf]"`
-(lm_eval 0.4.13 needs its hf extra, accelerate, for `--model hf`).
+1. Makes two small randomly initialised models of the same shape (a preset, vocabulary = the tokenizer's) as
+   Hugging Face folders: a LLaMA one, which our loader runs with the prefix cache, and a Mistral one (model_type
+   "mistral", no sliding window, tokenizer.json only), which our evaluators run through transformers and
+   AutoTokenizer (one prompt at a time: the path of any non-LLaMA folder). Mistral rather than Qwen2 or GPT-2
+   because transformers 5's AutoTokenizer rebuilds those families' own pre-tokenizers around a tokenizer.json, which
+   would not be the LLaMA tokenizer any more; for Mistral folders it reads tokenizer.json as written.
+2. For each benchmark, back to back: times our evaluator (`python -m evaluation.evaluate_*`, the whole command:
+   loading, tokenizing, scoring, writing) and `lm_eval --model hf` (with --log_samples) on each model, with local
+   lm-eval tasks that read the same CSVs and build the same prompts (benchmarks/lm_eval_tasks/).
+3. Checks that both systems read the very same prompt text, and compares predictions and letter probabilities.
+Prints a table and writes WORK_DIR/bench_eval.json. Needs `pip install -c constraints.txt "lm_eval[hf]"`.
 """
 from __future__ import annotations
 
@@ -20,7 +25,9 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,28 +36,66 @@ REPO = Path(__file__).resolve().parent.parent
 if __name__ == "__main__" and not __package__:  # run as a file: make the repository root importable
     sys.path[0] = str(REPO)
 
-from evaluation import evaluate_mmlu  # noqa: E402
-from evaluation.common import load_data  # noqa: E402
-from evaluation.subjects import MMLU_SUBJECTS  # noqa: E402
+from evaluation import evaluate_cmmlu, evaluate_mmlu, evaluate_zh  # noqa: E402
+from evaluation.common import Benchmark, load_data  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 
+
+@dataclass
+class Suite:
+    """One benchmark as both systems run it."""
+
+    name: str
+    bench: Benchmark
+    module: str
+    """Our evaluator, for `python -m`."""
+    split: str
+    utils: str
+    """File in benchmarks/lm_eval_tasks/ with the loader."""
+    loader: str
+    """`!function` target of the loader."""
+    text: str
+    """lm-eval's doc_to_text (Jinja), the same item format as ours."""
+    answer: str
+    """The column holding the answer letter."""
+    delimiter: str
+    """Between the cue and the letter."""
+
+
+SUITES = {
+    "mmlu": Suite("mmlu", evaluate_mmlu.MMLU, "evaluation.evaluate_mmlu", "test", "mmlu_local_utils.py",
+                  "mmlu_local_utils.load", "{{question}}\\nA. {{A}}\\nB. {{B}}\\nC. {{C}}\\nD. {{D}}\\nAnswer:",
+                  "answer", " "),
+    "ceval": Suite("ceval", evaluate_zh.CEVAL, "evaluation.evaluate_zh", "val", "zh_local_utils.py",
+                   "zh_local_utils.load_ceval", "{{question}}\\nA. {{A}}\\nB. {{B}}\\nC. {{C}}\\nD. {{D}}\\n答案：",
+                   "answer", ""),
+    "cmmlu": Suite("cmmlu", evaluate_cmmlu.CMMLU, "evaluation.evaluate_cmmlu", "test", "zh_local_utils.py",
+                   "zh_local_utils.load_cmmlu",
+                   "题目：{{Question}}\\nA. {{A}}\\nB. {{B}}\\nC. {{C}}\\nD. {{D}}\\n答案是：", "Answer", ""),
+}
+DEFAULT_SUBJECTS = {  # a small subset: lm-eval's startup alone takes a minute or two on a loaded 2-core machine
+    "mmlu": ["abstract_algebra", "anatomy"],
+    "ceval": ["law", "accountant", "high_school_chinese"],
+    "cmmlu": ["agronomy", "arts"],
+}
+
 TASK_TEMPLATE = """\
-task: mmlu_local_{subject}
-custom_dataset: !function mmlu_local_utils.load
+task: {task}
+custom_dataset: !function {loader}
 dataset_kwargs:
   data_dir: {data_dir}
   subject: {subject}
-test_split: test
+test_split: {split}
 fewshot_split: dev
 fewshot_config:
   sampler: first_n
 output_type: multiple_choice
 description: {description}
-doc_to_text: "{{{{question}}}}\\nA. {{{{A}}}}\\nB. {{{{B}}}}\\nC. {{{{C}}}}\\nD. {{{{D}}}}\\nAnswer:"
+doc_to_text: "{text}"
 doc_to_choice: ["A", "B", "C", "D"]
-doc_to_target: "{{{{['A', 'B', 'C', 'D'].index(answer.strip())}}}}"
-target_delimiter: " "
+doc_to_target: "{{{{['A', 'B', 'C', 'D'].index({answer}.strip())}}}}"
+target_delimiter: {delimiter}
 fewshot_delimiter: "\\n\\n"
 metric_list:
   - metric: acc
@@ -61,29 +106,45 @@ metadata:
 """
 
 
-def make_model(out_dir: Path, tokenizer_path: Path, preset: str, seed: int, max_seq_len: int) -> Path:
-    """A randomly initialised `preset` model with the tokenizer's vocabulary, saved as a Hugging Face folder."""
+def make_models(work: Path, tokenizer_path: Path, preset: str, seed: int, max_seq_len: int) -> dict[str, Path]:
+    """A random LLaMA folder (our loader) and a random Mistral folder of the same shape (transformers)."""
+    from transformers import MistralConfig, MistralForCausalLM
+
     tok = Tokenizer(tokenizer_path)
     torch.manual_seed(seed)
     config = ModelConfig.from_preset(preset, vocab_size=tok.vocab_size, max_seq_len=max_seq_len)
-    Transformer(config).to_hf(out_dir, tokenizer_path=tokenizer_path)
-    return out_dir
+    llama = Transformer(config).to_hf(work / "model_llama", tokenizer_path=tokenizer_path)
+    other_dir = work / "model_mistral"
+    other = MistralForCausalLM(MistralConfig(
+        vocab_size=config.vocab_size, hidden_size=config.dim, intermediate_size=config.hidden_dim,
+        num_hidden_layers=config.n_layers, num_attention_heads=config.n_heads, num_key_value_heads=config.n_kv_heads,
+        max_position_embeddings=max_seq_len, rms_norm_eps=config.norm_eps, tie_word_embeddings=False,
+        sliding_window=None, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id))
+    if other_dir.exists():
+        shutil.rmtree(other_dir)
+    other.save_pretrained(other_dir)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):  # no tokenizer.model
+        shutil.copyfile(Path(llama) / name, other_dir / name)
+    return {"llama": Path(llama), "mistral": other_dir}
 
 
-def write_lm_eval_tasks(task_dir: Path, data_dir: Path, subjects: list[str]) -> str:
-    """One lm-eval task per subject plus a group `mmlu_local` over them; returns the group's name."""
+def write_lm_eval_tasks(task_dir: Path, suite: Suite, data_dir: Path, subjects: list[str]) -> str:
+    """One lm-eval task per subject plus a group over them; returns the group's name."""
     if task_dir.exists():
         shutil.rmtree(task_dir)
     task_dir.mkdir(parents=True)
-    shutil.copyfile(REPO / "benchmarks" / "lm_eval_tasks" / "mmlu_local_utils.py", task_dir / "mmlu_local_utils.py")
+    shutil.copyfile(REPO / "benchmarks" / "lm_eval_tasks" / suite.utils, task_dir / suite.utils)
+    prompts_module = {"mmlu": evaluate_mmlu, "ceval": evaluate_zh, "cmmlu": evaluate_cmmlu}[suite.name]
     for subject in subjects:
-        text = TASK_TEMPLATE.format(subject=subject, data_dir=json.dumps(str(data_dir.resolve())),
-                                    description=json.dumps(evaluate_mmlu.header(subject)))
-        (task_dir / f"mmlu_local_{subject}.yaml").write_text(text)
-    group = {"group": "mmlu_local", "task": [f"mmlu_local_{s}" for s in subjects],
+        text = TASK_TEMPLATE.format(task=f"{suite.name}_local_{subject}", loader=suite.loader,
+                                    data_dir=json.dumps(str(data_dir.resolve())), subject=subject, split=suite.split,
+                                    description=json.dumps(prompts_module.header(subject), ensure_ascii=False),
+                                    text=suite.text, answer=suite.answer, delimiter=json.dumps(suite.delimiter))
+        (task_dir / f"{suite.name}_local_{subject}.yaml").write_text(text, encoding="utf-8")
+    group = {"group": f"{suite.name}_local", "task": [f"{suite.name}_local_{s}" for s in subjects],
              "aggregate_metric_list": [{"metric": "acc", "weight_by_size": True}], "metadata": {"version": 1}}
-    (task_dir / "mmlu_local.yaml").write_text(json.dumps(group, indent=2) + "\n")  # JSON is valid YAML
-    return "mmlu_local"
+    (task_dir / f"{suite.name}_local.yaml").write_text(json.dumps(group, indent=2) + "\n")  # JSON is valid YAML
+    return f"{suite.name}_local"
 
 
 def run_timed(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> float:
@@ -103,11 +164,11 @@ def _context(sample: dict) -> str:
     return first[0] if isinstance(first, list) else first["arg_0"]
 
 
-def read_lm_eval_samples(out_dir: Path) -> dict[tuple[str, int], dict]:
+def read_lm_eval_samples(out_dir: Path, prefix: str) -> dict[tuple[str, int], dict]:
     """(subject, row) -> lm-eval's prediction, letter probabilities and prompt text, from --log_samples files."""
     found = {}
-    for path in sorted(out_dir.rglob("samples_mmlu_local_*.jsonl")):
-        subject = path.name.removeprefix("samples_mmlu_local_").rsplit("_", 1)[0]
+    for path in sorted(out_dir.rglob(f"samples_{prefix}_*.jsonl")):
+        subject = path.name.removeprefix(f"samples_{prefix}_").rsplit("_", 1)[0]
         for line in path.read_text(encoding="utf-8").split("\n"):  # not splitlines(): texts hold U+2028 etc.
             if not line:
                 continue
@@ -119,109 +180,124 @@ def read_lm_eval_samples(out_dir: Path) -> dict[tuple[str, int], dict]:
     return found
 
 
-def our_prompts(data_dir: Path, subjects: list[str], shots: int) -> dict[tuple[str, int], str]:
-    """(subject, row) -> the k-shot prompt text evaluate_mmlu.py builds (all shots: none are dropped at 4096)."""
-    data = load_data(evaluate_mmlu.MMLU, data_dir, "test", subjects, shots)
+def our_prompts(suite: Suite, data_dir: Path, subjects: list[str], shots: int) -> dict[tuple[str, int], str]:
+    """(subject, row) -> the k-shot prompt text our evaluator builds (all shots; none are dropped at 4096)."""
+    data = load_data(suite.bench, data_dir, suite.split, subjects, shots)
     prompts = {}
     for subject, (dev, items) in data.items():
-        p = evaluate_mmlu.subject_prompts(subject, dev, items)
+        p = suite.bench.prompts(subject, dev, items)
         for i in range(len(items)):
             prompts[(subject, i)] = p.prompt(i, len(dev))
     return prompts
 
 
+def run_ours(suite: Suite, model: Path, data_dir: Path, subjects: list[str], out: Path, args) -> dict[str, Any]:
+    wall = run_timed([sys.executable, "-m", suite.module, "--model", str(model), "--data_dir", str(data_dir),
+                      "--output_dir", str(out), "--split", suite.split, "--ntrain", str(args.ntrain), "--device",
+                      args.device, "--dtype", args.dtype, "--batch_size", str(args.batch_size), "--subjects",
+                      *subjects], out.with_suffix(".log"))
+    results = json.loads((out / "results.json").read_text())
+    preds = [json.loads(line) for line in (out / "predictions.jsonl").read_text(encoding="utf-8").split("\n") if line]
+    return {"wall_s": round(wall, 1), "scoring_s": results["settings"]["scoring_seconds"],
+            "backend": results["settings"]["backend"], "prefix_cache": results["settings"]["prefix_cache"],
+            "questions": results["overall"]["count"], "accuracy": results["overall"]["weighted_accuracy"],
+            "shots_dropped": sum(r["shots_dropped"] for r in results["subjects"].values()), "preds": preds}
+
+
+def run_lm_eval(suite: Suite, model: Path, task_dir: Path, group: str, out: Path, args) -> float:
+    if out.exists():
+        shutil.rmtree(out)
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return run_timed([sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
+                      f"pretrained={model},dtype={args.dtype},add_bos_token=True", "--device", args.device,
+                      "--tasks", group, "--include_path", str(task_dir), "--num_fewshot", str(args.ntrain),
+                      "--batch_size", args.lm_eval_batch_size, "--output_path", str(out), "--log_samples"],
+                     out.with_suffix(".log"), env)
+
+
+def compare(ours: dict[str, Any], theirs: dict[tuple[str, int], dict], prompts: dict[tuple[str, int], str]):
+    same_pred = same_prompt = 0
+    max_diff = 0.0
+    for p in ours["preds"]:
+        t = theirs[(p["subject"], p["index"])]
+        same_pred += p["prediction"] == t["prediction"]
+        same_prompt += prompts[(p["subject"], p["index"])] == t["context"]
+        max_diff = max(max_diff, float(np.abs(np.array(p["probs"]) - t["probs"]).max()))
+    acc = 100 * np.mean([theirs[(p["subject"], p["index"])]["prediction"] == p["answer"] for p in ours["preds"]])
+    return {"identical_prompts": same_prompt, "agreeing_predictions": same_pred,
+            "max_prob_abs_diff": round(max_diff, 7), "lm_eval_accuracy": float(acc)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data_dir", type=Path, required=True, help="MMLU folder with dev/ and test/")
+    ap.add_argument("--mmlu_dir", "--data_dir", type=Path, help="MMLU folder with dev/ and test/")
+    ap.add_argument("--ceval_dir", type=Path, help="C-Eval folder with dev/ and val/")
+    ap.add_argument("--cmmlu_dir", type=Path, help="CMMLU folder with dev/ and test/")
     ap.add_argument("--tokenizer", type=Path, required=True, help="SentencePiece tokenizer.model")
     ap.add_argument("--work_dir", type=Path, default=REPO / "runs" / "bench_eval")
-    ap.add_argument("--model", type=Path, help="evaluate this HF folder instead of making a random model")
-    ap.add_argument("--preset", default="debug", help="model preset of the random model")
-    ap.add_argument("--max_seq_len", type=int, default=4096, help="context of the random model")
+    ap.add_argument("--preset", default="debug", help="model preset of the random models")
+    ap.add_argument("--max_seq_len", type=int, default=4096, help="context of the random models")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--ntrain", type=int, default=5)
-    ap.add_argument("--subjects", nargs="+", default=MMLU_SUBJECTS)
+    for name, subjects in DEFAULT_SUBJECTS.items():
+        ap.add_argument(f"--{name}_subjects", nargs="+", default=subjects)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--batch_size", type=int, default=16, help="ours")
     ap.add_argument("--lm_eval_batch_size", default="4", help="4: larger batches of the longest prompts "
                     "need over 20 GiB of fp32 logits on CPU")
     ap.add_argument("--skip_lm_eval", action="store_true", help="time ours only")
-    ap.add_argument("--reuse_ours", action="store_true",
-                    help="take our run's figures from WORK_DIR/ours_summary.json instead of running it again")
-    ap.add_argument("--reuse_lm_eval", action="store_true",
-                    help="compare against the lm-eval output and time already in WORK_DIR instead of running it again")
+    ap.add_argument("--skip_transformers", action="store_true", help="leave out the Mistral (transformers path) rows")
+    ap.add_argument("--lm_eval_transformers_on", nargs="*", default=list(SUITES), metavar="BENCHMARK",
+                    help="benchmarks on which lm-eval also runs the Mistral model (its startup dominates small runs)")
     args = ap.parse_args()
 
+    dirs = {"mmlu": args.mmlu_dir, "ceval": args.ceval_dir, "cmmlu": args.cmmlu_dir}
+    if not any(dirs.values()):
+        sys.exit("error: pass at least one of --mmlu_dir, --ceval_dir, --cmmlu_dir")
     work = args.work_dir.resolve()
     work.mkdir(parents=True, exist_ok=True)
-    model_dir = args.model or work / "model"
-    if not args.model and not ((args.reuse_ours or args.reuse_lm_eval) and (model_dir / "config.json").exists()):
-        make_model(model_dir, args.tokenizer, args.preset, args.seed, args.max_seq_len)
-    config = json.loads((model_dir / "config.json").read_text())
-    print(f"model {model_dir}: dim {config['hidden_size']}, {config['num_hidden_layers']} layers, "
-          f"vocab {config['vocab_size']}, context {config['max_position_embeddings']}", flush=True)
-
-    ours_out = work / "ours"
-    ours_summary = work / "ours_summary.json"
-    if args.reuse_ours and ours_summary.exists():
-        summary = json.loads(ours_summary.read_text())
-    else:
-        ours_s = run_timed([sys.executable, "-m", "evaluation.evaluate_mmlu", "--model", str(model_dir),
-                            "--data_dir", str(args.data_dir), "--output_dir", str(ours_out), "--ntrain",
-                            str(args.ntrain), "--device", args.device, "--dtype", args.dtype, "--batch_size",
-                            str(args.batch_size), "--overwrite", "--subjects", *args.subjects], work / "ours.log")
-        results = json.loads((ours_out / "results.json").read_text())
-        summary = {"questions": results["overall"]["count"], "ntrain": args.ntrain, "model": str(model_dir),
-                   "model_config": {k: config[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
-                                                           "num_key_value_heads", "vocab_size",
-                                                           "max_position_embeddings")},
-                   "ours_wall_s": round(ours_s, 1), "ours_scoring_s": results["settings"]["scoring_seconds"],
-                   "ours_accuracy": results["overall"]["accuracy"],
-                   "ours_shots_dropped": sum(r["shots_dropped"] for r in results["subjects"].values()),
-                   "device": args.device, "dtype": args.dtype, "torch_threads": torch.get_num_threads(),
-                   "cpu_count": os.cpu_count()}
-        ours_summary.write_text(json.dumps(summary, indent=2) + "\n")
-    print(json.dumps(summary, indent=2), flush=True)
-    ours_preds = [json.loads(line) for line in (ours_out / "predictions.jsonl").read_text(encoding="utf-8").split("\n")
-                  if line]
-
-    if not args.skip_lm_eval:
-        task_dir = work / "lm_eval_tasks"
-        group = write_lm_eval_tasks(task_dir, args.data_dir, args.subjects)
-        lm_out = work / "lm_eval"
-        lm_time = work / "lm_eval_time.json"
-        if args.reuse_lm_eval and lm_time.exists():
-            lm_s, lm_batch = (json.loads(lm_time.read_text())[k] for k in ("lm_eval_wall_s", "lm_eval_batch_size"))
-        else:
-            if lm_out.exists():
-                shutil.rmtree(lm_out)
-            env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-            lm_s = run_timed([sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
-                              f"pretrained={model_dir},dtype={args.dtype},add_bos_token=True", "--device", args.device,
-                              "--tasks", group, "--include_path", str(task_dir), "--num_fewshot", str(args.ntrain),
-                              "--batch_size", args.lm_eval_batch_size, "--output_path", str(lm_out), "--log_samples"],
-                             work / "lm_eval.log", env)
-            lm_batch = args.lm_eval_batch_size
-            lm_time.write_text(json.dumps({"lm_eval_wall_s": round(lm_s, 1), "lm_eval_batch_size": lm_batch}) + "\n")
-        theirs = read_lm_eval_samples(lm_out)
-        prompts = our_prompts(args.data_dir, args.subjects, args.ntrain)
-        ours_s = summary["ours_wall_s"]
-        same_pred = same_prompt = 0
-        max_prob_diff = 0.0
-        for p in ours_preds:
-            t = theirs[(p["subject"], p["index"])]
-            same_pred += p["prediction"] == t["prediction"]
-            same_prompt += prompts[(p["subject"], p["index"])] == t["context"]
-            max_prob_diff = max(max_prob_diff, float(np.abs(np.array(p["probs"]) - t["probs"]).max()))
-        lm_acc = 100 * np.mean([theirs[(p["subject"], p["index"])]["prediction"] == p["answer"] for p in ours_preds])
-        summary.update({"lm_eval_wall_s": round(lm_s, 1), "lm_eval_batch_size": lm_batch,
-                        "speedup": round(lm_s / ours_s, 2), "lm_eval_questions": len(theirs),
-                        "identical_prompts": same_prompt, "agreeing_predictions": same_pred,
-                        "agreement": round(same_pred / len(ours_preds), 6), "max_prob_abs_diff": max_prob_diff,
-                        "lm_eval_accuracy": lm_acc})
+    models = make_models(work, args.tokenizer, args.preset, args.seed, args.max_seq_len)
+    if args.skip_transformers:
+        models.pop("mistral")
+    config = json.loads((models["llama"] / "config.json").read_text())
+    summary: dict[str, Any] = {
+        "model_config": {k: config[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                                                "num_key_value_heads", "vocab_size", "max_position_embeddings")},
+        "ntrain": args.ntrain, "device": args.device, "dtype": args.dtype, "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(), "lm_eval_batch_size": args.lm_eval_batch_size, "rows": []}
+    for name, data_dir in dirs.items():
+        if data_dir is None:
+            continue
+        suite, subjects = SUITES[name], getattr(args, f"{name}_subjects")
+        prompts = our_prompts(suite, data_dir, subjects, args.ntrain)
+        task_dir = work / f"lm_eval_tasks_{name}"
+        group = write_lm_eval_tasks(task_dir, suite, data_dir, subjects)
+        for kind, model in models.items():
+            ours = run_ours(suite, model, data_dir, subjects, work / f"ours_{name}_{kind}", args)
+            row = {"benchmark": name, "split": suite.split, "subjects": subjects, "model": kind,
+                   **{k: v for k, v in ours.items() if k != "preds"}}
+            if not args.skip_lm_eval and (kind == "llama" or name in args.lm_eval_transformers_on):
+                lm_out = work / f"lm_eval_{name}_{kind}"
+                lm_s = run_lm_eval(suite, model, task_dir, group, lm_out, args)
+                row.update({"lm_eval_wall_s": round(lm_s, 1), "speedup": round(lm_s / ours["wall_s"], 2),
+                            **compare(ours, read_lm_eval_samples(lm_out, group), prompts)})
+            summary["rows"].append(row)
+            print(json.dumps(row), flush=True)
     (work / "bench_eval.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(json.dumps(summary, indent=2))
+    print(format_rows(summary["rows"]))
+
+
+def format_rows(rows: list[dict[str, Any]]) -> str:
+    lines = ["| benchmark | model (our path) | questions | ours wall s | ours scoring s | lm-eval wall s | speedup | "
+             "same prompts | same predictions | max prob diff |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        path = "LLaMA (our loader, prefix cache)" if r["backend"] == "ours" else "Mistral (transformers, plain)"
+        lines.append(f"| {r['benchmark']} {r['split']} | {path} | {r['questions']} | {r['wall_s']} | "
+                     f"{r['scoring_s']} | {r.get('lm_eval_wall_s', '-')} | {r.get('speedup', '-')} | "
+                     f"{r.get('identical_prompts', '-')} | {r.get('agreeing_predictions', '-')} | "
+                     f"{r.get('max_prob_abs_diff', '-')} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

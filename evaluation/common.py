@@ -16,14 +16,15 @@ from typing import Any, Callable
 import torch
 from tqdm import tqdm
 
-from artifacts import check_device, default_device, default_dtype, load_model, load_tokenizer
+from artifacts import check_device, default_device, default_dtype
 from common import cli
 from common.io import check_output_dir
 from common.tensors import DTYPES
 
+from . import backends
 from .data import LETTERS, Question, split_file
 from .report import SubjectScore, format_table, summarize, write_outputs
-from .scoring import Request, SubjectPrompts, build_requests, score_cached, score_plain
+from .scoring import Request, SubjectPrompts, build_requests
 
 
 @dataclass
@@ -48,14 +49,22 @@ class Benchmark:
     """Which average is the benchmark's published score: "weighted" (per question) or "macro" (per subject)."""
     submission: bool = False
     """Write submission_{split}.json ({subject: {id: letter}}) when the split has no answers."""
+    file_name: Callable[[str, str], str] = lambda subject, split: f"{subject}_{split}.csv"
+    """(subject, split) -> the subject's file name inside the split folder."""
+    layout: str = "dev/, val/ and test/"
+    """The split folders --data_dir holds (for error messages)."""
+    build_requests: Callable[..., list[Request]] = build_requests
+    """(tokenizer, prompts, max_length, bos) -> requests: tokenizing, and what to do with prompts that are too long."""
 
 
 def build_parser(bench: Benchmark, prog: str, description: str, shots_flags: list[str],
                  default_split: str) -> argparse.ArgumentParser:
     p = cli.parser(prog, description)
     p.add_argument("--model", "--model_name_or_path", dest="model", required=True,
-                   help="a Hugging Face LLaMA folder (e.g. from pretrain.export) or a training run directory")
-    p.add_argument("--data_dir", required=True, help="folder holding dev/, val/, test/ with {subject}_{split}.csv")
+                   help="a Hugging Face causal-LM folder (LLaMA family: our fast loader; others: transformers) "
+                        "or a training run directory")
+    p.add_argument("--data_dir", required=True,
+                   help=f"folder holding {bench.layout} with {bench.file_name('{subject}', '{split}')}")
     p.add_argument("--output_dir", required=True, help="where results.json and predictions.jsonl go")
     p.add_argument("--overwrite", action="store_true", help="replace what a non-empty --output_dir holds")
     p.add_argument("--split", default=default_split, choices=bench.splits, help="split to evaluate")
@@ -65,7 +74,8 @@ def build_parser(bench: Benchmark, prog: str, description: str, shots_flags: lis
     p.add_argument("--batch_size", type=int, default=16, help="questions run together over a shared prefix")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="default: bfloat16 on GPU, float32 on CPU")
     p.add_argument("--device", help="default: cuda when available, else cpu")
-    p.add_argument("--tokenizer", help="tokenizer.model to use (default: the one in --model)")
+    p.add_argument("--tokenizer", help="tokenizer.model, or a folder with tokenizer.json, to use (default: the "
+                   "model folder's tokenizer.model, else its tokenizer.json)")
     p.add_argument("--tag", help="checkpoint tag of a training run directory (default: its latest)")
     p.add_argument("--adapter", help="PEFT LoRA adapter folder applied (merged) on top of the model")
     p.add_argument("--max_length", type=int,
@@ -75,19 +85,37 @@ def build_parser(bench: Benchmark, prog: str, description: str, shots_flags: lis
     return p
 
 
-def _check_args(bench: Benchmark, args: argparse.Namespace) -> list[str]:
+def _check_args(bench: Benchmark, args: argparse.Namespace) -> list[str] | None:
     if args.shots < 0:
         raise ValueError(f"the number of shots must be >= 0, got {args.shots}")
     if args.batch_size < 1:
         raise ValueError(f"--batch_size must be >= 1, got {args.batch_size}")
     if args.max_length is not None and args.max_length < 1:
         raise ValueError(f"--max_length must be >= 1, got {args.max_length}")
-    subjects = args.subjects or bench.subjects
-    unknown = [s for s in subjects if s not in bench.subjects]
+    if not args.subjects:
+        return None
+    unknown = [s for s in args.subjects if s not in bench.subjects]
     if unknown:
         raise ValueError(f"unknown {bench.name} subject(s): {', '.join(unknown)}; valid names are listed in "
                          "evaluation/subjects.py")
-    return list(dict.fromkeys(subjects))
+    return list(dict.fromkeys(args.subjects))
+
+
+def subject_file(bench: Benchmark, data_dir: Path, split: str, subject: str) -> Path:
+    return split_file(data_dir, split, subject, bench.file_name(subject, split), bench.layout)
+
+
+def present_subjects(bench: Benchmark, data_dir: Path, split: str, shots: int) -> tuple[list[str], list[str]]:
+    """(subjects whose files are in data_dir, the others), as the reference scripts list the folder. With a split
+    folder missing, all subjects are returned so that load_data names the folder."""
+    splits = [split] + (["dev"] if shots else [])
+    if not all((data_dir / s).is_dir() for s in splits):
+        return list(bench.subjects), []
+    present = [s for s in bench.subjects if all((data_dir / sp / bench.file_name(s, sp)).is_file() for sp in splits)]
+    if not present:
+        raise FileNotFoundError(f"{data_dir}: no {bench.name} subject files in {' and '.join(splits)} (expected "
+                                f"names such as {bench.file_name(bench.subjects[0], split)})")
+    return present, [s for s in bench.subjects if s not in present]
 
 
 def load_data(bench: Benchmark, data_dir: Path, split: str, subjects: list[str],
@@ -95,10 +123,10 @@ def load_data(bench: Benchmark, data_dir: Path, split: str, subjects: list[str],
     """subject -> (shot rows: the first `shots` dev rows, questions of `split`), every file checked."""
     data = {}
     for subject in subjects:
-        dev = bench.read(split_file(data_dir, "dev", subject), True)[:shots] if shots else []
+        dev = bench.read(subject_file(bench, data_dir, "dev", subject), True)[:shots] if shots else []
         if len(dev) < shots:
             print(f"warning: {subject}: dev split has only {len(dev)} rows, using {len(dev)} shots", file=sys.stderr)
-        data[subject] = (dev, bench.read(split_file(data_dir, split, subject), split != "test"))
+        data[subject] = (dev, bench.read(subject_file(bench, data_dir, split, subject), split != "test"))
     return data
 
 
@@ -149,31 +177,36 @@ def run(bench: Benchmark, args: argparse.Namespace) -> dict[str, Any]:
     start = time.perf_counter()
     subjects = _check_args(bench, args)
     check_output_dir(args.output_dir, args.overwrite)
+    missing: list[str] = []
+    if subjects is None:
+        subjects, missing = present_subjects(bench, Path(args.data_dir), args.split, args.shots)
+        if missing:
+            print(f"warning: {args.data_dir} holds {len(subjects)} of the {len(bench.subjects)} {bench.name} "
+                  f"subjects; missing, not evaluated: {', '.join(missing)}", file=sys.stderr)
     data = load_data(bench, Path(args.data_dir), args.split, subjects, args.shots)
 
     device = args.device or default_device()
     check_device(device)
     dtype = args.dtype or default_dtype(device)
-    model = load_model(args.model, device, dtype, args.tag, adapter=args.adapter)
-    tokenizer = load_tokenizer(args.model, args.tokenizer, model)
-    max_length = args.max_length or model.config.max_seq_len
-    if max_length > model.config.max_seq_len:
-        raise ValueError(f"--max_length {max_length} exceeds the model's context of {model.config.max_seq_len} tokens")
-    bos = tokenizer.bos_id >= 0  # both reference scripts start every prompt with BOS
+    loaded = backends.load(args.model, args.tokenizer, device, dtype, args.tag, adapter=args.adapter)
+    if loaded.note:
+        print(f"note: {args.model}: {loaded.note}", file=sys.stderr)
+    tokenizer = loaded.tokenizer
+    max_length = args.max_length or loaded.max_len
+    if max_length > loaded.max_len:
+        raise ValueError(f"--max_length {max_length} exceeds the model's context of {loaded.max_len} tokens")
+    bos = loaded.bos  # the reference scripts start every prompt with BOS where the tokenizer adds one
 
     requests: list[Request] = []
     questions: list[Question] = []
     for subject in tqdm(subjects, desc="tokenizing", unit="subject", leave=False):
         dev, items = data[subject]
-        requests += build_requests(tokenizer, bench.prompts(subject, dev, items), max_length, bos)
+        requests += bench.build_requests(tokenizer, bench.prompts(subject, dev, items), max_length, bos)
         questions += items
 
     score_start = time.perf_counter()
     with tqdm(total=len(requests), desc=f"{bench.name} {args.split}", unit="q") as progress:
-        if args.no_prefix_cache:
-            logits = score_plain(model, requests, progress)
-        else:
-            logits = score_cached(model, requests, args.batch_size, progress)
+        logits = loaded.score(requests, args.batch_size, not args.no_prefix_cache, progress)
     score_time = time.perf_counter() - score_start
 
     predictions, scores = collect(subjects, data, requests, questions, logits)
@@ -182,6 +215,8 @@ def run(bench: Benchmark, args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {"benchmark": bench.name, "split": args.split, "shots": shots_used(requests),
                                "shots_requested": args.shots, "complete": set(subjects) == set(bench.subjects),
                                "headline": bench.headline}
+    if missing:
+        results["missing_subjects"] = missing
     results.update(summarize(scores, bench.groups_of, bench.order, bench.headline))
     results["settings"] = {
         "model": str(Path(args.model).resolve()), "tag": args.tag,
@@ -189,7 +224,8 @@ def run(bench: Benchmark, args: argparse.Namespace) -> dict[str, Any]:
         "tokenizer": str(tokenizer.path), "tokenizer_sha256": tokenizer.sha256, "bos": bos,
         "answer_tokens": [tokenizer.id_to_piece(i) for i in requests[0].choice_ids],
         "device": device, "dtype": dtype, "max_length": max_length, "batch_size": args.batch_size,
-        "prefix_cache": not args.no_prefix_cache, "scoring_seconds": round(score_time, 3),
+        "prefix_cache": loaded.backend == "ours" and not args.no_prefix_cache, **loaded.settings,
+        "backend_note": loaded.note or None, "scoring_seconds": round(score_time, 3),
         "total_seconds": round(time.perf_counter() - start, 3),
     }
     extra = {}

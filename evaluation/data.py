@@ -33,12 +33,14 @@ class Question:
     """The correct letter, or None where the split has no answers (C-Eval test)."""
 
 
-def split_file(data_dir: Path, split: str, subject: str) -> Path:
-    """D/{split}/{subject}_{split}.csv, with a clear error when the split directory or the file is missing."""
+def split_file(data_dir: Path, split: str, subject: str, name: str | None = None,
+               layout: str = "dev/, val/ and test/") -> Path:
+    """D/{split}/{name} (default {subject}_{split}.csv), with a clear error when the split directory or the file is
+    missing; `layout` names the split folders --data_dir must hold."""
     split_dir = Path(data_dir) / split
     if not split_dir.is_dir():
-        raise FileNotFoundError(f"{split_dir}: split directory not found; --data_dir must hold dev/, val/ and test/")
-    path = split_dir / f"{subject}_{split}.csv"
+        raise FileNotFoundError(f"{split_dir}: split directory not found; --data_dir must hold {layout}")
+    path = split_dir / (name or f"{subject}_{split}.csv")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: subject file not found (subject {subject!r}, split {split!r})")
     return path
@@ -113,6 +115,36 @@ def read_ceval_csv(path: Path, need_answer: bool) -> list[Question]:
         seen[qid] = index
         choices = (row[col["A"]], row[col["B"]], row[col["C"]], row[col["D"]])
         questions.append(Question(index, qid, row[col["question"]], choices, answer))
+    if not questions:
+        raise ValueError(f"{path}: no questions in file (only a header)")
+    return questions
+
+
+CMMLU_REQUIRED = ("Question", "A", "B", "C", "D", "Answer")
+
+
+def read_cmmlu_csv(path: Path) -> list[Question]:
+    """Rows of a CMMLU split file: a header `,Question,A,B,C,D,Answer` whose first, unnamed column is the row
+    number (the official scripts read it with pandas' index_col=0); every split has answers."""
+    records = _records(path)
+    first = next(records, None)
+    if first is None:
+        raise ValueError(f"{path}: empty file; expected a header ,Question,A,B,C,D,Answer")
+    header = [name.strip() for name in first[1]]
+    missing = [name for name in CMMLU_REQUIRED if name not in header[1:]]
+    if missing:
+        raise ValueError(f"{path}, line {first[0]}: header {','.join(header)!r} lacks column(s) "
+                         f"{', '.join(missing)}; expected ,Question,A,B,C,D,Answer")
+    col = {name: i for i, name in enumerate(header)}
+    questions: list[Question] = []
+    for line, row in records:
+        index = len(questions)
+        if len(row) != len(header):
+            raise ValueError(f"{path}, line {line} (row {index}): expected {len(header)} columns "
+                             f"({','.join(header)}), found {len(row)}")
+        answer = _answer(path, line, index, row[col["Answer"]])
+        choices = (row[col["A"]], row[col["B"]], row[col["C"]], row[col["D"]])
+        questions.append(Question(index, row[0].strip(), row[col["Question"]], choices, answer))
     if not questions:
         raise ValueError(f"{path}: no questions in file (only a header)")
     return questions

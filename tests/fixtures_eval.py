@@ -116,3 +116,20 @@ def eval_assets(tmp_path_factory) -> dict[str, Path]:
     tok = train_tiny_tokenizer(root / "tok")
     return {"tokenizer": tok, "model": save_tiny_model(root / "model", tok),
             "mmlu": write_mmlu_dir(root / "mmlu"), "ceval": write_ceval_dir(root / "ceval")}
+
+
+CMMLU_FIXTURE_SUBJECTS = ("agronomy", "chinese_history", "college_mathematics")
+
+
+def write_cmmlu_dir(root: Path, subjects: tuple[str, ...] = CMMLU_FIXTURE_SUBJECTS, seed: int = 0) -> Path:
+    """root/{dev,test}/{subject}.csv with the official header `,Question,A,B,C,D,Answer` (row number first)."""
+    rng = random.Random(seed)
+    for split, n in (("dev", 5), ("test", 6)):
+        (root / split).mkdir(parents=True, exist_ok=True)
+        for subject in subjects:
+            with open(root / split / f"{subject}.csv", "w", newline="", encoding="utf-8") as f:
+                writer = csv.writer(f)
+                writer.writerow(["", "Question", "A", "B", "C", "D", "Answer"])
+                for i in range(n + (subject == "agronomy")):
+                    writer.writerow([str(i), *fake_question(rng, i + 1, zh=True)])
+    return root

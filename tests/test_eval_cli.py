@@ -186,7 +186,7 @@ def test_bad_arguments_fail_clearly(eval_assets, tmp_path):
     no_tok = Path(shutil.copytree(eval_assets["model"], tmp_path / "no_tok"))
     (no_tok / "tokenizer.model").unlink()
     expect_error(["--model_name_or_path", str(no_tok), *base, "--subjects", "anatomy"],
-                 "no SentencePiece tokenizer; pass --tokenizer")
+                 "no tokenizer (neither tokenizer.model nor tokenizer.json); pass --tokenizer")
     assert not (tmp_path / "out").exists()
 
 

@@ -1,0 +1,216 @@
+"""Batched answer generation for open questions: chat-template prompts, our model with a KV cache, or transformers.
+
+Our Transformer has no padding mask, so prompts of different lengths are batched the way Meta's original LLaMA
+generate did: all rows are run together from position 0; up to the shortest prompt's length in one prefill, then
+one token per step, where a row that still has prompt tokens is fed its own next prompt token instead of the
+sampled one. Every row's positions stay contiguous, no padding is ever attended to, and greedy results equal
+generating each prompt on its own. Prompts are sorted by length first, so a batch wastes few steps.
+transformers models use their own generate() with left padding and an attention mask.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from tqdm import tqdm
+
+from model.model import sample
+
+PLAIN_TEMPLATE = "Human: {question}\n\nAssistant:"
+PLAIN_STOP = "\nHuman:"  # a base model often goes on with the next turn; the answer ends there
+
+
+@dataclass
+class GenerationConfig:
+    """How answers are generated."""
+
+    max_new_tokens: int = 512
+    """Longest answer in tokens."""
+    temperature: float = 0.0
+    """0 = greedy."""
+    top_k: int | None = None
+    """Sample from the k most likely tokens only (with temperature > 0)."""
+    top_p: float | None = None
+    """Nucleus sampling threshold (with temperature > 0)."""
+    seed: int = 0
+    """Seed of the sampler."""
+    batch_size: int = 8
+    """Prompts generated together."""
+
+
+class ChatTemplate:
+    """The model folder's chat_template (tokenizer_config.json), rendered with jinja2 as transformers'
+    apply_chat_template does; else the plain `Human: ...\\n\\nAssistant:` form."""
+
+    def __init__(self, model_dir: str | Path) -> None:
+        self.source = "plain"
+        self.template: Any = None
+        self.specials: dict[str, str] = {}
+        config_path = Path(model_dir) / "tokenizer_config.json"
+        if not config_path.is_file():
+            return
+        try:
+            config = json.loads(config_path.read_text(encoding="utf-8"))
+        except ValueError as e:
+            raise ValueError(f"{config_path}: not valid JSON ({e})") from None
+        text = config.get("chat_template")
+        if isinstance(text, list):  # [{"name": "default", "template": ...}, ...]
+            named = {t.get("name"): t.get("template") for t in text if isinstance(t, dict)}
+            text = named.get("default") or next(iter(named.values()), None)
+        if not text and (Path(model_dir) / "chat_template.jinja").is_file():
+            text = (Path(model_dir) / "chat_template.jinja").read_text(encoding="utf-8")
+        if not text:
+            return
+        from jinja2.exceptions import TemplateError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message: str) -> None:
+            raise TemplateError(message)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.filters["tojson"] = lambda x, indent=None, **kw: json.dumps(x, ensure_ascii=False, indent=indent)
+        env.globals["raise_exception"] = raise_exception
+        try:
+            self.template = env.from_string(text)
+        except TemplateError as e:
+            raise ValueError(f"{config_path}: chat_template does not parse ({e})") from None
+        for key in ("bos_token", "eos_token", "pad_token", "unk_token"):
+            value = config.get(key)
+            self.specials[key] = value.get("content", "") if isinstance(value, dict) else (value or "")
+        self.source = str(config_path)
+
+    @property
+    def is_plain(self) -> bool:
+        return self.template is None
+
+    def render(self, question: str) -> str:
+        if self.template is None:
+            return PLAIN_TEMPLATE.format(question=question)
+        from jinja2.exceptions import TemplateError
+
+        try:
+            return self.template.render(messages=[{"role": "user", "content": question}],
+                                        add_generation_prompt=True, **self.specials)
+        except TemplateError as e:
+            raise ValueError(f"{self.source}: chat_template failed to render ({e})") from None
+
+
+def encode_prompts(tokenizer, template: ChatTemplate, questions: Sequence[str], bos: bool) -> list[list[int]]:
+    """Token ids of every question's prompt. A rendered chat template carries its own special tokens (encoded without
+    adding any, as apply_chat_template does); the plain template gets BOS where the tokenizer adds one."""
+    texts = [template.render(q) for q in questions]
+    return tokenizer.encode_batch(texts, bos=bos and template.is_plain)
+
+
+@torch.inference_mode()
+def generate_ragged(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, eos_id: int | None,
+                    temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+                    generator: torch.Generator | None = None, vocab_size: int | None = None) -> list[list[int]]:
+    """New tokens of each prompt (without the EOS), all rows run together through our Transformer (module doc).
+    vocab_size: ids at or above it (the padding of a model vocabulary larger than the tokenizer's) are never picked."""
+    device = model.tok_embeddings.weight.device
+    lengths = torch.tensor([len(p) for p in prompts], device=device)
+    shortest, longest = int(lengths.min()), int(lengths.max())
+    total = min(longest + max_new_tokens, model.config.max_seq_len)
+    tokens = torch.zeros(len(prompts), total, dtype=torch.long, device=device)
+    for row, p in enumerate(prompts):
+        tokens[row, :len(p)] = torch.tensor(list(p), dtype=torch.long)
+    cache = model.new_cache(len(prompts), total)
+    last = torch.full((len(prompts),), shortest - 1, device=device)
+    logits = model(tokens[:, :shortest], cache=cache, output_positions=last)
+    if vocab_size is not None:
+        logits[:, vocab_size:] = float("-inf")
+    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    pos = shortest - 1  # no room left: nothing is generated
+    for pos in range(shortest, total):
+        in_prompt = pos < lengths
+        nxt = torch.where(in_prompt, tokens[:, pos], sample(logits, temperature, top_k, top_p, generator))
+        tokens[:, pos] = nxt
+        if eos_id is not None:
+            done |= ~in_prompt & (nxt == eos_id)
+        done |= pos + 1 - lengths >= max_new_tokens
+        if bool(done.all()) or pos + 1 == total:
+            break
+        logits = model(nxt[:, None], cache=cache)[:, -1]
+        if vocab_size is not None:
+            logits[:, vocab_size:] = float("-inf")
+    out = []
+    for row, p in enumerate(prompts):
+        new = tokens[row, len(p):min(len(p) + max_new_tokens, pos + 1)].tolist()
+        if eos_id is not None and eos_id in new:
+            new = new[:new.index(eos_id)]
+        out.append(new)
+    return out
+
+
+@torch.inference_mode()
+def generate_transformers(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, eos_id: int | None,
+                          pad_id: int, temperature: float = 0.0, top_k: int | None = None,
+                          top_p: float | None = None, vocab_size: int | None = None) -> list[list[int]]:
+    """New tokens of each prompt through transformers' generate (left padding, attention mask)."""
+    device = next(model.parameters()).device
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p):] = torch.tensor(list(p), dtype=torch.long)
+        mask[row, width - len(p):] = 1
+    kwargs: dict[str, Any] = {"do_sample": temperature > 0, "max_new_tokens": max_new_tokens, "pad_token_id": pad_id}
+    if eos_id is not None:
+        kwargs["eos_token_id"] = eos_id
+    model_vocab = model.get_output_embeddings().weight.shape[0]
+    if vocab_size is not None and vocab_size < model_vocab:
+        kwargs["suppress_tokens"] = list(range(vocab_size, model_vocab))
+    if temperature > 0:
+        kwargs.update(temperature=temperature, top_k=top_k or 0, top_p=top_p or 1.0)
+    out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)[:, width:].tolist()
+    result = []
+    for new in out:
+        if eos_id is not None and eos_id in new:
+            new = new[:new.index(eos_id)]
+        while new and new[-1] == pad_id:  # rows that stopped early are padded to the batch's length
+            new.pop()
+        result.append(new)
+    return result
+
+
+def generate_answers(loaded, template: ChatTemplate, questions: Sequence[str],
+                     cfg: GenerationConfig) -> list[dict[str, Any]]:
+    """{"answer", "prompt_tokens", "new_tokens", "truncated"} per question, in input order."""
+    tok = loaded.tokenizer
+    prompts = encode_prompts(tok, template, questions, loaded.bos)
+    room = loaded.max_len - cfg.max_new_tokens
+    if room < 1:
+        raise ValueError(f"--max_new_tokens {cfg.max_new_tokens} leaves no room for a prompt in the model's "
+                         f"context of {loaded.max_len} tokens")
+    truncated = [len(p) > room for p in prompts]
+    prompts = [p[-room:] for p in prompts]  # a prompt longer than the room keeps its end (the generation cue)
+    eos = tok.eos_id if tok.eos_id >= 0 else None
+    pad = next((i for i in (tok.pad_id, tok.eos_id) if i >= 0), 0)
+    generator = torch.Generator(device=loaded.device).manual_seed(cfg.seed)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    new_tokens: list[list[int]] = [[] for _ in prompts]
+    with tqdm(total=len(prompts), desc="generating", unit="answer") as progress:
+        for start in range(0, len(order), cfg.batch_size):
+            batch = order[start:start + cfg.batch_size]
+            rows = [prompts[i] for i in batch]
+            if loaded.backend == "ours":
+                outs = generate_ragged(loaded.model, rows, cfg.max_new_tokens, eos, cfg.temperature, cfg.top_k,
+                                       cfg.top_p, generator, tok.vocab_size)
+            else:
+                outs = generate_transformers(loaded.model, rows, cfg.max_new_tokens, eos, pad, cfg.temperature,
+                                             cfg.top_k, cfg.top_p, tok.vocab_size)
+            for i, new in zip(batch, outs):
+                new_tokens[i] = new
+            progress.update(len(batch))
+    records = []
+    for i, new in enumerate(new_tokens):
+        text = tok.decode(new)
+        if template.is_plain and PLAIN_STOP in text:
+            text = text[:text.index(PLAIN_STOP)]
+        records.append({"answer": text.strip(), "prompt_tokens": len(prompts[i]), "new_tokens": len(new),
+                        "truncated": truncated[i]})
+    return records
