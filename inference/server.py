@@ -27,6 +27,11 @@ import time
 from pathlib import Path
 from typing import Any, AsyncIterator
 
+from fastapi import Depends, FastAPI, Request as HttpRequest
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException
+
 from common.cli import entry_point, fail, parser
 
 from .engine import Engine, Event, QueueFull, Request, SamplingParams
@@ -83,11 +88,11 @@ def parse_sampling(body: dict, prompt_len: int, context: int, extra_stop: tuple[
     room = context - prompt_len
     if room < 1:
         raise ApiError(400, f"the prompt is {prompt_len} tokens but the model's context is {context} tokens; "
-                       "shorten it", "messages" if "messages" in body else "prompt", "context_length_exceeded")
+                       "shorten it", "messages" if "messages" in body else "prompt", code="context_length_exceeded")
     if max_tokens is not None and max_tokens > room:
         raise ApiError(400, f"this model's context is {context} tokens: the prompt's {prompt_len} tokens leave "
                        f"room for at most {room} new tokens, {key}={max_tokens} asked for", key,
-                       "context_length_exceeded")
+                       code="context_length_exceeded")
     stop = body.get("stop")
     if stop is None:
         stop = []
@@ -107,12 +112,7 @@ def parse_sampling(body: dict, prompt_len: int, context: int, extra_stop: tuple[
 
 
 def create_app(engine: Engine, template: ChatTemplate, model_name: str, api_key: str | None = None):
-    """The FastAPI application (imported here so that `inference` imports without FastAPI)."""
-    from fastapi import Depends, FastAPI, Request as HttpRequest
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, StreamingResponse
-    from starlette.exceptions import HTTPException
-
+    """The FastAPI application serving `engine` under the id `model_name`."""
     app = FastAPI(title="llama-pretrain inference server")
     tokenizer = engine.tokenizer
     created = int(time.time())
