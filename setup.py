@@ -9,7 +9,8 @@ setup(
     version="0.1.0",
     description="Pretrain LLaMA-style Chinese/English base models: tokenizer, data, model, DeepSpeed training, evaluation",
     python_requires=">=3.10",
-    packages=find_packages(include=["common*", "model*", "tokenizer*", "artifacts*", "pretrain*", "evaluation*"]),
+    packages=find_packages(include=["common*", "model*", "tokenizer*", "artifacts*", "pretrain*", "evaluation*",
+                                    "inference*"]),
     install_requires=[
         "torch>=2.1",
         "deepspeed>=0.14",
@@ -24,11 +25,16 @@ setup(
         "matplotlib>=3.7",
         "tensorboard>=2.14",
         "psutil>=5.9",
+        "jinja2>=3.1.6",  # chat templates (the version transformers requires for sandboxed templates)
+        "fastapi>=0.110",  # inference.server
+        "uvicorn>=0.29",
     ],
     extras_require={
         "gpu": ["flash-attn>=2.5", "xformers>=0.0.25"],
         "wandb": ["wandb>=0.16"],
-        "test": ["pytest>=7.4", "pytest-timeout>=2.2"],
+        "web": ["gradio>=5.0"],
+        "test": ["pytest>=7.4", "pytest-timeout>=2.2", "openai>=1.30", "httpx>=0.27", "selenium>=4.20",
+                 "gradio>=5.0"],
         "bench": ["lm_eval>=0.4"],
     },
     entry_points={
@@ -38,6 +44,9 @@ setup(
             "llama-prepare-data=pretrain.prepare_data:main",
             "llama-export=pretrain.export:main",
             "llama-generate=model.generate:main",
+            "llama-chat=inference.chat:main",
+            "llama-serve=inference.server:main",
+            "llama-web=inference.web:main",
         ]
     },
 )
