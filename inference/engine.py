@@ -5,8 +5,8 @@
         print(event.text, end="")
 
 Each scheduler step (1) frees the slots of finished or cancelled requests, (2) prefills waiting requests into the
-free slots (one prompt at a time) and samples their first token, and (3) runs one forward pass over the last
-token of every running sequence together. Every sequence has its own position (rotary angle and KV-cache row
+free slots (their prompts together, right-padded) and samples their first tokens, and (3) runs one forward pass
+over the last token of every running sequence together. Every sequence has its own position (rotary angle and KV-cache row
 length): the step writes each row's new key/value at that row's own position and masks each row's attention to
 its own length, so sequences of different lengths that joined at different times share one batched matmul.
 Sampling settings and the random generator (seeded per request) are per sequence too.
@@ -59,6 +59,8 @@ class SamplingParams:
     """Strings that end the reply; they are not part of it."""
     seed: int | None = None
     """Seed of this request's own random generator (None: a random seed)."""
+    ignore_eos: bool = False
+    """Keep generating after EOS (benchmarks: a fixed number of tokens)."""
 
     def check(self) -> "SamplingParams":
         """Raise ValueError naming the first parameter out of range."""
@@ -130,19 +132,29 @@ class SlotCache:
 
 
 class _CacheView:
-    """What Attention.forward sees as its cache in one engine forward: writes at per-row positions, reads the
-    rows' first `span` positions (the attention mask hides each row's positions past its own length)."""
+    """What Attention.forward sees as its cache in one engine forward: row i writes its T new keys/values at
+    positions starts[i].., and reads its slot's first `span` positions (the attention mask hides each row's
+    positions past its own length)."""
 
-    def __init__(self, cache: SlotCache, rows: torch.Tensor, positions: torch.Tensor, span: int):
-        self.cache, self.rows, self.positions, self.span = cache, rows, positions, span
-        first = int(rows[0])
-        # Rows that are one contiguous block are read as a slice (no copy); otherwise they are gathered.
-        self.block = first if torch.equal(rows, torch.arange(first, first + len(rows), device=rows.device)) else None
+    def __init__(self, cache: SlotCache, rows: list[int], starts: list[int], n_new: int, device: torch.device):
+        self.cache, self.span = cache, max(starts) + n_new
+        # Rows that are one contiguous block of slots are read as a slice (no copy), else gathered; rows that all
+        # start at the same position are written as a slice, else scattered into the flattened cache.
+        self.block = rows[0] if rows == list(range(rows[0], rows[0] + len(rows))) else None
+        self.start = starts[0] if len(set(starts)) == 1 else None
+        self.rows = torch.tensor(rows, device=device)
+        max_len = cache.k.shape[2]
+        flat = [r * max_len + s + t for r, s in zip(rows, starts) for t in range(n_new)]
+        self.flat = torch.tensor(flat, device=device)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         ck, cv = self.cache.k[layer], self.cache.v[layer]
-        ck[self.rows[:, None], self.positions] = k
-        cv[self.rows[:, None], self.positions] = v
+        if self.block is not None and self.start is not None:
+            rows, pos = slice(self.block, self.block + len(self.rows)), slice(self.start, self.start + k.shape[1])
+            ck[rows, pos], cv[rows, pos] = k, v
+        else:
+            ck.view(-1, *ck.shape[2:]).index_copy_(0, self.flat, k.reshape(-1, *k.shape[2:]))
+            cv.view(-1, *cv.shape[2:]).index_copy_(0, self.flat, v.reshape(-1, *v.shape[2:]))
         if self.block is not None:
             end = self.block + len(self.rows)
             return ck[self.block:end, :self.span], cv[self.block:end, :self.span]
@@ -150,21 +162,33 @@ class _CacheView:
 
 
 @torch.no_grad()
-def forward_rows(model: Transformer, cache: SlotCache, tokens: torch.Tensor, positions: torch.Tensor,
-                 rows: torch.Tensor) -> torch.Tensor:
-    """Float32 logits [B, V] of the last token of each row; tokens and positions [B, T], rows [B] cache slots."""
+def forward_rows(model: Transformer, cache: SlotCache, tokens: torch.Tensor, rows: list[int],
+                 starts: list[int], last: list[int] | None = None) -> torch.Tensor:
+    """Float32 logits [B, V] of one token of each row: its last, or index last[i] of row i.
+
+    tokens [B, T] are the next T tokens of the sequences in cache slots `rows`, whose first tokens sit at
+    positions `starts` (the number of tokens each slot already holds). Rows shorter than T are right-padded: the
+    padding's keys and values land past the row's length, where the mask hides them until real tokens overwrite
+    them.
+    """
+    B, T = tokens.shape
     h = model.tok_embeddings(tokens)
     cos, sin = model.rope(h.device)
-    rope = (cos[positions], sin[positions], False)  # per-row angles
-    span = int(positions.max()) + 1
-    keys = torch.arange(span, device=h.device)
-    mask = (keys[None, None, :] <= positions[:, :, None])[:, None]  # [B, 1, T, span]: causal, per-row length
     impl = "eager" if model.config.attn_impl == "eager" else "sdpa"  # the kernels that take an explicit mask
-    meta = AttnMeta(impl=impl, offset=int(positions.min()), mask=mask)
-    view = _CacheView(cache, rows, positions, span)
+    view = _CacheView(cache, rows, starts, T, h.device)
+    if view.start is not None and (T == 1 or view.start == 0):
+        # Every row at the same position: the model's own contiguous rotary slice and its causal/no mask suffice.
+        rope, meta = (cos, sin, True), AttnMeta(impl=impl, offset=view.start)
+    else:
+        positions = torch.tensor(starts, device=h.device)[:, None] + torch.arange(T, device=h.device)
+        rope = (cos[positions], sin[positions], False)  # per-row angles
+        keys = torch.arange(view.span, device=h.device)
+        mask = (keys[None, None, :] <= positions[:, :, None])[:, None]  # [B, 1, T, span]: causal, own length
+        meta = AttnMeta(impl=impl, offset=min(starts), mask=mask)
     for i, layer in enumerate(model.layers):
         h = layer(h, rope, meta, view, i)
-    return model.output(model.norm(h[:, -1]))
+    h = h[:, -1] if last is None else h[torch.arange(B, device=h.device), torch.tensor(last, device=h.device)]
+    return model.output(model.norm(h))
 
 
 def _held_back(text: str, stops: Sequence[str]) -> int:
@@ -300,6 +324,7 @@ class Engine:
                 if not req.done:
                     self._finish(req, "cancelled")
                 self.slots[slot] = None
+        admitted = []
         for slot in range(len(self.slots)):
             if self.slots[slot] is not None:
                 continue
@@ -308,28 +333,34 @@ class Engine:
                     self._finish(self.waiting.popleft(), "cancelled")
                 if not self.waiting:
                     break
-                req = self.waiting.popleft()
-            self._prefill(slot, req)
+                admitted.append((slot, self.waiting.popleft()))
+        if admitted:
+            self._prefill(admitted)
         running = [s for s, r in enumerate(self.slots) if r is not None and not r.done and not r.cancelled]
         if running:
             self._decode(running)
 
-    def _prefill(self, slot: int, req: Request) -> None:
-        self.slots[slot] = req
-        n = len(req.prompt_ids)
-        seed = req.params.seed if req.params.seed is not None else secrets.randbits(63)
-        self.generators[slot] = torch.Generator(self.device).manual_seed(seed)
-        tokens = torch.tensor([req.prompt_ids], device=self.device)
-        positions = torch.arange(n, device=self.device)[None]
-        logits = forward_rows(self.model, self.cache, tokens, positions, torch.tensor([slot], device=self.device))
-        self.positions[slot] = n
-        self._accept(slot, self._sample(logits, [slot])[0])
+    def _prefill(self, admitted: list[tuple[int, Request]]) -> None:
+        """Run the prompts of newly admitted requests together (right-padded to the longest) and sample each
+        one's first token."""
+        slots = [slot for slot, _ in admitted]
+        width = max(len(req.prompt_ids) for _, req in admitted)
+        pad = max(self.tokenizer.eos_id, 0)
+        tokens = torch.tensor([req.prompt_ids + [pad] * (width - len(req.prompt_ids)) for _, req in admitted],
+                              device=self.device)
+        for slot, req in admitted:
+            self.slots[slot] = req
+            self.positions[slot] = len(req.prompt_ids)
+            seed = req.params.seed if req.params.seed is not None else secrets.randbits(63)
+            self.generators[slot] = torch.Generator(self.device).manual_seed(seed)
+        logits = forward_rows(self.model, self.cache, tokens, slots, [0] * len(slots),
+                              [len(req.prompt_ids) - 1 for _, req in admitted])
+        for slot, token in zip(slots, self._sample(logits, slots)):
+            self._accept(slot, token)
 
     def _decode(self, running: list[int]) -> None:
-        rows = torch.tensor(running, device=self.device)
         tokens = torch.tensor([[self.slots[s].output_ids[-1]] for s in running], device=self.device)
-        positions = torch.tensor([[self.positions[s]] for s in running], device=self.device)
-        logits = forward_rows(self.model, self.cache, tokens, positions, rows)
+        logits = forward_rows(self.model, self.cache, tokens, running, [self.positions[s] for s in running])
         for s in running:
             self.positions[s] += 1
         for s, token in zip(running, self._sample(logits, running)):
@@ -357,7 +388,7 @@ class Engine:
         if req.first_token_at is None:
             req.first_token_at = time.perf_counter()
         req.output_ids.append(token)
-        if token == self.tokenizer.eos_id:
+        if token == self.tokenizer.eos_id and not req.params.ignore_eos:
             self._finish(req, "stop", self._reply_text(req, req.output_ids[:-1]))
             return
         text = self._reply_text(req, req.output_ids)

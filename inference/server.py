@@ -8,7 +8,8 @@
 
 Endpoints: GET /v1/models, POST /v1/chat/completions, POST /v1/completions, GET /health. Supported request
 fields: max_tokens (or max_completion_tokens), temperature, top_p, stop (a string or up to 4), seed, n=1, stream
-(with stream_options.include_usage), and two extensions, top_k and repetition_penalty. Other OpenAI fields are
+(with stream_options.include_usage), and three extensions, top_k, repetition_penalty
+and ignore_eos (vLLM's: generate max_tokens tokens whatever comes, for benchmarks). Other OpenAI fields are
 accepted and ignored; the penalties other than 0 are refused. Streams are server-sent `chat.completion.chunk`
 (or `text_completion`) events ending in `data: [DONE]`.
 
@@ -75,6 +76,13 @@ def _int(body: dict, key: str, lo: int, hi: int | None = None) -> int | None:
     return value
 
 
+def _flag(body: dict, key: str) -> bool:
+    value = body.get(key, False)
+    if not isinstance(value, bool):
+        raise ApiError(400, f"{key} must be true or false", key)
+    return value
+
+
 def parse_sampling(body: dict, prompt_len: int, context: int, extra_stop: tuple[str, ...] = ()) -> SamplingParams:
     """SamplingParams from an OpenAI request body; ApiError(400) naming the first bad field."""
     n = _int(body, "n", 1)
@@ -108,7 +116,7 @@ def parse_sampling(body: dict, prompt_len: int, context: int, extra_stop: tuple[
         top_k=top_k, top_p=None if top_p >= 1.0 else max(top_p, 1e-6),
         repetition_penalty=_number(body, "repetition_penalty", 1.0, 0.01, 10.0),
         stop=tuple(stop) + tuple(s for s in extra_stop if s not in stop),
-        seed=None if seed is None else seed % 2**63).check()
+        seed=None if seed is None else seed % 2**63, ignore_eos=_flag(body, "ignore_eos")).check()
 
 
 def create_app(engine: Engine, template: ChatTemplate, model_name: str, api_key: str | None = None):
@@ -174,6 +182,7 @@ def create_app(engine: Engine, template: ChatTemplate, model_name: str, api_key:
 
     async def respond(http: HttpRequest, body: dict, ids: list[int], params: SamplingParams, anchor: list[int],
                       chat: bool):
+        streaming = _flag(body, "stream")
         req, events = submit(ids, params, anchor)
         rid = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
         obj = "chat.completion" if chat else "text_completion"
@@ -185,7 +194,7 @@ def create_app(engine: Engine, template: ChatTemplate, model_name: str, api_key:
             delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
             return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
 
-        if body.get("stream"):
+        if streaming:
             options = body.get("stream_options") or {}
             include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
 
