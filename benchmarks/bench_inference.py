@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from inference.engine import Engine, SamplingParams  # noqa: E402
+from common.tensors import DTYPES  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 
@@ -43,6 +44,11 @@ def build_model(args: argparse.Namespace, tok: Tokenizer) -> Transformer:
     return Transformer(config).eval()
 
 
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def prompts(tok: Tokenizer, batch: int, length: int) -> list[list[int]]:
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(3, tok.vocab_size, (batch, length - 1), generator=g)
@@ -50,20 +56,24 @@ def prompts(tok: Tokenizer, batch: int, length: int) -> list[list[int]]:
 
 
 def timed(fn) -> float:
+    sync()
     start = time.perf_counter()
     fn()
+    sync()
     return time.perf_counter() - start
 
 
 def bench_decode(args: argparse.Namespace, tok: Tokenizer, model: Transformer, folder: Path) -> None:
     import transformers
 
-    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
-                                                           attn_implementation="sdpa").eval()
+    dtype = DTYPES[args.dtype]
+    model = model.to(args.device, dtype)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype,
+                                                           attn_implementation="sdpa").eval().to(args.device)
     total = args.prompt_len + args.new_tokens
     for batch in args.batches:
         ids = prompts(tok, batch, args.prompt_len)
-        x = torch.tensor(ids)
+        x = torch.tensor(ids, device=args.device)
         engine = Engine(model, tok, slots=batch, max_len=total + 1)
         params = SamplingParams(max_tokens=args.new_tokens, ignore_eos=True)
 
@@ -184,15 +194,19 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--port", type=int, default=8765)
+    p.add_argument("--device", default="cpu", help="decode benchmark device (the server runs on its default)")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     tok = Tokenizer(args.tokenizer)
     model = build_model(args, tok)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params / 1e6:.1f}M params (dim {args.dim}, {args.n_layers} layers, vocab {tok.vocab_size}), "
-          f"fp32, cpu, {args.threads} thread(s), torch {torch.__version__}")
+          f"{args.dtype}, {args.device}, {args.threads} thread(s), torch {torch.__version__}")
+    if args.device.startswith("cuda"):
+        print(f"gpu: {torch.cuda.get_device_name()}")
     with tempfile.TemporaryDirectory() as tmp:
-        folder = model.to_hf(Path(tmp) / "hf", tokenizer_path=tok.path)
+        folder = model.to_hf(Path(tmp) / "hf", tokenizer_path=tok.path, dtype=torch.float32)
         if args.what in ("decode", "all"):
             bench_decode(args, tok, model, folder)
         if args.what in ("server", "all"):

@@ -104,3 +104,17 @@ def test_limits_are_one_line_errors(folder):
     assert req.finish_reason in ("length", "stop") and len(req.output_ids) <= 12
     if req.finish_reason == "length":
         assert len(req.output_ids) == 12
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_batched_greedy_equals_one_at_a_time_on_cuda(folder):
+    _, _, model, tok = folder
+    model = model.to("cuda")
+    try:
+        engine = Engine(model, tok, slots=3)
+        jobs = [(tok.encode(p, bos=True), SamplingParams(max_tokens=12, ignore_eos=True)) for p in PROMPTS]
+        for req, (ids, params) in zip(run_all(engine, jobs), jobs):
+            ref = model.generate(torch.tensor([ids], device="cuda"), params.max_tokens)[0, len(ids):].tolist()
+            assert req.output_ids == ref
+    finally:
+        model.to("cpu")
