@@ -4,11 +4,12 @@
     for event in engine.stream(prompt_ids, SamplingParams(max_tokens=64)):
         print(event.text, end="")
 
-Each scheduler step (1) frees the slots of finished or cancelled requests, (2) prefills waiting requests into the
-free slots (their prompts together, right-padded) and samples their first tokens, and (3) runs one forward pass
-over the last token of every running sequence together. Every sequence has its own position (rotary angle and KV-cache row
-length): the step writes each row's new key/value at that row's own position and masks each row's attention to
-its own length, so sequences of different lengths that joined at different times share one batched matmul.
+Each scheduler step (1) frees the slots of finished or cancelled requests, (2) prefills waiting requests into
+the free slots (their prompts together, right-padded) and samples their first tokens, and (3) runs one forward
+pass over the last token of every running sequence together. Every sequence has its own position (rotary
+angle and KV-cache row length): the step writes each row's new key/value at that row's own position and masks
+each row's attention to its own length, so sequences of different lengths that joined at different times share
+one batched matmul.
 Sampling settings and the random generator (seeded per request) are per sequence too.
 
 The engine runs the model's own blocks (model/model.py) with a cache view of its own; the rest of the forward
@@ -22,7 +23,6 @@ import itertools
 import queue
 import secrets
 import threading
-import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
@@ -99,17 +99,11 @@ class Request:
     output_ids: list[int] = field(default_factory=list)
     text: str = ""  # the reply text sent to the sink so far
     finish_reason: str | None = None
-    submitted_at: float = field(default_factory=time.perf_counter)
-    first_token_at: float | None = None
-    _cancelled: bool = False
+    cancelled: bool = False
 
     def cancel(self) -> None:
         """Stop generating; the engine frees the slot at its next step (safe from any thread)."""
-        self._cancelled = True
-
-    @property
-    def cancelled(self) -> bool:
-        return self._cancelled
+        self.cancelled = True
 
     @property
     def done(self) -> bool:
@@ -385,8 +379,6 @@ class Engine:
     def _accept(self, slot: int, token: int) -> None:
         """Record a sampled token: emit the text it completes, finish the request when it is done."""
         req = self.slots[slot]
-        if req.first_token_at is None:
-            req.first_token_at = time.perf_counter()
         req.output_ids.append(token)
         if token == self.tokenizer.eos_id and not req.params.ignore_eos:
             self._finish(req, "stop", self._reply_text(req, req.output_ids[:-1]))

@@ -205,11 +205,14 @@ def create_app(engine: Engine, template: ChatTemplate, model_name: str, api_key:
                         yield f"data: {json.dumps({**chunk, 'choices': [choice('', None, True)]})}\n\n"
                     while True:
                         ev: Event = await events.get()
-                        finish = ev.finish_reason
+                        text, finish = ev.text, ev.finish_reason
+                        while not finish and not events.empty():  # a client slower than the engine gets the
+                            ev = events.get_nowait()  # tokens that piled up in one chunk
+                            text, finish = text + ev.text, ev.finish_reason
                         if finish == "error":
                             raise RuntimeError("the engine failed")
-                        if ev.text or finish:
-                            yield f"data: {json.dumps({**chunk, 'choices': [choice(ev.text, finish)]})}\n\n"
+                        if text or finish:
+                            yield f"data: {json.dumps({**chunk, 'choices': [choice(text, finish)]})}\n\n"
                         if finish:
                             break
                     if include_usage:
