@@ -9,7 +9,8 @@ The model is random-weight (speed does not depend on the weights) with a real to
 ../shared/data/weights/llama2c_tokenizer.model (the LLaMA vocabulary, 32000) and dim 256, 6 layers, 8 heads (4 KV
 heads), fp32, CPU. Every request decodes exactly --new_tokens tokens (EOS ignored: transformers gets
 min_new_tokens, the engine ignore_eos) after a --prompt_len-token prompt, greedily. All systems run in one
-process with the same thread count (--threads, also given to the server process), alternating, median of --reps.
+process with the same thread count (--threads, also given to the server process), in an order that rotates
+every repetition, median of --reps.
 """
 from __future__ import annotations
 
@@ -98,9 +99,10 @@ def bench_decode(args: argparse.Namespace, tok: Tokenizer, model: Transformer, f
         times = {name: [] for name in systems}
         for name, fn in systems.items():  # warm-up
             fn()
-        for _ in range(args.reps):
-            for name, fn in systems.items():
-                times[name].append(timed(fn))
+        names = list(systems)
+        for rep in range(args.reps):  # the order rotates, so no system always runs right after another
+            for name in names[rep % len(names):] + names[:rep % len(names)]:
+                times[name].append(timed(systems[name]))
         print(f"batch {batch}: {batch} x ({args.prompt_len} prompt + {args.new_tokens} new tokens), greedy")
         rates = {}
         for name, ts in times.items():
