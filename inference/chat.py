@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-from typing import Any, Iterator
+from typing import Any, Iterator, TextIO
 
 from common.cli import entry_point, parser
 
@@ -85,8 +85,9 @@ def sampling_from_args(args: argparse.Namespace) -> SamplingParams:
                           seed=args.seed).check()
 
 
-def repl(chat: Chat, system: str | None, stdin=sys.stdin, stdout=sys.stdout) -> None:
+def repl(chat: Chat, system: str | None, stdin: TextIO | None = None, stdout: TextIO | None = None) -> None:
     """The terminal loop: read a line, stream the reply, keep the history."""
+    stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     history: list[dict[str, str]] = []
 
     def reset() -> None:

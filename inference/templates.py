@@ -74,14 +74,23 @@ def _compile(source: str) -> jinja2.Template:
 
 
 def check_messages(messages: Any) -> list[dict[str, str]]:
-    """`messages` as a list of {"role", "content"} dicts, or a ValueError saying which message is wrong."""
+    """`messages` as a list of {"role", "content"} dicts, or a ValueError saying which message is wrong.
+
+    As OpenAI's API allows, content may also be a list of text parts ([{"type": "text", "text": ...}]) and the
+    role "developer" stands for "system".
+    """
     if not isinstance(messages, list) or not messages:
         raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...} objects")
     out = []
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in ROLES:
+        content = m.get("content") if isinstance(m, dict) else None
+        if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
+                                             and isinstance(p.get("text"), str) for p in content):
+            content = "".join(p["text"] for p in content)
+        role = {"developer": "system"}.get(m.get("role"), m.get("role")) if isinstance(m, dict) else None
+        if not isinstance(content, str) or role not in ROLES:
             raise ValueError(f"messages[{i}] must be an object with a role in {list(ROLES)} and a string content")
-        out.append({"role": m["role"], "content": m["content"]})
+        out.append({"role": role, "content": content})
     return out
 
 
