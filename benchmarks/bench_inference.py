@@ -4,6 +4,7 @@ OpenAI-compatible server's aggregate tokens/s and time to first token with 1 and
     python benchmarks/bench_inference.py decode --batches 1 8      # engine vs Transformer.generate vs transformers
     python benchmarks/bench_inference.py server --streams 1 8      # a real `python -m inference.server` process
     python benchmarks/bench_inference.py all
+    python benchmarks/bench_inference.py agree --model runs/sample/train/hf   # a trained model: engine vs transformers
 
 The model is random-weight (speed does not depend on the weights) with a real tokenizer: by default
 ../shared/data/weights/llama2c_tokenizer.model (the LLaMA vocabulary, 32000) and dim 256, 6 layers, 8 heads (4 KV
@@ -181,9 +182,44 @@ def bench_server(args: argparse.Namespace, tok: Tokenizer, folder: Path) -> None
         server.wait(timeout=30)
 
 
+AGREE_PROMPTS = ["On Monday morning, Olivia", "Early last spring, Leo went", "今天早上，小明去了", "344加874等于",
+                 "71 × 32 =", "The weather was", "李老师在那里", "In the end they"]
+
+
+def agree(args: argparse.Namespace) -> None:
+    """Greedy replies of a trained model: the engine (3 slots, requests joining mid-flight) against transformers'
+    generate, one prompt at a time."""
+    import transformers
+
+    from artifacts.open import load_model, load_tokenizer
+
+    model = load_model(args.model, "cpu", "float32")
+    model.config.attn_impl = "sdpa"
+    tok = load_tokenizer(args.model, None, model)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+    engine = Engine(model, tok, slots=3)
+    ids = [tok.encode(p, bos=True) for p in AGREE_PROMPTS]
+    reqs = [engine.submit(i, SamplingParams(max_tokens=args.new_tokens), lambda e: None, anchor=i[-1:]) for i in ids]
+    while not all(r.done for r in reqs):
+        engine.step()
+    same_seqs = same_tokens = total = 0
+    for prompt, i, req in zip(AGREE_PROMPTS, ids, reqs):
+        with torch.no_grad():
+            out = hf.generate(torch.tensor([i]), max_new_tokens=args.new_tokens, do_sample=False,
+                              eos_token_id=tok.eos_id, pad_token_id=tok.eos_id)[0, len(i):].tolist()
+        same_seqs += req.output_ids == out
+        same_tokens += next((k for k, (a, b) in enumerate(zip(req.output_ids, out)) if a != b),
+                            min(len(out), len(req.output_ids)))
+        total += len(out)
+        print(f"  {prompt!r} -> {req.text[:70]!r}")
+    print(f"{args.model}: {same_seqs}/{len(ids)} greedy replies identical to transformers' generate; "
+          f"{same_tokens}/{total} tokens before the first difference")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=("decode", "server", "all"))
+    p.add_argument("what", choices=("decode", "server", "all", "agree"))
+    p.add_argument("--model", default=None, help="agree: a trained model folder or run directory")
     p.add_argument("--tokenizer", default=str(DEFAULT_TOKENIZER))
     p.add_argument("--dim", type=int, default=256)
     p.add_argument("--n_layers", type=int, default=6)
@@ -201,6 +237,10 @@ def main() -> None:
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    if args.what == "agree":
+        if not args.model:
+            p.error("agree needs --model")
+        return agree(args)
     tok = Tokenizer(args.tokenizer)
     model = build_model(args, tok)
     n_params = sum(p.numel() for p in model.parameters())
