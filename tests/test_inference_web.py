@@ -36,6 +36,15 @@ class SlowEngine(Engine):
         super().step()
 
 
+def wait_until(condition, timeout=60) -> bool:
+    deadline = time.time() + timeout
+    while not condition():
+        if time.time() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 def visible(text: str) -> str:
     """What survives HTML/markdown rendering for sure: letters and digits."""
     return "".join(c for c in text if c.isalnum())
@@ -89,6 +98,17 @@ def test_web_page_streams_a_reply(tmp_path, monkeypatch):
         assert states[-1] == visible(req.text) == visible(chat.chat([{"role": "user", "content": "Hello there"}],
                                                                     temperature=0.0, max_tokens=40))
         assert os.path.getsize(tmp_path / "web_chat.png") > 1000
+        # A second message: the page sends the history with it, so the prompt holds both turns.
+        box = driver.find_element(By.CSS_SELECTOR, "textarea")
+        box.send_keys("again")
+        box.send_keys(Keys.ENTER)
+        assert wait_until(lambda: len(engine.requests) == 3 and engine.requests[2].done)
+        history = [{"role": "user", "content": "Hello there"}, {"role": "assistant", "content": req.text.strip()},
+                   {"role": "user", "content": "again"}]
+        decode = chat.template.tokenizer.decode  # (Gradio turns the random reply's tabs into spaces)
+        assert visible(decode(engine.requests[2].prompt_ids)) == visible(decode(chat.template.encode(history)))
+        assert engine.requests[2].prompt_ids.count(tok.eos_id) == 1  # the first turn was closed
+        driver.save_screenshot(str(tmp_path / "web_chat_2.png"))
     finally:
         driver.quit()
         demo.close()
