@@ -50,6 +50,7 @@ def visible(text: str) -> str:
     return "".join(c for c in text if c.isalnum())
 
 
+@pytest.mark.slow  # ~20-30 s: Chromium and Gradio start-up
 def test_web_page_streams_a_reply(tmp_path, monkeypatch):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
