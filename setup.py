@@ -31,12 +31,16 @@ setup(
         "tensorboard>=2.14",
         "psutil>=5.9",
         "httpx>=0.24",  # evaluation/judge.py talks to an OpenAI-compatible judge endpoint
-        "jinja2>=3.1",  # chat templates, rendered as transformers renders them
+        "jinja2>=3.1.6",  # chat templates (the version transformers requires for sandboxed templates)
+        "fastapi>=0.110",  # inference.server
+        "uvicorn>=0.29",
     ],
     extras_require={
         "gpu": ["flash-attn>=2.5", "xformers>=0.0.25"],
         "wandb": ["wandb>=0.16"],
-        "test": ["pytest>=7.4", "pytest-timeout>=2.2", "peft>=0.10"],  # peft: the LoRA reference in tests
+        "web": ["gradio>=5.0"],
+        "test": ["pytest>=7.4", "pytest-timeout>=2.2", "peft>=0.10", "openai>=1.30", "httpx>=0.27",
+                 "selenium>=4.20", "gradio>=5.0"],  # peft: the LoRA reference; openai: the server's client
         "bench": ["lm_eval>=0.4"],
     },
     entry_points={
@@ -59,6 +63,9 @@ setup(
             "llama-delta=finetune.delta:main",
             "llama-eval-cmmlu=evaluation.evaluate_cmmlu:main",
             "llama-judge=evaluation.judge:main",
+            "llama-chat=inference.chat:main",
+            "llama-serve=inference.server:main",
+            "llama-web=inference.web:main",
         ]
     },
 )

@@ -1,1 +1,2 @@
-"""Running trained models: text generation (and, later, serving)."""
+"""Running trained models: generation, chat, a continuous-batching engine, an OpenAI-compatible server, a web
+demo, INT8/INT4 quantization and GGUF export."""

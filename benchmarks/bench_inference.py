@@ -1,0 +1,260 @@
+"""Inference speed: decode tokens/s of the continuous-batching engine against transformers' generate, and the
+OpenAI-compatible server's aggregate tokens/s and time to first token with 1 and with N concurrent streams.
+
+    python benchmarks/bench_inference.py decode --batches 1 8      # engine vs Transformer.generate vs transformers
+    python benchmarks/bench_inference.py server --streams 1 8      # a real `python -m inference.server` process
+    python benchmarks/bench_inference.py all
+    python benchmarks/bench_inference.py agree --model runs/sample/train/hf   # a trained model: engine vs transformers
+
+The model is random-weight (speed does not depend on the weights) with a real tokenizer: by default
+../shared/data/weights/llama2c_tokenizer.model (the LLaMA vocabulary, 32000) and dim 256, 6 layers, 8 heads (4 KV
+heads), fp32, CPU. Every request decodes exactly --new_tokens tokens (EOS ignored: transformers gets
+min_new_tokens, the engine ignore_eos) after a --prompt_len-token prompt, greedily. All systems run in one
+process with the same thread count (--threads, also given to the server process), in an order that rotates
+every repetition, median of --reps.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from inference.engine import Engine, SamplingParams  # noqa: E402
+from common.tensors import DTYPES  # noqa: E402
+from model import ModelConfig, Transformer  # noqa: E402
+from tokenizer import Tokenizer  # noqa: E402
+
+DEFAULT_TOKENIZER = ROOT.parent / "shared" / "data" / "weights" / "llama2c_tokenizer.model"
+
+
+def build_model(args: argparse.Namespace, tok: Tokenizer) -> Transformer:
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=tok.vocab_size, dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads,
+                         n_kv_heads=args.n_kv_heads, max_seq_len=args.max_seq_len, attn_impl="sdpa")
+    return Transformer(config).eval()
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def prompts(tok: Tokenizer, batch: int, length: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, tok.vocab_size, (batch, length - 1), generator=g)
+    return [[tok.bos_id] + row.tolist() for row in ids]
+
+
+def timed(fn) -> float:
+    sync()
+    start = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - start
+
+
+def bench_decode(args: argparse.Namespace, tok: Tokenizer, model: Transformer, folder: Path) -> None:
+    import transformers
+
+    dtype = DTYPES[args.dtype]
+    model = model.to(args.device, dtype)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype,
+                                                           attn_implementation="sdpa").eval().to(args.device)
+    total = args.prompt_len + args.new_tokens
+    for batch in args.batches:
+        ids = prompts(tok, batch, args.prompt_len)
+        x = torch.tensor(ids, device=args.device)
+        engine = Engine(model, tok, slots=batch, max_len=total + 1)
+        params = SamplingParams(max_tokens=args.new_tokens, ignore_eos=True)
+
+        def run_engine():
+            reqs = [engine.submit(p, params, lambda e: None) for p in ids]
+            while not all(r.done for r in reqs):
+                engine.step()
+            engine.step()  # give the slots back
+            assert all(len(r.output_ids) == args.new_tokens for r in reqs)
+
+        def run_generate():
+            out = model.generate(x, args.new_tokens)
+            assert out.shape[1] == total
+
+        def run_hf():
+            with torch.no_grad():
+                out = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=args.new_tokens,
+                                  min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
+            assert out.shape[1] == total
+
+        systems = {"engine": run_engine, "Transformer.generate": run_generate, "transformers generate": run_hf}
+        times = {name: [] for name in systems}
+        for name, fn in systems.items():  # warm-up
+            fn()
+        names = list(systems)
+        for rep in range(args.reps):  # the order rotates, so no system always runs right after another
+            for name in names[rep % len(names):] + names[:rep % len(names)]:
+                times[name].append(timed(systems[name]))
+        print(f"batch {batch}: {batch} x ({args.prompt_len} prompt + {args.new_tokens} new tokens), greedy")
+        rates = {}
+        for name, ts in times.items():
+            rates[name] = batch * args.new_tokens / statistics.median(ts)
+            print(f"  {name:>22}: {rates[name]:8.1f} new tokens/s  (median of {args.reps}: "
+                  f"{statistics.median(ts) * 1000:.0f} ms)")
+        print(f"  engine / transformers: {rates['engine'] / rates['transformers generate']:.2f}x")
+
+
+def stream_once(client, url: str, body: dict, out: dict) -> None:
+    start = time.perf_counter()
+    out["ttft"] = None
+    with client.stream("POST", url, json=body, timeout=600) as resp:
+        resp.raise_for_status()
+        for line in resp.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if out["ttft"] is None and chunk["choices"] and chunk["choices"][0]["text"]:
+                out["ttft"] = time.perf_counter() - start
+            if chunk.get("usage"):
+                out["tokens"] = chunk["usage"]["completion_tokens"]
+    out["end"] = time.perf_counter()
+
+
+def bench_server(args: argparse.Namespace, tok: Tokenizer, folder: Path) -> None:
+    import httpx
+
+    port = args.port
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(ROOT)}
+    slots = max(args.streams)
+    server = subprocess.Popen([sys.executable, "-m", "inference.server", "--model", str(folder), "--port", str(port),
+                               "--slots", str(slots), "--max_len", str(args.prompt_len * 4 + args.new_tokens + 8)],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+    try:
+        deadline = time.time() + 180
+        while True:
+            try:
+                httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)
+                break
+            except httpx.TransportError:
+                if server.poll() is not None or time.time() > deadline:
+                    raise RuntimeError("the server did not start") from None
+                time.sleep(0.5)
+        url = f"http://127.0.0.1:{port}/v1/completions"
+        text = tok.decode(prompts(tok, 1, args.prompt_len)[0][1:])
+        body = {"prompt": text, "max_tokens": args.new_tokens, "temperature": 0, "ignore_eos": True,
+                "stream": True, "stream_options": {"include_usage": True}}
+        # One client for all streams: creating one per request costs each thread an SSL context (~0.1 s of CPU),
+        # which would be counted as time to first token.
+        client = httpx.Client(limits=httpx.Limits(max_connections=64))
+        stream_once(client, url, {**body, "max_tokens": 4}, {})  # warm-up
+        results = {}
+        for _ in range(args.reps):
+            for n in args.streams:
+                outs = [{} for _ in range(n)]
+                threads = [threading.Thread(target=stream_once, args=(client, url, body, o)) for o in outs]
+                start = time.perf_counter()
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join()
+                wall = max(o["end"] for o in outs) - start
+                tokens = sum(o["tokens"] for o in outs)
+                results.setdefault(n, []).append((tokens / wall, statistics.median(o["ttft"] for o in outs)))
+        print(f"server: {args.new_tokens} new tokens per stream, {slots} slots, streaming /v1/completions")
+        base = None
+        for n in args.streams:
+            rate = statistics.median(r[0] for r in results[n])
+            ttft = statistics.median(r[1] for r in results[n])
+            base = base or rate
+            print(f"  {n} stream(s): {rate:8.1f} tokens/s aggregate, time to first token {ttft * 1000:.0f} ms "
+                  f"(median of {args.reps}), {rate / base:.2f}x one stream")
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+AGREE_PROMPTS = ["On Monday morning, Olivia", "Early last spring, Leo went", "今天早上，小明去了", "344加874等于",
+                 "71 × 32 =", "The weather was", "李老师在那里", "In the end they"]
+
+
+def agree(args: argparse.Namespace) -> None:
+    """Greedy replies of a trained model: the engine (3 slots, requests joining mid-flight) against transformers'
+    generate, one prompt at a time."""
+    import transformers
+
+    from artifacts.open import load_model, load_tokenizer
+
+    model = load_model(args.model, "cpu", "float32")
+    model.config.attn_impl = "sdpa"
+    tok = load_tokenizer(args.model, None, model)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+    engine = Engine(model, tok, slots=3)
+    ids = [tok.encode(p, bos=True) for p in AGREE_PROMPTS]
+    reqs = [engine.submit(i, SamplingParams(max_tokens=args.new_tokens), lambda e: None, anchor=i[-1:]) for i in ids]
+    while not all(r.done for r in reqs):
+        engine.step()
+    same_seqs = same_tokens = total = 0
+    for prompt, i, req in zip(AGREE_PROMPTS, ids, reqs):
+        with torch.no_grad():
+            out = hf.generate(torch.tensor([i]), max_new_tokens=args.new_tokens, do_sample=False,
+                              eos_token_id=tok.eos_id, pad_token_id=tok.eos_id)[0, len(i):].tolist()
+        same_seqs += req.output_ids == out
+        same_tokens += next((k for k, (a, b) in enumerate(zip(req.output_ids, out)) if a != b),
+                            min(len(out), len(req.output_ids)))
+        total += len(out)
+        print(f"  {prompt!r} -> {req.text[:70]!r}")
+    print(f"{args.model}: {same_seqs}/{len(ids)} greedy replies identical to transformers' generate; "
+          f"{same_tokens}/{total} tokens before the first difference")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("what", choices=("decode", "server", "all", "agree"))
+    p.add_argument("--model", default=None, help="agree: a trained model folder or run directory")
+    p.add_argument("--tokenizer", default=str(DEFAULT_TOKENIZER))
+    p.add_argument("--dim", type=int, default=256)
+    p.add_argument("--n_layers", type=int, default=6)
+    p.add_argument("--n_heads", type=int, default=8)
+    p.add_argument("--n_kv_heads", type=int, default=4)
+    p.add_argument("--max_seq_len", type=int, default=1024)
+    p.add_argument("--prompt_len", type=int, default=16)
+    p.add_argument("--new_tokens", type=int, default=128)
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--streams", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--port", type=int, default=8765)
+    p.add_argument("--device", default="cpu", help="decode benchmark device (the server runs on its default)")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.what == "agree":
+        if not args.model:
+            p.error("agree needs --model")
+        return agree(args)
+    tok = Tokenizer(args.tokenizer)
+    model = build_model(args, tok)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"model: {n_params / 1e6:.1f}M params (dim {args.dim}, {args.n_layers} layers, vocab {tok.vocab_size}), "
+          f"{args.dtype}, {args.device}, {args.threads} thread(s), torch {torch.__version__}")
+    if args.device.startswith("cuda"):
+        print(f"gpu: {torch.cuda.get_device_name()}")
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = model.to_hf(Path(tmp) / "hf", tokenizer_path=tok.path, dtype=torch.float32)
+        if args.what in ("decode", "all"):
+            bench_decode(args, tok, model, folder)
+        if args.what in ("server", "all"):
+            bench_server(args, tok, folder)
+
+
+if __name__ == "__main__":
+    main()

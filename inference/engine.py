@@ -1,0 +1,420 @@
+"""Continuous batching: a fixed number of KV-cache slots shared by all requests, one batched decode step at a time.
+
+    engine = Engine(model, tokenizer, slots=8).start()
+    for event in engine.stream(prompt_ids, SamplingParams(max_tokens=64)):
+        print(event.text, end="")
+
+Each scheduler step (1) frees the slots of finished or cancelled requests, (2) prefills waiting requests into
+the free slots (their prompts together, right-padded) and samples their first tokens, and (3) runs one forward
+pass over the last token of every running sequence together. Every sequence has its own position (rotary
+angle and KV-cache row length): the step writes each row's new key/value at that row's own position and masks
+each row's attention to its own length, so sequences of different lengths that joined at different times share
+one batched matmul.
+Sampling settings and the random generator (seeded per request) are per sequence too.
+
+The engine runs the model's own blocks (model/model.py) with a cache view of its own; the rest of the forward
+(embedding, final norm, head) is the Transformer's modules, so a quantized model runs here unchanged.
+Results go to each request's `sink` (a callable, called on the engine thread) as Events: text deltas that are
+safe to show (no half UTF-8 character, no prefix of a stop string), then a last event with a finish_reason.
+"""
+from __future__ import annotations
+
+import itertools
+import queue
+import secrets
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+from model import Transformer
+from model.attention import AttnMeta
+from model.model import sample
+from tokenizer import Tokenizer
+
+MEMORY_HEADROOM = 0.8  # the KV cache may take at most this share of the memory free when the engine starts
+
+
+class QueueFull(RuntimeError):
+    """The engine's waiting queue is full; try again later (HTTP 429)."""
+
+
+@dataclass
+class SamplingParams:
+    """How one request is decoded."""
+
+    max_tokens: int | None = None
+    """Most new tokens (None: until EOS, a stop string or the end of the context)."""
+    temperature: float = 0.0
+    """0 = greedy."""
+    top_k: int | None = None
+    """Sample among the k most likely tokens only."""
+    top_p: float | None = None
+    """Sample from the smallest set of tokens whose probability reaches top_p."""
+    repetition_penalty: float = 1.0
+    """> 1 makes tokens already in the prompt or reply less likely (CTRL / transformers' definition)."""
+    stop: tuple[str, ...] = ()
+    """Strings that end the reply; they are not part of it."""
+    seed: int | None = None
+    """Seed of this request's own random generator (None: a random seed)."""
+    ignore_eos: bool = False
+    """Keep generating after EOS (benchmarks: a fixed number of tokens)."""
+
+    def check(self) -> "SamplingParams":
+        """Raise ValueError naming the first parameter out of range."""
+        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
+            raise ValueError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
+        if not 0.0 <= self.temperature <= 100.0:
+            raise ValueError(f"temperature must be in [0, 100], got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k must be a positive integer, got {self.top_k}")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0.0 < self.repetition_penalty <= 10.0:
+            raise ValueError(f"repetition_penalty must be in (0, 10], got {self.repetition_penalty}")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise ValueError("stop must be a list of non-empty strings")
+        return self
+
+
+@dataclass
+class Event:
+    """Text newly decoded for a request; the last event of a request has finish_reason set."""
+
+    text: str
+    finish_reason: str | None = None  # "stop" (EOS or a stop string), "length", "cancelled"
+
+
+@dataclass(eq=False)
+class Request:
+    prompt_ids: list[int]
+    params: SamplingParams
+    sink: Callable[[Event], None]
+    anchor: list[int] = field(default_factory=list)
+    """Token(s) decoded in front of the reply and cut off again, so that a reply continuing a word keeps its
+    leading space (SentencePiece drops it at the start of a decode)."""
+    id: int = 0
+    output_ids: list[int] = field(default_factory=list)
+    text: str = ""  # the reply text sent to the sink so far
+    finish_reason: str | None = None
+    cancelled: bool = False
+
+    def cancel(self) -> None:
+        """Stop generating; the engine frees the slot at its next step (safe from any thread)."""
+        self.cancelled = True
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+
+class SlotCache:
+    """Keys and values of `slots` sequences, each written at its own positions (rows are slots)."""
+
+    def __init__(self, model: Transformer, slots: int, max_len: int, device: torch.device, dtype: torch.dtype):
+        c = model.config
+        shape = (c.n_layers, slots, max_len, c.n_kv_heads, c.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+
+    @staticmethod
+    def bytes_needed(model: Transformer, slots: int, max_len: int, dtype: torch.dtype) -> int:
+        c = model.config
+        return 2 * c.n_layers * slots * max_len * c.n_kv_heads * c.head_dim * torch.finfo(dtype).bits // 8
+
+
+class _CacheView:
+    """What Attention.forward sees as its cache in one engine forward: row i writes its T new keys/values at
+    positions starts[i].., and reads its slot's first `span` positions (the attention mask hides each row's
+    positions past its own length)."""
+
+    def __init__(self, cache: SlotCache, rows: list[int], starts: list[int], n_new: int, device: torch.device):
+        self.cache, self.span = cache, max(starts) + n_new
+        # Rows that are one contiguous block of slots are read as a slice (no copy), else gathered; rows that all
+        # start at the same position are written as a slice, else scattered into the flattened cache.
+        self.block = rows[0] if rows == list(range(rows[0], rows[0] + len(rows))) else None
+        self.start = starts[0] if len(set(starts)) == 1 else None
+        self.rows = torch.tensor(rows, device=device)
+        max_len = cache.k.shape[2]
+        flat = [r * max_len + s + t for r, s in zip(rows, starts) for t in range(n_new)]
+        self.flat = torch.tensor(flat, device=device)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ck, cv = self.cache.k[layer], self.cache.v[layer]
+        if self.block is not None and self.start is not None:
+            rows, pos = slice(self.block, self.block + len(self.rows)), slice(self.start, self.start + k.shape[1])
+            ck[rows, pos], cv[rows, pos] = k, v
+        else:
+            ck.view(-1, *ck.shape[2:]).index_copy_(0, self.flat, k.reshape(-1, *k.shape[2:]))
+            cv.view(-1, *cv.shape[2:]).index_copy_(0, self.flat, v.reshape(-1, *v.shape[2:]))
+        if self.block is not None:
+            end = self.block + len(self.rows)
+            return ck[self.block:end, :self.span], cv[self.block:end, :self.span]
+        return ck[:, :self.span].index_select(0, self.rows), cv[:, :self.span].index_select(0, self.rows)
+
+
+@torch.no_grad()
+def forward_rows(model: Transformer, cache: SlotCache, tokens: torch.Tensor, rows: list[int],
+                 starts: list[int], last: list[int] | None = None) -> torch.Tensor:
+    """Float32 logits [B, V] of one token of each row: its last, or index last[i] of row i.
+
+    tokens [B, T] are the next T tokens of the sequences in cache slots `rows`, whose first tokens sit at
+    positions `starts` (the number of tokens each slot already holds). Rows shorter than T are right-padded: the
+    padding's keys and values land past the row's length, where the mask hides them until real tokens overwrite
+    them.
+    """
+    B, T = tokens.shape
+    h = model.tok_embeddings(tokens)
+    cos, sin = model.rope(h.device)
+    impl = "eager" if model.config.attn_impl == "eager" else "sdpa"  # the kernels that take an explicit mask
+    view = _CacheView(cache, rows, starts, T, h.device)
+    if view.start is not None and (T == 1 or view.start == 0):
+        # Every row at the same position: the model's own contiguous rotary slice and its causal/no mask suffice.
+        rope, meta = (cos, sin, True), AttnMeta(impl=impl, offset=view.start)
+    else:
+        positions = torch.tensor(starts, device=h.device)[:, None] + torch.arange(T, device=h.device)
+        rope = (cos[positions], sin[positions], False)  # per-row angles
+        keys = torch.arange(view.span, device=h.device)
+        mask = (keys[None, None, :] <= positions[:, :, None])[:, None]  # [B, 1, T, span]: causal, own length
+        meta = AttnMeta(impl=impl, offset=min(starts), mask=mask)
+    for i, layer in enumerate(model.layers):
+        h = layer(h, rope, meta, view, i)
+    h = h[:, -1] if last is None else h[torch.arange(B, device=h.device), torch.tensor(last, device=h.device)]
+    return model.output(model.norm(h))
+
+
+def _held_back(text: str, stops: Sequence[str]) -> int:
+    """How many characters at the end of `text` must wait: a partial UTF-8 character or a stop string's start."""
+    hold = 1 if text.endswith("\ufffd") else 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), hold, -1):
+            if text.endswith(s[:n]):
+                hold = n
+                break
+    return hold
+
+
+class Engine:
+    """A model, its tokenizer and `slots` KV-cache slots, served by one scheduler thread (`start()`), or stepped
+    by hand (`step()`) in tests."""
+
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, slots: int = 8, max_len: int | None = None,
+                 max_queue: int = 64):
+        if slots < 1:
+            raise ValueError(f"--slots must be at least 1, got {slots}")
+        if max_queue < 0:
+            raise ValueError(f"--max_queue must be >= 0, got {max_queue}")
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.max_len = min(max_len or model.config.max_seq_len, model.config.max_seq_len)
+        if self.max_len < 2:
+            raise ValueError(f"--max_len must be at least 2, got {max_len}")
+        p = model.tok_embeddings.weight
+        self.device, self.dtype = p.device, p.dtype
+        self._check_memory(slots)
+        self.cache = SlotCache(model, slots, self.max_len, self.device, self.dtype)
+        self.slots: list[Request | None] = [None] * slots
+        self.positions = [0] * slots  # tokens in each slot's cache
+        self.generators: list[torch.Generator | None] = [None] * slots
+        self.max_queue = max_queue
+        self.waiting: deque[Request] = deque()
+        self._ids = itertools.count(1)
+        self._lock = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.error: BaseException | None = None
+
+    def _check_memory(self, slots: int) -> None:
+        need = SlotCache.bytes_needed(self.model, slots, self.max_len, self.dtype)
+        if self.device.type == "cuda":
+            free = torch.cuda.mem_get_info(self.device)[0]
+        else:
+            import psutil
+
+            free = psutil.virtual_memory().available
+        if need > MEMORY_HEADROOM * free:
+            gib = 2**30
+            raise ValueError(f"--slots {slots} needs {need / gib:.2f} GiB of KV cache ({self.max_len} positions each) "
+                             f"but only {free / gib:.2f} GiB of {self.device.type} memory is free; lower --slots or "
+                             f"--max_len")
+
+    # --- submitting -------------------------------------------------------------------------------------------
+
+    def submit(self, prompt_ids: Sequence[int], params: SamplingParams, sink: Callable[[Event], None],
+               anchor: Sequence[int] = ()) -> Request:
+        """Queue a request; raises ValueError for a prompt that does not fit, QueueFull when the queue is full."""
+        params.check()
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
+        if len(prompt_ids) >= self.max_len:
+            raise ValueError(f"the prompt is {len(prompt_ids)} tokens; the context holds {self.max_len} "
+                             "(prompt and reply together)")
+        if max(prompt_ids) >= self.model.config.vocab_size or min(prompt_ids) < 0:
+            raise ValueError(f"prompt token ids must be in [0, {self.model.config.vocab_size})")
+        req = Request(list(prompt_ids), params, sink, list(anchor), id=next(self._ids))
+        with self._lock:
+            if self.error is not None:
+                raise RuntimeError(f"the engine stopped after an error: {self.error}")
+            if len(self.waiting) >= self.max_queue + self.free_slots():
+                raise QueueFull(f"the queue is full ({self.max_queue} waiting); retry later")
+            self.waiting.append(req)
+            self._lock.notify()
+        return req
+
+    def stream(self, prompt_ids: Sequence[int], params: SamplingParams, anchor: Sequence[int] = ()
+               ) -> Iterator[Event]:
+        """Events of one request as they come (needs `start()`); closing the iterator cancels the request."""
+        events: queue.Queue[Event] = queue.Queue()
+        req = self.submit(prompt_ids, params, events.put, anchor)
+        try:
+            while True:
+                event = events.get()
+                yield event
+                if event.finish_reason is not None:
+                    return
+        finally:
+            req.cancel()
+
+    def free_slots(self) -> int:
+        return sum(r is None for r in self.slots)
+
+    # --- the scheduler ----------------------------------------------------------------------------------------
+
+    def start(self) -> "Engine":
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="inference-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopping = True
+            self._lock.notify()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._stopping and not self.waiting and all(r is None for r in self.slots):
+                    self._lock.wait()
+                if self._stopping:
+                    return
+            try:
+                self.step()
+            except BaseException as e:  # a bug: fail every request instead of leaving clients hanging
+                self.error = e
+                for req in [*self.slots, *self.waiting]:
+                    if req is not None:
+                        self._finish(req, "error")
+                raise
+
+    def step(self) -> None:
+        """One scheduling round: free, admit (prefill), then one batched decode step."""
+        for slot, req in enumerate(self.slots):
+            if req is not None and (req.cancelled or req.done):
+                if not req.done:
+                    self._finish(req, "cancelled")
+                self.slots[slot] = None
+        admitted = []
+        for slot in range(len(self.slots)):
+            if self.slots[slot] is not None:
+                continue
+            with self._lock:
+                while self.waiting and self.waiting[0].cancelled:
+                    self._finish(self.waiting.popleft(), "cancelled")
+                if not self.waiting:
+                    break
+                admitted.append((slot, self.waiting.popleft()))
+        if admitted:
+            self._prefill(admitted)
+        running = [s for s, r in enumerate(self.slots) if r is not None and not r.done and not r.cancelled]
+        if running:
+            self._decode(running)
+
+    def _prefill(self, admitted: list[tuple[int, Request]]) -> None:
+        """Run the prompts of newly admitted requests together (right-padded to the longest) and sample each
+        one's first token."""
+        slots = [slot for slot, _ in admitted]
+        width = max(len(req.prompt_ids) for _, req in admitted)
+        pad = max(self.tokenizer.eos_id, 0)
+        tokens = torch.tensor([req.prompt_ids + [pad] * (width - len(req.prompt_ids)) for _, req in admitted],
+                              device=self.device)
+        for slot, req in admitted:
+            self.slots[slot] = req
+            self.positions[slot] = len(req.prompt_ids)
+            seed = req.params.seed if req.params.seed is not None else secrets.randbits(63)
+            self.generators[slot] = torch.Generator(self.device).manual_seed(seed)
+        logits = forward_rows(self.model, self.cache, tokens, slots, [0] * len(slots),
+                              [len(req.prompt_ids) - 1 for _, req in admitted])
+        for slot, token in zip(slots, self._sample(logits, slots)):
+            self._accept(slot, token)
+
+    def _decode(self, running: list[int]) -> None:
+        tokens = torch.tensor([[self.slots[s].output_ids[-1]] for s in running], device=self.device)
+        logits = forward_rows(self.model, self.cache, tokens, running, [self.positions[s] for s in running])
+        for s in running:
+            self.positions[s] += 1
+        for s, token in zip(running, self._sample(logits, running)):
+            self._accept(s, token)
+
+    def _sample(self, logits: torch.Tensor, slots: list[int]) -> list[int]:
+        params = [self.slots[s].params for s in slots]
+        if all(p.temperature <= 0 and p.repetition_penalty == 1.0 for p in params):
+            return logits.argmax(dim=-1).tolist()  # all greedy: one batched argmax
+        out = []
+        for i, (s, p) in enumerate(zip(slots, params)):
+            row = logits[i:i + 1]
+            if p.repetition_penalty != 1.0:
+                req = self.slots[s]
+                seen = torch.tensor(sorted(set(req.prompt_ids) | set(req.output_ids)), device=row.device)
+                scores = row[0, seen]
+                row = row.clone()
+                row[0, seen] = torch.where(scores > 0, scores / p.repetition_penalty, scores * p.repetition_penalty)
+            out.append(int(sample(row, p.temperature, p.top_k, p.top_p, self.generators[s])[0]))
+        return out
+
+    def _accept(self, slot: int, token: int) -> None:
+        """Record a sampled token: emit the text it completes, finish the request when it is done."""
+        req = self.slots[slot]
+        req.output_ids.append(token)
+        if token == self.tokenizer.eos_id and not req.params.ignore_eos:
+            self._finish(req, "stop", self._reply_text(req, req.output_ids[:-1]))
+            return
+        text = self._reply_text(req, req.output_ids)
+        stops = req.params.stop
+        cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+        if cut >= 0:
+            self._finish(req, "stop", text[:cut])
+            return
+        limit = req.params.max_tokens or self.max_len
+        if len(req.output_ids) >= limit or self.positions[slot] + 1 >= self.max_len:
+            self._finish(req, "length", text)
+            return
+        ready = text[:len(text) - _held_back(text, stops)]
+        if len(ready) > len(req.text) and ready.startswith(req.text):
+            delta, req.text = ready[len(req.text):], ready
+            self._emit(req, Event(delta))
+
+    def _reply_text(self, req: Request, ids: list[int]) -> str:
+        if not req.anchor:
+            return self.tokenizer.decode(ids)
+        head = self.tokenizer.decode(req.anchor)
+        text = self.tokenizer.decode(req.anchor + ids)
+        return text[len(head):] if text.startswith(head) else self.tokenizer.decode(ids)
+
+    def _finish(self, req: Request, reason: str, text: str | None = None) -> None:
+        delta = ""
+        if text is not None and text.startswith(req.text):
+            delta, req.text = text[len(req.text):], text
+        req.finish_reason = reason
+        self._emit(req, Event(delta, reason))
+
+    @staticmethod
+    def _emit(req: Request, event: Event) -> None:
+        try:
+            req.sink(event)
+        except Exception:  # a consumer that has gone away must not stop the engine
+            req.cancel()

@@ -1,0 +1,181 @@
+"""Chat templates: the model's Jinja `chat_template`, rendered the way transformers' apply_chat_template does.
+
+The fine-tuning stage stores the template in the model folder's tokenizer_config.json (`chat_template`) or in a
+`chat_template.jinja` file beside it. A base model without one gets FALLBACK_TEMPLATE, a plain
+`Human: ... / Assistant: ...` dialogue, with FALLBACK_STOP as its stop string so that the model does not go on to
+write the next human turn itself.
+
+Rendering follows transformers: a sandboxed Jinja environment with trim_blocks/lstrip_blocks, the loop-control
+extension, a `tojson` filter that does not escape HTML, `raise_exception` and `strftime_now`, and the tokenizer's
+special tokens (bos_token, eos_token, unk_token, pad_token) as variables. The rendered text is encoded without
+adding BOS (the template writes it where it wants it); special-token strings in it become their ids, as a
+transformers tokenizer does, instead of being spelled out as ordinary text.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from datetime import datetime
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import jinja2.ext
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from tokenizer import Tokenizer
+
+FALLBACK_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ message['content'] }}\n\n"
+    "{% elif message['role'] == 'user' %}Human: {{ message['content'] }}\n"
+    "{% else %}Assistant: {{ message['content'] }}{{ eos_token }}\n"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+FALLBACK_STOP = ("\nHuman:",)
+ROLES = ("system", "user", "assistant")
+
+
+class _GenerationTag(jinja2.ext.Extension):
+    """`{% generation %}...{% endgeneration %}` marks assistant text for training masks; rendering keeps the body."""
+
+    tags = {"generation"}
+
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+    def _body(self, caller):
+        return caller()
+
+
+def _raise_exception(message: str):
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+@lru_cache(maxsize=8)
+def _compile(source: str) -> jinja2.Template:
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[_GenerationTag, jinja2.ext.loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env.from_string(source)
+
+
+def check_messages(messages: Any) -> list[dict[str, str]]:
+    """`messages` as a list of {"role", "content"} dicts, or a ValueError saying which message is wrong.
+
+    As OpenAI's API allows, content may also be a list of text parts ([{"type": "text", "text": ...}]) and the
+    role "developer" stands for "system".
+    """
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...} objects")
+    out = []
+    for i, m in enumerate(messages):
+        content = m.get("content") if isinstance(m, dict) else None
+        if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
+                                             and isinstance(p.get("text"), str) for p in content):
+            content = "".join(p["text"] for p in content)
+        role = {"developer": "system"}.get(m.get("role"), m.get("role")) if isinstance(m, dict) else None
+        if not isinstance(content, str) or role not in ROLES:
+            raise ValueError(f"messages[{i}] must be an object with a role in {list(ROLES)} and a string content")
+        out.append({"role": role, "content": content})
+    return out
+
+
+@dataclass
+class ChatTemplate:
+    """A Jinja chat template bound to a tokenizer's special tokens."""
+
+    source: str
+    tokenizer: Tokenizer
+    origin: str  # where the template came from (a file, or "fallback")
+    stop: tuple[str, ...] = ()  # stop strings the template implies (the fallback's next "Human:" turn)
+    special: dict[str, str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        tok = self.tokenizer
+        self.special = {name: tok.id_to_piece(i) for name, i in
+                        (("bos_token", tok.bos_id), ("eos_token", tok.eos_id), ("unk_token", tok.unk_id),
+                         ("pad_token", tok.pad_id)) if i >= 0}
+        try:
+            _compile(self.source)
+        except jinja2.TemplateError as e:
+            raise ValueError(f"{self.origin}: the chat template does not compile: {e}") from None
+
+    @property
+    def is_fallback(self) -> bool:
+        return self.origin == "fallback"
+
+    def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        try:
+            return _compile(self.source).render(messages=check_messages(messages),
+                                                add_generation_prompt=add_generation_prompt, **self.special)
+        except jinja2.TemplateError as e:
+            raise ValueError(f"{self.origin}: chat template error: {e}") from None
+
+    def encode(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of the rendered conversation: BOS/EOS/... strings the template writes become their ids.
+
+        The same strings inside a message stay text (as transformers' sanitize_control_tokens does), so a user
+        cannot end a turn early by typing "</s>": they are swapped for private-use markers while rendering.
+        """
+        pieces = sorted(set(self.special.values()), key=len, reverse=True)
+        marks = {p: f"\ue000{i}\ue001" for i, p in enumerate(pieces)}
+        guarded = []
+        for m in check_messages(messages):
+            content = m["content"]
+            for p in pieces:
+                content = content.replace(p, marks[p])
+            guarded.append({**m, "content": content})
+        text = self.render(guarded, add_generation_prompt)
+        ids: list[int] = []
+        for part in re.split("(" + "|".join(map(re.escape, pieces)) + ")", text) if pieces else [text]:
+            if part in marks:
+                ids.append(self.tokenizer.piece_to_id(part))
+            elif part:
+                for p in pieces:
+                    part = part.replace(marks[p], p)
+                ids.extend(self.tokenizer.encode(part))
+        return ids
+
+
+def find_template(model_path: str | Path) -> tuple[str, str] | None:
+    """(template source, where it was found) from a model folder or run directory, or None."""
+    path = Path(model_path)
+    for candidate in (path / "tokenizer_config.json", path / "hf" / "tokenizer_config.json"):
+        if candidate.is_file():
+            try:
+                config = json.loads(candidate.read_text(encoding="utf-8"))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{candidate}: not valid JSON ({e})") from None
+            template = config.get("chat_template")
+            if isinstance(template, list):  # the named-templates form: [{"name": "default", "template": ...}]
+                template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+            if template is not None:
+                if not isinstance(template, str):
+                    raise ValueError(f"{candidate}: chat_template must be a string")
+                return template, str(candidate)
+    for candidate in (path / "chat_template.jinja", path / "hf" / "chat_template.jinja"):
+        if candidate.is_file():
+            return candidate.read_text(encoding="utf-8"), str(candidate)
+    return None
+
+
+def load_chat_template(model_path: str | Path, tokenizer: Tokenizer) -> ChatTemplate:
+    """The model's own template, else the plain Human/Assistant fallback."""
+    found = find_template(model_path)
+    if found is None:
+        return ChatTemplate(FALLBACK_TEMPLATE, tokenizer, "fallback", FALLBACK_STOP)
+    return ChatTemplate(found[0], tokenizer, found[1])

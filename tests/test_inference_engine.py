@@ -1,0 +1,120 @@
+"""The continuous-batching engine: batched greedy decoding equals one-at-a-time decoding, per-request sampling,
+stop strings, cancellation, and its limits (slots, queue, context)."""
+import threading
+
+import pytest
+import torch
+
+from fixtures_inference import make_model_folder
+from inference.engine import Engine, QueueFull, SamplingParams
+
+PROMPTS = ["Order 12", "the city of", "床前明月", "def f(x):", "Hello world and more words here", "a", "Order 9 of"]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return make_model_folder(tmp_path_factory.mktemp("engine"))
+
+
+def run_all(engine, requests):
+    """Submit (ids, params) pairs at once and step the engine by hand until all are done."""
+    reqs = [engine.submit(ids, params, lambda ev: None) for ids, params in requests]
+    while not all(r.done for r in reqs):
+        engine.step()
+    return reqs
+
+
+def test_batched_greedy_equals_one_at_a_time(folder):
+    _, _, model, tok = folder
+    # 3 slots for 7 prompts of different lengths and budgets: requests join while others are mid-reply, and rows
+    # stop being one contiguous block of slots.
+    engine = Engine(model, tok, slots=3)
+    jobs = [(tok.encode(p, bos=True), SamplingParams(max_tokens=10 + 3 * i)) for i, p in enumerate(PROMPTS)]
+    for req, (ids, params) in zip(run_all(engine, jobs), jobs):
+        ref = model.generate(torch.tensor([ids]), params.max_tokens, eos_id=tok.eos_id)[0, len(ids):].tolist()
+        if tok.eos_id in ref:
+            ref = ref[:ref.index(tok.eos_id) + 1]
+        assert req.output_ids == ref
+        assert req.finish_reason == ("stop" if ref[-1] == tok.eos_id else "length")
+        assert req.text == tok.decode([i for i in ref if i != tok.eos_id])
+    engine.step()  # finished requests give their slots back at the next step
+    assert engine.free_slots() == 3
+
+
+def test_sampling_is_seeded_per_request_whatever_runs_beside_it(folder):
+    _, _, model, tok = folder
+    ids = tok.encode("the city of", bos=True)
+    sampled = SamplingParams(max_tokens=20, temperature=1.0, top_k=50, top_p=0.95, repetition_penalty=1.2, seed=7)
+    alone = run_all(Engine(model, tok, slots=1), [(ids, sampled)])[0].output_ids
+    others = [(tok.encode(p, bos=True), SamplingParams(max_tokens=15, temperature=0.8, seed=i))
+              for i, p in enumerate(PROMPTS[:3])]
+    crowded = run_all(Engine(model, tok, slots=4), [others[0], (ids, sampled), *others[1:]])[1].output_ids
+    assert crowded == alone
+    other_seed = SamplingParams(**{**sampled.__dict__, "seed": 8})
+    assert run_all(Engine(model, tok, slots=1), [(ids, other_seed)])[0].output_ids != alone
+
+
+def test_stop_string_ends_the_reply_before_it(folder):
+    _, _, model, tok = folder
+    engine = Engine(model, tok, slots=2)
+    ids = tok.encode("Order 12", bos=True)
+    full = run_all(engine, [(ids, SamplingParams(max_tokens=30))])[0].text
+    stop = full[len(full) // 2:len(full) // 2 + 2]
+    events = []
+    req = engine.submit(ids, SamplingParams(max_tokens=30, stop=("zzzz", stop)), events.append)
+    while not req.done:
+        engine.step()
+    assert req.finish_reason == "stop" and req.text == full[:full.find(stop)]
+    assert "".join(e.text for e in events) == req.text  # the streamed pieces never showed the stop string
+
+
+def test_cancel_frees_the_slot_and_stream_runs_on_a_thread(folder):
+    _, _, model, tok = folder
+    engine = Engine(model, tok, slots=1, max_queue=1).start()
+    try:
+        ids = tok.encode("Order 12", bos=True)
+        events = []
+        first_event = threading.Event()
+        req = engine.submit(ids, SamplingParams(max_tokens=200), lambda e: (events.append(e), first_event.set()))
+        assert first_event.wait(30)  # the slot is taken
+        done = threading.Event()
+        waiting = engine.submit(ids, SamplingParams(max_tokens=5), lambda e: e.finish_reason and done.set())
+        with pytest.raises(QueueFull):
+            engine.submit(ids, SamplingParams(max_tokens=5), lambda e: None)
+        req.cancel()
+        assert done.wait(30)
+        pieces = list(engine.stream(ids, SamplingParams(max_tokens=5)))  # runs once the slot is free again
+        assert pieces[-1].finish_reason == "length"
+        assert req.finish_reason == "cancelled" and len(req.output_ids) < 200 and waiting.done
+    finally:
+        engine.stop()
+
+
+def test_limits_are_one_line_errors(folder):
+    _, _, model, tok = folder
+    with pytest.raises(ValueError, match="--slots 100000000 needs .* GiB of KV cache"):
+        Engine(model, tok, slots=100_000_000)
+    engine = Engine(model, tok, slots=1, max_len=16)
+    with pytest.raises(ValueError, match="the prompt is 20 tokens; the context holds 16"):
+        engine.submit([tok.bos_id] * 20, SamplingParams(), lambda e: None)
+    with pytest.raises(ValueError, match="top_p"):
+        engine.submit([tok.bos_id], SamplingParams(top_p=0.0), lambda e: None)
+    # The context bounds the reply: 16 positions hold a 4-token prompt and at most 12 new tokens.
+    req = run_all(engine, [([tok.bos_id] * 4, SamplingParams())])[0]
+    assert req.finish_reason in ("length", "stop") and len(req.output_ids) <= 12
+    if req.finish_reason == "length":
+        assert len(req.output_ids) == 12
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_batched_greedy_equals_one_at_a_time_on_cuda(folder):
+    _, _, model, tok = folder
+    model = model.to("cuda")
+    try:
+        engine = Engine(model, tok, slots=3)
+        jobs = [(tok.encode(p, bos=True), SamplingParams(max_tokens=12, ignore_eos=True)) for p in PROMPTS]
+        for req, (ids, params) in zip(run_all(engine, jobs), jobs):
+            ref = model.generate(torch.tensor([ids], device="cuda"), params.max_tokens)[0, len(ids):].tolist()
+            assert req.output_ids == ref
+    finally:
+        model.to("cpu")
