@@ -76,8 +76,11 @@ class AttnMeta:
             meta.cu_seqlens = cu_seqlens
             if impl == "flash":
                 meta.max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max().item())
-        if impl == "flex" and (offset or q_len == 1):
-            meta.impl = impl = "sdpa"  # decoding with a KV cache: no block sparsity to gain
+        if impl == "flex" and (offset or q_len == 1 or not torch.is_grad_enabled()):
+            # Decoding with a KV cache has no block sparsity to gain. Inference (no grad) goes through sdpa too: on
+            # the H200 run, inductor could not lower flex's no-grad kernel for a small model (NoValidChoicesError);
+            # flex is for training, where it skips the blocks that cross documents.
+            meta.impl = impl = "sdpa"
         if impl in ("eager", "sdpa"):
             meta.mask = _dense_mask(batch, q_len, offset, meta.cu_seqlens, device)
         if impl == "flex":

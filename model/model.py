@@ -227,6 +227,17 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         return (grad_h * grad_out).to(grad_h.dtype), grad_w, None, None
 
 
+# Kept out of torch.compile graphs. On CUDA (torch 2.11, one H200), a compiled graph holding this hand-written
+# backward gave all-zero gradients to every parameter, fp32 and bf16 alike, while the same graph on the CPU was
+# exact; run eagerly inside an otherwise compiled model it is exact on both (benchmarks/check_compile_grads.py,
+# benchmarks/results/gpu_diag_h200_2026-11-26.log). Its cost is GEMMs, which compiling would not speed up.
+@torch.compiler.disable
+def fused_linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                               chunk: int) -> torch.Tensor:
+    """Mean cross-entropy of h @ weight.T with its gradients made in the forward pass (see chunked_cross_entropy)."""
+    return _ChunkedCrossEntropy.apply(h, weight, targets, chunk)
+
+
 class LMHead(Linear):
     """The output projection; given targets it returns the loss instead of logits.
 
@@ -239,7 +250,7 @@ class LMHead(Linear):
         h, targets = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
         chunk = loss_chunk_rows(self.weight.shape[0])
         if torch.is_grad_enabled() and (h.requires_grad or self.weight.requires_grad):
-            return _ChunkedCrossEntropy.apply(h, self.weight, targets, chunk)
+            return fused_linear_cross_entropy(h, self.weight, targets, chunk)
         return chunked_cross_entropy(h, self.weight, targets, chunk, want_grad=False)[0]
 
 
