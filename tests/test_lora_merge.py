@@ -17,7 +17,7 @@ from fixtures_eval import eval_assets  # noqa: F401 (a fixture)
 from fixtures_tokenizer import train_small, write_corpus
 from fixtures_train import REPO, env
 from model import ModelConfig, Transformer
-from model.generate import main as generate_main
+from inference.generate import main as generate_main
 from model.lora import LoRAConfig, prepare_lora
 from model.lora_peft import save_adapter
 from tokenizer import Tokenizer
