@@ -9,7 +9,8 @@ setup(
     version="0.1.0",
     description="Pretrain LLaMA-style Chinese/English base models: tokenizer, data, model, DeepSpeed training, evaluation",
     python_requires=">=3.10",
-    packages=find_packages(include=["common*", "model*", "tokenizer*", "artifacts*", "pretrain*", "evaluation*"]),
+    packages=find_packages(include=["common*", "model*", "tokenizer*", "artifacts*", "pretrain*", "evaluation*",
+                                    "inference*"]),
     install_requires=[
         "torch>=2.1",
         "deepspeed>=0.14",
@@ -24,6 +25,7 @@ setup(
         "matplotlib>=3.7",
         "tensorboard>=2.14",
         "psutil>=5.9",
+        "gguf>=0.10",  # inference/gguf.py: GGUF export for llama.cpp
     ],
     extras_require={
         "gpu": ["flash-attn>=2.5", "xformers>=0.0.25"],
@@ -38,6 +40,8 @@ setup(
             "llama-prepare-data=pretrain.prepare_data:main",
             "llama-export=pretrain.export:main",
             "llama-generate=model.generate:main",
+            "llama-quantize=inference.quantize:main",
+            "llama-gguf=inference.gguf:main",
         ]
     },
 )
