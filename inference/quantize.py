@@ -11,7 +11,9 @@ Every linear layer is quantized except the embedding and, unless quantize_head, 
 
 Kernels, chosen per layer on its first forward pass:
 - CPU: torch.ops.aten._weight_int8pack_mm (int8) and _convert_weight_to_int4pack_for_cpu +
-  _weight_int4pack_mm_for_cpu (int4: group size 32/64/128/256, out_features a multiple of 16).
+  _weight_int4pack_mm_for_cpu (int4: group size 32/64/128/256, out_features a multiple of 16). These kernels are
+  fast only with bf16 activations (with fp32 ones torch 2.13 runs them 5-100x slower than an fp32 matmul), so an
+  fp32 model's quantized matmuls take bf16 activations and give fp32 back; everything else stays fp32.
 - CUDA: _weight_int8pack_mm when the build has it, else int8 -> activation dtype then matmul (gpt-fast's path);
   _convert_weight_to_int4pack + _weight_int4pack_mm for int4 (bf16 activations, group size 32-256).
 - Anything else (a kernel missing from this torch build, a shape the kernel does not take) runs the reference
@@ -61,6 +63,8 @@ SCHEMES = ("int8", "int4")
 DEFAULT_GROUP_SIZE = 128
 KERNEL_GROUP_SIZES = (32, 64, 128, 256)
 """Group sizes torch's int4 weight-pack kernels accept (CPU and CUDA)."""
+CPU_KERNEL_DTYPE = torch.bfloat16
+"""Activation dtype of the quantized matmuls on CPU (see _QuantizedLinear.forward)."""
 QUANT_CONFIG = "quantization_config.json"
 WEIGHTS = "model.safetensors"
 FORMAT_VERSION = 1
@@ -161,7 +165,16 @@ class _QuantizedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         shape = x.shape
-        y = self.matmul(x.reshape(-1, shape[-1])).reshape(*shape[:-1], self.out_features)
+        x2 = x.reshape(-1, shape[-1])
+        if x.device.type == "cpu" and x.dtype == torch.float32 and self.path != "reference":
+            # torch's CPU weight-pack kernels are vectorized for bf16 activations only: with fp32 ones they ran
+            # 5-100x slower than an fp32 matmul here (benchmarks/quantization.md), so the quantized matmul
+            # takes bf16 activations and returns fp32; the rest of the model stays fp32.
+            y = self.matmul(x2.to(CPU_KERNEL_DTYPE))
+            y = y.float() if self.path == "kernel" else self.matmul(x2)  # the reference path is decided now
+        else:
+            y = self.matmul(x2)
+        y = y.reshape(*shape[:-1], self.out_features)
         if not self.is_head:
             return y
         y = y.float()  # the model's LMHead returns float32 logits

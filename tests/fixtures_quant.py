@@ -18,7 +18,8 @@ def tiny_tokenizer(root: Path) -> Tokenizer:
     return Tokenizer(root / "tok")
 
 
-def tiny_model_dir(root: Path, tok: Tokenizer, name: str = "hf", seed: int = 0, **overrides) -> tuple[Path, Transformer]:
+def tiny_model_dir(root: Path, tok: Tokenizer, name: str = "hf", seed: int = 0,
+                   **overrides) -> tuple[Path, Transformer]:
     """A random tiny model (vocab padded to a multiple of 16) saved as a Hugging Face folder with its tokenizer."""
     torch.manual_seed(seed)
     vocab = (tok.vocab_size + 15) // 16 * 16

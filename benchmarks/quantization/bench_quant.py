@@ -175,7 +175,7 @@ def main() -> None:
     if args.text:
         text = Path(args.text).read_text(encoding="utf-8")[:400_000]
         text_tokens = np.asarray(tokenizer.encode(text, bos=False)[:args.heldout_tokens], dtype=np.int64)
-    prompts = [] if not quality else [torch.from_numpy(heldout[i * 97:i * 97 + args.prompt_len]) for i in range(args.prompts)]
+    prompts = [torch.from_numpy(heldout[i * 97:i * 97 + args.prompt_len]) for i in range(args.prompts if quality else 0)]
     ref_greedy = None
     ref_letters: dict[str, list[int]] = {}
     results = {"model": args.model, "threads": torch.get_num_threads(), "torch": torch.__version__,
