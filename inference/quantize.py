@@ -48,7 +48,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from tqdm import tqdm
 
 from artifacts.open import check_device, default_device, default_dtype, load_model, load_tokenizer
@@ -491,10 +492,18 @@ def load_quantized(path: str | Path, device: str = "cpu", dtype: str | None = No
              else Int4Linear(linear.in_features, linear.out_features, qconfig.group_sizes[name], is_head,
                              device="meta"))
         _set_module(model, name, q)
-    state = load_file(str(path / WEIGHTS), device=str(dev))
     float_dtype = DTYPES[dtype or default_dtype(device)]
-    state = {k: v.to(float_dtype) if v.is_floating_point() and not k.endswith((".scales", ".zeros")) else v
-             for k, v in state.items()}
+    state = {}
+    with safe_open(str(path / WEIGHTS), framework="pt", device=str(dev)) as f:
+        for k in f.keys():
+            v = f.get_tensor(k)
+            if v.is_floating_point() and not k.endswith((".scales", ".zeros")):
+                v = v.to(float_dtype)
+            if v.data_ptr() % 64:
+                # safetensors hands out views at the file's byte offsets; torch's CPU int8 kernel needs the
+                # 64-byte alignment of a fresh allocation (it crashed on an unaligned weight)
+                v = v.clone()
+            state[k] = v
     tied = config.tie_embeddings and "output" not in qconfig.layers
     try:
         model.load_state_dict(state, strict=not tied, assign=True)

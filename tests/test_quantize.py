@@ -144,6 +144,8 @@ def test_save_load_round_trip_gives_identical_logits(folder, tmp_path, scheme, h
     ids = torch.tensor([tok.encode("shipped on 1990 for dollars", bos=True)])
     before = q(ids)
     loaded = load_quantized(tmp_path / "q")
+    # safetensors' views sit at arbitrary file offsets; the CPU int8 kernel crashed on an unaligned weight
+    assert all(b.data_ptr() % 64 == 0 for b in loaded.buffers())
     assert torch.equal(loaded(ids), before)
     assert isinstance(loaded.output, Int4Linear) == head
     cfg = json.loads((tmp_path / "q" / "quantization_config.json").read_text())

@@ -233,5 +233,29 @@ def main() -> None:
     print(f"wrote {out / 'results.json'}")
 
 
+def markdown(results_file: str) -> str:
+    """results.json -> the table of benchmarks/quantization.md."""
+    r = json.loads(Path(results_file).read_text())
+    rows = ["| variant | linear weights MiB (x fp32) | model MiB | peak RSS MiB (torch alone) | decode tok/s b=1 "
+            "| held-out ppl | text ppl | MMLU acc (same as fp32) | C-Eval acc (same as fp32) | greedy = fp32 |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, v in r["variants"].items():
+        def bench(key):
+            b = v.get(key)
+            return f"{b['accuracy']:.3f} ({b['same_as_fp32']:.0%}, n={b['questions']})" if b else "-"
+        greedy_same = v.get("greedy_identical_prefix")
+        g = (f"{np.mean(greedy_same):.1f}/64 mean, {sum(x == 64 for x in greedy_same)}/{len(greedy_same)} all 64"
+             if greedy_same else "-")
+        gs = f", g={'/'.join(map(str, v['group_sizes']))}" if v.get("group_sizes") else ""
+        rows.append(f"| {name}{gs} | {v['linear_bytes'] / 2**20:.2f} ({v['linear_ratio']:.3f}x) "
+                    f"| {v['model_bytes'] / 2**20:.2f} | {v['peak_rss_mib']:.0f} ({v['torch_rss_mib']:.0f}) "
+                    f"| {v['tokens_per_s']:.1f} | {v.get('ppl_heldout', float('nan')):.3f} "
+                    f"| {v.get('ppl_text', float('nan')):.3f} | {bench('mmlu')} | {bench('ceval')} | {g} |")
+    return "\n".join(rows)
+
+
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["--markdown"]:
+        print(markdown(sys.argv[2]))
+    else:
+        main()
