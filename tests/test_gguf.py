@@ -9,11 +9,11 @@ import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from fixtures_quant import tiny_model_dir, tiny_tokenizer
 from fixtures_train import REPO, env
-from inference.gguf import gguf_tensors, interleaved_to_rotate_half, main, rotate_half_to_interleaved
+from inference.gguf import (gguf_tensors, interleaved_to_rotate_half, main, read_tensors, reference_logits,
+                            rotate_half_to_interleaved)
 from tokenizer.hf import load_model_proto
 
 gguf = pytest.importorskip("gguf")
@@ -113,52 +113,21 @@ def test_tensors_names_shapes_types_and_values(exported, outtype, matrix_type, t
         assert (err <= block_max * tol_per_block_max + 1e-7).all(), name
 
 
-def llama_cpp_forward(t: dict[str, torch.Tensor], c, ids: list[int], pairs: bool = True) -> torch.Tensor:
-    """Logits of a LLaMA in llama.cpp's conventions over GGUF tensors: rotary on adjacent pairs (2i, 2i+1)."""
-    n, d = len(ids), c.head_dim
-    ang = torch.outer(torch.arange(n, dtype=torch.float32),
-                      1.0 / c.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d))[:, None]
-
-    def rope(h):
-        if pairs:
-            a, b = h[..., 0::2], h[..., 1::2]
-            return torch.stack([a * ang.cos() - b * ang.sin(), a * ang.sin() + b * ang.cos()], -1).flatten(-2)
-        a, b = h.chunk(2, -1)  # the negative control: rotate-half on llama.cpp-ordered rows
-        return torch.cat([a * ang.cos() - b * ang.sin(), a * ang.sin() + b * ang.cos()], -1)
-
-    def norm(x, w):
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + c.norm_eps) * w
-
-    x = t["token_embd.weight"][ids]
-    mask = torch.full((n, n), float("-inf")).triu(1)
-    for i in range(c.n_layers):
-        b = lambda name: t[f"blk.{i}.{name}.weight"]  # noqa: E731
-        h = norm(x, b("attn_norm"))
-        q = rope((h @ b("attn_q").T).view(n, c.n_heads, d))
-        k = rope((h @ b("attn_k").T).view(n, c.n_kv_heads, d)).repeat_interleave(c.n_heads // c.n_kv_heads, 1)
-        v = (h @ b("attn_v").T).view(n, c.n_kv_heads, d).repeat_interleave(c.n_heads // c.n_kv_heads, 1)
-        att = torch.softmax(torch.einsum("qhd,khd->hqk", q, k) / math.sqrt(d) + mask, -1)
-        x = x + torch.einsum("hqk,khd->qhd", att, v).reshape(n, -1) @ b("attn_output").T
-        h = norm(x, b("ffn_norm"))
-        x = x + (F.silu(h @ b("ffn_gate").T) * (h @ b("ffn_up").T)) @ b("ffn_down").T
-    return norm(x, t["output_norm.weight"]) @ t["output.weight"].T
-
-
 def test_llama_cpp_style_forward_over_the_file_gives_our_logits(exported, tmp_path):
     path, _, tok, _ = exported
     # larger weights than the default init, so that attention (and with it the rotary order) matters
     path, model = tiny_model_dir(tmp_path, tok, name="sharp", init_std=0.3)
     main(["--model", str(path), "--outtype", "f16", "--output", str(tmp_path / "sharp.gguf")])
-    _, tensors = read(tmp_path / "sharp.gguf")
-    t = {name: values(x) for name, x in tensors.items()}
+    t = read_tensors(tmp_path / "sharp.gguf")
+    assert set(t) == set(read(tmp_path / "sharp.gguf")[1])
     ids = tok.encode("the city of music 床前明月光 and people went", bos=True)
     with torch.no_grad():
         ours = model(torch.tensor([ids]))[0]
-    theirs = llama_cpp_forward(t, model.config, ids)
+    theirs = reference_logits(t, model.config, ids)
     scale = ours.abs().max()
     assert (theirs - ours).abs().max() < 0.02 * scale  # f16 rounding only
     # the check can fail: reading the same rows with rotate-half (no permutation undone) is far off
-    assert (llama_cpp_forward(t, model.config, ids, pairs=False) - ours).abs().max() > 0.05 * scale
+    assert (reference_logits(t, model.config, ids, pairs=False) - ours).abs().max() > 0.05 * scale
 
 
 def _cli(*args):
