@@ -49,8 +49,17 @@ def variant_args(name: str) -> tuple[str | None, bool]:
 
 # --- the per-variant worker process: memory and speed ----------------------------------------------------------
 
+def peak_rss_mib() -> float:
+    """This process's peak resident set (VmHWM). Not ru_maxrss: Linux carries that over from the parent across
+    fork and exec, so a child would report the benchmark's own peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def worker(path: str, new_tokens: int, prompt_len: int) -> None:
-    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    base_rss = peak_rss_mib()
     model = load_for_inference(path, "cpu", "float32")
     torch.manual_seed(0)
     prompt = torch.randint(3, model.config.vocab_size, (1, prompt_len))
@@ -62,9 +71,8 @@ def worker(path: str, new_tokens: int, prompt_len: int) -> None:
             for _ in range(new_tokens):
                 logits = model(logits.argmax(-1, keepdim=True), cache=cache)[:, -1]
             elapsed = time.perf_counter() - start
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"tokens_per_s": new_tokens / elapsed, "peak_rss_mib": rss / 1024,
-                      "torch_rss_mib": base_rss / 1024}))
+    print(json.dumps({"tokens_per_s": new_tokens / elapsed, "peak_rss_mib": peak_rss_mib(),
+                      "torch_rss_mib": base_rss}))
 
 
 def run_worker(path: Path, new_tokens: int, prompt_len: int) -> dict:
@@ -132,6 +140,19 @@ def benchmark_letters(model, tokenizer, bench_name: str, data_dir: Path, subject
     return correct / len(questions), logits.argmax(-1).tolist(), len(questions)
 
 
+def speed_rounds(results: dict, paths: dict[str, Path], args: argparse.Namespace) -> None:
+    """Speed and memory, the variants taking turns (--rounds times, best speed kept): the machine is shared, so
+    turns spread any load from other work evenly over the variants."""
+    for _ in range(args.rounds):
+        for name, path in paths.items():
+            row = results["variants"][name]
+            r = run_worker(path, args.new_tokens, args.prompt_len)
+            row["tokens_per_s"] = max(row.get("tokens_per_s", 0.0), r["tokens_per_s"])
+            row.setdefault("tokens_per_s_rounds", []).append(round(r["tokens_per_s"], 1))
+            row["peak_rss_mib"], row["torch_rss_mib"] = r["peak_rss_mib"], r["torch_rss_mib"]
+            print(name, r, flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -152,6 +173,7 @@ def main() -> None:
     p.add_argument("--shots", type=int, default=5)
     p.add_argument("--random_config", help="JSON ModelConfig fields: time a random model of that shape instead")
     p.add_argument("--random_tokenizer", help="tokenizer.model saved with the random model")
+    p.add_argument("--speed_only", action="store_true", help="redo only the speed/memory rounds of --out")
     p.add_argument("--rounds", type=int, default=3, help="speed/memory measurements per variant (best kept)")
     args = p.parse_args()
     if args.worker:
@@ -159,6 +181,16 @@ def main() -> None:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.speed_only:  # redo only the speed/memory rounds of an earlier run, in place
+        results = json.loads((out / "results.json").read_text())
+        paths = {name: (Path(results["model"]) if name == "fp32" else out / name.replace("+", "_"))
+                 for name in results["variants"]}
+        for row in results["variants"].values():
+            row.pop("tokens_per_s", None)
+            row.pop("tokens_per_s_rounds", None)
+        speed_rounds(results, paths, args)
+        (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        return
     quality = args.random_config is None
     if not quality:  # speed and memory of a larger random model: no quality figures
         from model import ModelConfig, Transformer
@@ -219,16 +251,7 @@ def main() -> None:
                               "same_as_fp32": float(np.mean(np.array(letters) == np.array(ref_letters[bench])))}
         results["variants"][name] = row
         print(json.dumps(row), flush=True)
-    # Speed and memory last, the variants taking turns (--rounds times, best kept): the machine is shared, so
-    # turns spread any load from other work evenly over the variants.
-    for _ in range(args.rounds):
-        for name, path in paths.items():
-            row = results["variants"][name]
-            r = run_worker(path, args.new_tokens, args.prompt_len)
-            row["tokens_per_s"] = max(row.get("tokens_per_s", 0.0), r["tokens_per_s"])
-            row.setdefault("tokens_per_s_rounds", []).append(round(r["tokens_per_s"], 1))
-            row["peak_rss_mib"], row["torch_rss_mib"] = r["peak_rss_mib"], r["torch_rss_mib"]
-            print(name, r, flush=True)
+    speed_rounds(results, paths, args)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {out / 'results.json'}")
 
