@@ -41,7 +41,8 @@ from inference.quantize import linear_weight_bytes, load_for_inference, quantize
 
 
 def variant_args(name: str) -> tuple[str | None, bool]:
-    if name == "fp32":
+    """(scheme, quantize_head) of a variant name: fp32, bf16 (the float model in bf16), int8, int4, int8+head..."""
+    if name in ("fp32", "bf16"):
         return None, False
     scheme, _, head = name.partition("+")
     return scheme, head == "head"
@@ -58,9 +59,9 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def worker(path: str, new_tokens: int, prompt_len: int) -> None:
+def worker(path: str, new_tokens: int, prompt_len: int, dtype: str) -> None:
     base_rss = peak_rss_mib()
-    model = load_for_inference(path, "cpu", "float32")
+    model = load_for_inference(path, "cpu", dtype)
     torch.manual_seed(0)
     prompt = torch.randint(3, model.config.vocab_size, (1, prompt_len))
     with torch.inference_mode():
@@ -75,9 +76,10 @@ def worker(path: str, new_tokens: int, prompt_len: int) -> None:
                       "torch_rss_mib": base_rss}))
 
 
-def run_worker(path: Path, new_tokens: int, prompt_len: int) -> dict:
+def run_worker(path: Path, new_tokens: int, prompt_len: int, dtype: str = "float32") -> dict:
     out = subprocess.run([sys.executable, __file__, "--worker", str(path), "--new_tokens", str(new_tokens),
-                          "--prompt_len", str(prompt_len)], capture_output=True, text=True, check=True,
+                          "--prompt_len", str(prompt_len), "--dtype", dtype], capture_output=True, text=True,
+                         check=True,
                          env={**os.environ, "PYTHONPATH": str(ROOT)})
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -146,7 +148,8 @@ def speed_rounds(results: dict, paths: dict[str, Path], args: argparse.Namespace
     for _ in range(args.rounds):
         for name, path in paths.items():
             row = results["variants"][name]
-            r = run_worker(path, args.new_tokens, args.prompt_len)
+            dtype = "bfloat16" if name == "bf16" else "float32"
+            r = run_worker(path, args.new_tokens, args.prompt_len, dtype)
             row["tokens_per_s"] = max(row.get("tokens_per_s", 0.0), r["tokens_per_s"])
             row.setdefault("tokens_per_s_rounds", []).append(round(r["tokens_per_s"], 1))
             row["peak_rss_mib"], row["torch_rss_mib"] = r["peak_rss_mib"], r["torch_rss_mib"]
@@ -156,6 +159,7 @@ def speed_rounds(results: dict, paths: dict[str, Path], args: argparse.Namespace
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
     p.add_argument("--model", help="float model (HF folder)")
     p.add_argument("--data_dir", help="the training run's data folder (its val split is held out)")
     p.add_argument("--out", help="folder for the quantized copies and results.json")
@@ -177,13 +181,13 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3, help="speed/memory measurements per variant (best kept)")
     args = p.parse_args()
     if args.worker:
-        return worker(args.worker, args.new_tokens, args.prompt_len)
+        return worker(args.worker, args.new_tokens, args.prompt_len, args.dtype)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.speed_only:  # redo only the speed/memory rounds of an earlier run, in place
         results = json.loads((out / "results.json").read_text())
-        paths = {name: (Path(results["model"]) if name == "fp32" else out / name.replace("+", "_"))
+        paths = {name: (Path(results["model"]) if name in ("fp32", "bf16") else out / name.replace("+", "_"))
                  for name in results["variants"]}
         for row in results["variants"].values():
             row.pop("tokens_per_s", None)
@@ -207,7 +211,8 @@ def main() -> None:
     if args.text:
         text = Path(args.text).read_text(encoding="utf-8")[:400_000]
         text_tokens = np.asarray(tokenizer.encode(text, bos=False)[:args.heldout_tokens], dtype=np.int64)
-    prompts = [torch.from_numpy(heldout[i * 97:i * 97 + args.prompt_len]) for i in range(args.prompts if quality else 0)]
+    n_prompts = args.prompts if quality else 0
+    prompts = [torch.from_numpy(heldout[i * 97:i * 97 + args.prompt_len]) for i in range(n_prompts)]
     ref_greedy = None
     ref_letters: dict[str, list[int]] = {}
     results = {"model": args.model, "threads": torch.get_num_threads(), "torch": torch.__version__,
@@ -218,7 +223,9 @@ def main() -> None:
     for name in args.variants:
         print(f"== {name}", flush=True)
         scheme, head = variant_args(name)
-        if scheme is None:
+        if name == "bf16":
+            model, path = load_model(args.model, "cpu", "bfloat16"), Path(args.model)
+        elif scheme is None:
             model, path = ref_model, Path(args.model)
         else:
             model = quantize_model(load_model(args.model, "cpu", "float32"), scheme, args.group_size, head)
