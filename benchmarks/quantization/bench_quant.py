@@ -50,11 +50,11 @@ def variant_args(name: str) -> tuple[str | None, bool]:
 
 # --- the per-variant worker process: memory and speed ----------------------------------------------------------
 
-def peak_rss_mib() -> float:
-    """This process's peak resident set (VmHWM). Not ru_maxrss: Linux carries that over from the parent across
-    fork and exec, so a child would report the benchmark's own peak."""
+def peak_rss_mib(key: str = "VmHWM") -> float:
+    """This process's peak resident set (VmHWM; VmRSS: the current one). Not ru_maxrss: Linux carries that over
+    from the parent across fork and exec, so a child would report the benchmark's own peak."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(key + ":"):
             return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -73,7 +73,7 @@ def worker(path: str, new_tokens: int, prompt_len: int, dtype: str) -> None:
                 logits = model(logits.argmax(-1, keepdim=True), cache=cache)[:, -1]
             elapsed = time.perf_counter() - start
     print(json.dumps({"tokens_per_s": new_tokens / elapsed, "peak_rss_mib": peak_rss_mib(),
-                      "torch_rss_mib": base_rss}))
+                      "rss_after_mib": peak_rss_mib("VmRSS"), "torch_rss_mib": base_rss}))
 
 
 def run_worker(path: Path, new_tokens: int, prompt_len: int, dtype: str = "float32") -> dict:
@@ -153,6 +153,7 @@ def speed_rounds(results: dict, paths: dict[str, Path], args: argparse.Namespace
             row["tokens_per_s"] = max(row.get("tokens_per_s", 0.0), r["tokens_per_s"])
             row.setdefault("tokens_per_s_rounds", []).append(round(r["tokens_per_s"], 1))
             row["peak_rss_mib"], row["torch_rss_mib"] = r["peak_rss_mib"], r["torch_rss_mib"]
+            row["rss_after_mib"] = r.get("rss_after_mib")
             print(name, r, flush=True)
 
 
