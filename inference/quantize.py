@@ -54,11 +54,12 @@ from tqdm import tqdm
 
 from artifacts.open import check_device, default_device, default_dtype, load_model, load_tokenizer
 from common.cli import entry_point, parser as make_parser
-from common.io import atomic_dir, write_json
+from common.io import atomic_dir, check_output_dir, write_json
 from common.tensors import DTYPES, IGNORE_INDEX
 from model import Transformer
 from model.config import ModelConfig
 from model.hf import config_from_hf, config_to_hf
+from tokenizer import Tokenizer
 
 SCHEMES = ("int8", "int4")
 DEFAULT_GROUP_SIZE = 128
@@ -327,8 +328,11 @@ class QuantizationConfig:
     layers: list[str] = field(default_factory=list)
     """Names of the quantized linear layers."""
     format_version: int = FORMAT_VERSION
+    """Layout version of the folder; load_quantized refuses others."""
     int4_layout: str = "uint8 [out, in/2], even column in the high nibble; w = (q - 8) * scale + zero per group"
+    """How the int4 tensors are stored (for readers other than this module)."""
     int8_layout: str = "int8 [out, in]; w = q * scale per output row"
+    """How the int8 tensors are stored."""
 
 
 def check_scheme(scheme: str) -> str:
@@ -438,13 +442,11 @@ def save_quantized(model: Transformer, out_dir: str | Path, source: str | Path, 
         if isinstance(m, Int4Linear) and m.layout != "portable":
             raise ValueError(f"layer {name} was already converted to a {m.layout} layout by a forward pass; "
                              "save the model right after quantize_model, before running it")
-    if model.config.tie_embeddings and "output.weight" in state:
+    if model.config.tie_embeddings and "output" not in qconfig.layers:
         del state["output.weight"]  # the same tensor as the embedding: safetensors stores it once
     metadata = {"format": "pt", "quantization": json.dumps(asdict(qconfig))}
     with atomic_dir(out_dir, overwrite) as tmp:
         save_file(state, str(tmp / WEIGHTS), metadata=metadata)
-        from tokenizer import Tokenizer
-
         tok = Tokenizer(tokenizer_path)
         hf_config = config_to_hf(model.config, dtype, tok.bos_id if tok.bos_id >= 0 else None,
                                  tok.eos_id if tok.eos_id >= 0 else None, tok.pad_id if tok.pad_id >= 0 else None)
@@ -562,8 +564,6 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output_dir")
     args = p.parse_args(argv)
     check_scheme(args.scheme)
-    from common.io import check_output_dir
-
     check_output_dir(args.output_dir, args.overwrite)
     model = load_model(args.model, "cpu", "float32", tag=args.tag)
     tokenizer = load_tokenizer(args.model, args.tokenizer, model)

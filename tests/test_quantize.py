@@ -160,13 +160,17 @@ def test_save_load_round_trip_gives_identical_logits(folder, tmp_path, scheme, h
         assert not (tmp_path / "again").exists()
 
 
-def test_tied_embeddings_round_trip(folder, tmp_path):
+@pytest.mark.parametrize("head", [False, True])
+def test_tied_embeddings_round_trip(folder, tmp_path, head):
     root, _, _, tok = folder
     path, model = tiny_model_dir(root, tok, name="tied", tie_embeddings=True)
-    q = quantize_model(load_model(path, "cpu", "float32"), "int8")
+    q = quantize_model(load_model(path, "cpu", "float32"), "int8", quantize_head=head)
     save_quantized(q, tmp_path / "q", path, tok.path)
     loaded = load_quantized(tmp_path / "q")
-    assert loaded.output.weight is loaded.tok_embeddings.weight
+    if head:  # the head has its own int8 copy; the embedding stays float
+        assert isinstance(loaded.output, Int8Linear) and loaded.tok_embeddings.weight.dtype == torch.float32
+    else:
+        assert loaded.output.weight is loaded.tok_embeddings.weight
     ids = torch.tensor([tok.encode("people", bos=True)])
     assert torch.equal(loaded(ids), q(ids))
 
