@@ -34,6 +34,7 @@ setup(
         "jinja2>=3.1.6",  # chat templates (the version transformers requires for sandboxed templates)
         "fastapi>=0.110",  # inference.server
         "uvicorn>=0.29",
+        "gguf>=0.10",  # inference/gguf.py: GGUF export for llama.cpp
     ],
     extras_require={
         "gpu": ["flash-attn>=2.5", "xformers>=0.0.25"],
@@ -66,6 +67,8 @@ setup(
             "llama-chat=inference.chat:main",
             "llama-serve=inference.server:main",
             "llama-web=inference.web:main",
+            "llama-quantize=inference.quantize:main",
+            "llama-gguf=inference.gguf:main",
         ]
     },
 )
