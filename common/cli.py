@@ -69,14 +69,10 @@ def error_message(e: BaseException) -> str:
 
 
 class ErrorExit(SystemExit):
-    """The SystemExit of `fail`; `str()` is its `error: ...` line whatever the exit status.
-
-    With status 1 the line is the exit code itself, as `sys.exit("error: ...")` makes it: Python prints it on the
-    way out, and a caller that catches the exit (a test) finds it in `.code`. Other statuses print it first.
-    """
+    """The SystemExit of `fail`: `.code` is the exit status, `str()` its `error: ...` line (already on stderr)."""
 
     def __init__(self, line: str, code: int) -> None:
-        super().__init__(line if code == 1 else code)
+        super().__init__(code)
         self.line = line
 
     def __str__(self) -> str:
@@ -86,8 +82,7 @@ class ErrorExit(SystemExit):
 def fail(message: str, code: int = 1) -> typing.NoReturn:
     """Exit with `error: message` on stderr and status `code`."""
     line = f"error: {message}"
-    if code != 1:
-        print(line, file=sys.stderr, flush=True)
+    print(line, file=sys.stderr, flush=True)
     raise ErrorExit(line, code)
 
 

@@ -18,18 +18,13 @@ average over the category's subjects) and overall (the average over subjects), a
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import numpy as np
 
-if __name__ == "__main__" and not __package__:  # run as a file: make the repository root importable
-    sys.path[0] = str(Path(__file__).resolve().parent.parent)
-
-from evaluation.common import Benchmark, build_parser, main_for  # noqa: E402
-from evaluation.data import LETTERS, Question, read_cmmlu_csv  # noqa: E402
-from evaluation.scoring import Request, SubjectPrompts, answer_letter_ids  # noqa: E402
-from evaluation.subjects import CMMLU_CATEGORIES, CMMLU_SUBJECTS, CMMLU_SUBJECTS_SORTED, cmmlu_groups  # noqa: E402
+from evaluation.common import Benchmark, build_parser, main_for
+from evaluation.data import LETTERS, Question, read_cmmlu_csv
+from evaluation.scoring import Request, SubjectPrompts, answer_letter_ids
+from evaluation.subjects import CMMLU_CATEGORIES, CMMLU_SUBJECTS, CMMLU_SUBJECTS_SORTED, cmmlu_groups
 
 
 def header(subject: str) -> str:
@@ -103,7 +98,7 @@ CMMLU = Benchmark(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = build_parser(CMMLU, "CMMLU few-shot evaluation (official haonan-li/CMMLU prompts and scoring).",
+    parser = build_parser(CMMLU, "python -m evaluation.evaluate_cmmlu", "CMMLU few-shot evaluation (official haonan-li/CMMLU prompts and scoring).",
                           ["--num_few_shot", "--shot", "--ntrain", "-k"], default_split="test")
     main_for(CMMLU, parser, argv)
 

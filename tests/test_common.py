@@ -116,8 +116,9 @@ def test_expected_errors_are_one_line_and_bugs_keep_their_traceback(capsys):
 
     with pytest.raises(SystemExit) as e:
         bad_input()
-    # As sys.exit("error: ...") does: the line is the exit code, which Python prints on its way out (status 1).
-    assert e.value.code == str(e.value) == "error: data/x: no such file; pass --data_dir"
+    # The line goes to stderr once, the status is 1, and the exception's text is the line (for callers that catch it).
+    assert e.value.code == 1 and str(e.value) == "error: data/x: no such file; pass --data_dir"
+    assert capsys.readouterr().err == "error: data/x: no such file; pass --data_dir\n"
     result = subprocess.run([sys.executable, "-c", "from common import cli\ncli.run_main(open, 'missing/file')"],
                             capture_output=True, text=True, cwd=REPO, env=run_env(), timeout=60)
     assert result.returncode == 1 and result.stderr == "error: missing/file: No such file or directory\n"

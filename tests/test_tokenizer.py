@@ -82,7 +82,7 @@ def run_main(main, argv) -> str:
     """Run a CLI main() that must fail; return its one-line error message."""
     with pytest.raises(SystemExit) as e:
         main(argv)
-    message = str(e.value.code)
+    message = str(e.value)  # the error line (also on stderr); e.value.code is the exit status
     assert message.startswith("error: ") and "\n" not in message, message
     return message
 
