@@ -25,7 +25,7 @@ from typing import Any, Sequence
 import torch
 from tqdm import tqdm
 
-from artifacts.open import check_device, load_model, load_tokenizer
+from artifacts.open import check_device, load_tokenizer
 from artifacts.run_dir import is_run_dir
 from common.tensors import DTYPES
 from model.hf import config_from_hf
@@ -158,21 +158,31 @@ class LoadedModel:
 
 
 def load(model_path: str | Path, tokenizer_path: str | Path | None, device: str, dtype: str,
-         tag: str | None = None, adapter: str | Path | None = None) -> LoadedModel:
+         tag: str | None = None, adapter: str | Path | None = None, quantize: str | None = None,
+         group_size: int | None = None, quantize_head: bool = False) -> LoadedModel:
     """Open the model and its tokenizer (see the module doc for which path a folder takes); `adapter` is a PEFT
-    LoRA folder merged into a LLaMA-family model."""
+    LoRA folder merged into a LLaMA-family model, `quantize` int8/int4 quantizes its linears on load (a folder
+    written by inference.quantize is used as saved)."""
+    from inference.quantize import is_quantized_dir, load_for_inference  # the inference stage, only when asked
+
+
     path = Path(model_path)
     check_device(device)
     problem = None
-    if path.is_dir() and not is_run_dir(path) and (path / "config.json").is_file():
+    if path.is_dir() and not is_run_dir(path) and (path / "config.json").is_file() and not is_quantized_dir(path):
         problem = llama_config_problem(path)
     if problem is None:
-        model = load_model(path, device, dtype, tag, adapter=adapter)  # also the errors for a missing folder
+        # also the errors for a missing or unknown folder
+        model = load_for_inference(path, device, dtype, quantize=quantize, group_size=group_size,
+                                   quantize_head=quantize_head, tag=tag, adapter=adapter)
         hf_tok, sp_path = open_tokenizer(path, tokenizer_path)
         tokenizer = hf_tok or load_tokenizer(path, sp_path, model)
         backend, max_len = "ours", model.config.max_seq_len
         vocab = model.config.vocab_size
     else:
+        if quantize is not None:
+            raise ValueError(f"{path}: --quantize applies to LLaMA-family models loaded by our own model code, and "
+                             f"this folder is not one ({problem})")
         if adapter is not None:
             raise ValueError(f"{path}: --adapter applies LoRA adapters to LLaMA-family models loaded by our own "
                              f"model code, and this folder is not one ({problem})")

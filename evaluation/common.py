@@ -21,6 +21,8 @@ from common import cli
 from common.io import check_output_dir
 from common.tensors import DTYPES
 
+from inference.quantize import add_quantize_args
+
 from . import backends
 from .data import LETTERS, Question, split_file
 from .report import SubjectScore, format_table, summarize, write_outputs
@@ -78,6 +80,7 @@ def build_parser(bench: Benchmark, prog: str, description: str, shots_flags: lis
                    "model folder's tokenizer.model, else its tokenizer.json)")
     p.add_argument("--tag", help="checkpoint tag of a training run directory (default: its latest)")
     p.add_argument("--adapter", help="PEFT LoRA adapter folder applied (merged) on top of the model")
+    add_quantize_args(p)
     p.add_argument("--max_length", type=int,
                    help="longest prompt in tokens; shots are dropped beyond it (default: the model's max_seq_len)")
     p.add_argument("--no_prefix_cache", action="store_true",
@@ -188,7 +191,9 @@ def run(bench: Benchmark, args: argparse.Namespace) -> dict[str, Any]:
     device = args.device or default_device()
     check_device(device)
     dtype = args.dtype or default_dtype(device)
-    loaded = backends.load(args.model, args.tokenizer, device, dtype, args.tag, adapter=args.adapter)
+    loaded = backends.load(args.model, args.tokenizer, device, dtype, args.tag, adapter=args.adapter,
+                             quantize=args.quantize, group_size=args.group_size,
+                             quantize_head=args.quantize_head)
     if loaded.note:
         print(f"note: {args.model}: {loaded.note}", file=sys.stderr)
     tokenizer = loaded.tokenizer
@@ -221,6 +226,7 @@ def run(bench: Benchmark, args: argparse.Namespace) -> dict[str, Any]:
     results["settings"] = {
         "model": str(Path(args.model).resolve()), "tag": args.tag,
         "adapter": str(Path(args.adapter).resolve()) if args.adapter else None,
+        "quantize": args.quantize, "group_size": args.group_size, "quantize_head": args.quantize_head,
         "tokenizer": str(tokenizer.path), "tokenizer_sha256": tokenizer.sha256, "bos": bos,
         "answer_tokens": [tokenizer.id_to_piece(i) for i in requests[0].choice_ids],
         "device": device, "dtype": dtype, "max_length": max_length, "batch_size": args.batch_size,

@@ -47,6 +47,7 @@ from common.cli import parser as make_parser
 from common.cli import add_dataclass_args, dataclass_from_args, run_main
 from common.io import check_output_dir, write_json, write_text
 from common.tensors import DTYPES
+from inference.quantize import add_quantize_args
 
 from . import backends
 from .generation import ChatTemplate, GenerationConfig, generate_answers
@@ -346,6 +347,8 @@ def build_parser():
     p.add_argument("--judge_retries", type=int, default=3, help="retries of a failed judge request")
     p.add_argument("--judge_retry_wait", type=float, default=2.0, help="first wait between retries (doubles)")
     p.add_argument("--judge_concurrency", type=int, default=4, help="judge requests in flight")
+    p.add_argument("--adapter", help="PEFT LoRA adapter folder applied (merged) on top of the model")
+    add_quantize_args(p)
     p.add_argument("--generate_only", action="store_true", help="write answers.jsonl and stop")
     p.add_argument("--limit", type=int, help="only the first N questions")
     add_dataclass_args(p, GenerationConfig)
@@ -387,7 +390,9 @@ def run(args) -> dict[str, Any] | None:
     else:
         device = args.device or default_device()
         check_device(device)
-        loaded = backends.load(args.model, args.tokenizer, device, args.dtype or default_dtype(device), args.tag)
+        loaded = backends.load(args.model, args.tokenizer, device, args.dtype or default_dtype(device), args.tag,
+                               adapter=args.adapter, quantize=args.quantize, group_size=args.group_size,
+                               quantize_head=args.quantize_head)
         if loaded.note:
             print(f"note: {args.model}: {loaded.note}", file=sys.stderr)
         template = ChatTemplate(args.model)

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import torch
 
-from artifacts import check_device, default_device, default_dtype, load_model, load_tokenizer
+from artifacts import check_device, default_device, default_dtype, load_tokenizer
 from common import cli
 from common.tensors import DTYPES
 from model.config import ATTN_IMPLS
+
+from .quantize import add_quantize_args, load_for_inference
 
 
 @cli.entry_point
@@ -28,12 +30,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bfloat16 on GPU, float32 on CPU")
     p.add_argument("--attn_impl", default="auto", choices=ATTN_IMPLS, help="attention kernel")
+    add_quantize_args(p)
     args = p.parse_args(argv)
     device = args.device or default_device()
     check_device(device)
     try:
-        model = load_model(args.model, device, args.dtype or default_dtype(device), tag=args.tag,
-                           adapter=args.adapter)
+        model = load_for_inference(args.model, device, args.dtype or default_dtype(device), quantize=args.quantize,
+                                   group_size=args.group_size, quantize_head=args.quantize_head, tag=args.tag,
+                                   adapter=args.adapter)
     except RuntimeError as e:  # torch/DeepSpeed reading a damaged or foreign checkpoint
         raise ValueError(f"{args.model}: cannot load the model ({e})") from None
     model.config.attn_impl = args.attn_impl

@@ -362,9 +362,9 @@ def plan_group_sizes(model: Transformer, group_size: int | None, quantize_head: 
         g = auto_group_size(linear.in_features, group_size)
         if linear.in_features % g:
             divisors = [d for d in KERNEL_GROUP_SIZES if linear.in_features % d == 0]
-            hint = f"sizes that divide it: {', '.join(map(str, divisors))}" if divisors else "leave --group_size unset"
+            hint = f"use one that divides it ({', '.join(map(str, divisors))}) or" if divisors else ""
             raise ValueError(f"--group_size {g} does not divide in_features {linear.in_features} of layer {name}; "
-                             f"{hint} (or leave it unset for the per-layer default)")
+                             f"{hint} leave --group_size unset for a per-layer default".replace("  ", " "))
         sizes[name] = g
     return sizes
 
@@ -519,11 +519,15 @@ def load_quantized(path: str | Path, device: str = "cpu", dtype: str | None = No
 
 def load_for_inference(path: str | Path, device: str | None = None, dtype: str | None = None,
                        quantize: str | None = None, group_size: int | None = None, quantize_head: bool = False,
-                       tag: str | None = None) -> Transformer:
+                       tag: str | None = None, adapter: str | Path | None = None) -> Transformer:
     """What every inference command calls: a quantized folder as saved, or a float model (HF folder or training
-    run directory) quantized on load when `quantize` is int8/int4, else as it is."""
+    run directory, with a LoRA `adapter` merged in first) quantized on load when `quantize` is int8/int4, else as
+    it is."""
     device = device or default_device()
     if is_quantized_dir(path):
+        if adapter is not None:
+            raise ValueError(f"{path} is already quantized: merge --adapter {adapter} into the float model first "
+                             "(python -m finetune.merge), then quantize")
         model = load_quantized(path, device, dtype)
         if quantize is not None and quantize != model.quantization.scheme:
             raise ValueError(f"{path} is already quantized to {model.quantization.scheme}; --quantize {quantize} "
@@ -531,7 +535,7 @@ def load_for_inference(path: str | Path, device: str | None = None, dtype: str |
         return model
     if quantize is not None:
         check_scheme(quantize)
-    model = load_model(path, device, dtype or default_dtype(device), tag=tag)
+    model = load_model(path, device, dtype or default_dtype(device), tag=tag, adapter=adapter)
     if quantize is not None:
         quantize_model(model, quantize, group_size, quantize_head)
     return model

@@ -218,3 +218,19 @@ def test_training_run_directory_loads_through_the_run_dir_reader(eval_assets, tm
     assert calls == [(run_dir, "step_000010")]
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["settings"]["tag"] == "step_000010" and results["subjects"]["anatomy"]["count"] == 8
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_quantized_model_evaluates_close_to_the_float_one(eval_assets, tmp_path, scheme):
+    """--quantize swaps the linears for INT8/INT4 ones on load: the letter probabilities move a little (so the
+    quantized kernels really ran) and the predictions stay those of the float model."""
+    run_mmlu(eval_assets, tmp_path / "fp32")
+    run_mmlu(eval_assets, tmp_path / scheme, "--quantize", scheme, "--group_size", "16")
+    results = json.loads((tmp_path / scheme / "results.json").read_text())
+    assert results["settings"]["quantize"] == scheme and results["settings"]["group_size"] == 16
+    ref, quant = (read_jsonl(tmp_path / d / "predictions.jsonl") for d in ("fp32", scheme))
+    assert [(p["subject"], p["index"]) for p in ref] == [(p["subject"], p["index"]) for p in quant]
+    diffs = [max(abs(a - b) for a, b in zip(p["probs"], q["probs"])) for p, q in zip(ref, quant)]
+    assert 0 < max(diffs) < (0.02 if scheme == "int8" else 0.1)
+    agree = sum(p["prediction"] == q["prediction"] for p, q in zip(ref, quant))
+    assert agree >= 0.9 * len(ref)

@@ -209,3 +209,21 @@ def test_cli_bad_input_is_one_line(folder, tmp_path):
     rc, err = _cli("--model", str(no_tok), "--scheme", "int8", "--output_dir", str(tmp_path / "o"))
     assert rc == 1 and len(err) == 1 and "no SentencePiece tokenizer" in err[0]
     assert not (tmp_path / "o").exists()
+
+
+def test_generate_takes_quantize(folder, tmp_path, capsys):
+    """--quantize on the inference commands: the float folder quantized on load and a saved quantized folder give the
+    same greedy text, and a LoRA adapter cannot go on a folder that is already quantized."""
+    from inference import generate
+
+    _, path, _, _ = folder
+    main(["--model", str(path), "--scheme", "int8", "--output_dir", str(tmp_path / "q8")])
+    capsys.readouterr()
+    texts = []
+    for model, extra in ((path, ["--quantize", "int8"]), (tmp_path / "q8", [])):
+        generate.main(["--model", str(model), "--prompt", "hello", "--max_new_tokens", "8", *extra])
+        texts.append(capsys.readouterr().out)
+    assert texts[0] == texts[1] and texts[0].strip()
+    with pytest.raises(SystemExit):
+        generate.main(["--model", str(tmp_path / "q8"), "--prompt", "hello", "--adapter", str(tmp_path / "a")])
+    assert "already quantized" in capsys.readouterr().err
