@@ -85,6 +85,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch_size", type=int, default=8, help="prompts decoded together (of one token length)")
     p.add_argument("--instruction_field", default="instruction", help="alpaca-layout key of the instruction")
     p.add_argument("--output_field", default="output", help="alpaca-layout key of the reference answer")
+    p.add_argument("--adapter", default=None,
+                   help="PEFT LoRA adapter folder merged into --model (e.g. a LoRA run's adapter/)")
     p.add_argument("--tag", default=None, help="checkpoint tag of a training run (default: latest)")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bfloat16 on GPU, float32 on CPU")
@@ -113,7 +115,8 @@ def generate(args: argparse.Namespace) -> None:
                          "tokenizer_config.json); pass --template NAME")
     device = args.device or default_device()
     check_device(device)
-    model = load_model(args.model, device, args.dtype or default_dtype(device), tag=args.tag)
+    model = load_model(args.model, device, args.dtype or default_dtype(device), tag=args.tag,
+                       adapter=args.adapter)
     tok = load_tokenizer(args.model, None, model)
     prompts = [prompt_ids(template, tok, item["messages"]) for item in items]
     too_long = [i for i, ids in enumerate(prompts) if len(ids) >= model.config.max_seq_len]
