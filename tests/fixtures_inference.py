@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 import torch
 
 from fixtures_tokenizer import train_small, write_corpus
+from inference.engine import Engine
 from model import ModelConfig, Transformer
 from tokenizer import Tokenizer
 
@@ -80,3 +82,31 @@ class ServerThread:
     def __exit__(self, *exc) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=30)
+
+
+class SlowEngine(Engine):
+    """An engine that steps at most every `step_delay` seconds, so that a reply lasts long enough to watch (and to
+    disconnect from); it records every request it gets."""
+
+    def __init__(self, *args, step_delay: float = 0.02, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.step_delay = step_delay
+        self.requests = []
+
+    def submit(self, *args, **kwargs):
+        self.requests.append(super().submit(*args, **kwargs))
+        return self.requests[-1]
+
+    def step(self):
+        time.sleep(self.step_delay)
+        super().step()
+
+
+def wait_until(condition, timeout: float = 30) -> bool:
+    """Poll `condition` every 50 ms until it holds (True) or `timeout` seconds pass (False)."""
+    deadline = time.time() + timeout
+    while not condition():
+        if time.time() > deadline:
+            return False
+        time.sleep(0.05)
+    return True

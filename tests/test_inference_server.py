@@ -9,7 +9,7 @@ import httpx
 import pytest
 import torch
 
-from fixtures_inference import ServerThread, free_port, make_model_folder
+from fixtures_inference import ServerThread, SlowEngine, free_port, make_model_folder, wait_until
 from inference.engine import Engine
 from inference.server import create_app
 from inference.templates import load_chat_template
@@ -128,31 +128,6 @@ def test_bad_request_through_the_client_raises_bad_request(client):
         client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], n=2)
     with pytest.raises(openai.NotFoundError):
         client.embeddings.create(model="tiny", input="x")
-
-
-class SlowEngine(Engine):
-    """Steps at most every 20 ms, so that a 200-token reply lasts seconds; records every request it gets."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.requests = []
-
-    def submit(self, *args, **kwargs):
-        self.requests.append(super().submit(*args, **kwargs))
-        return self.requests[-1]
-
-    def step(self):
-        time.sleep(0.02)
-        super().step()
-
-
-def wait_until(condition, timeout=30):
-    deadline = time.time() + timeout
-    while not condition():
-        if time.time() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 LONG = {"prompt": "Order 12", "max_tokens": 200, "temperature": 0, "stream": True}

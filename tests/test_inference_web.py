@@ -6,9 +6,9 @@ import time
 
 import pytest
 
-from fixtures_inference import free_port, make_model_folder
+from fixtures_inference import SlowEngine, free_port, make_model_folder, wait_until
 from inference.chat import Chat
-from inference.engine import Engine, SamplingParams
+from inference.engine import SamplingParams
 from inference.templates import load_chat_template
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -18,31 +18,6 @@ if not (CHROMIUM and CHROMEDRIVER):
                 allow_module_level=True)
 webdriver = pytest.importorskip("selenium.webdriver", reason="needs selenium (pip install -e .[test])")
 pytest.importorskip("gradio")
-
-
-class SlowEngine(Engine):
-    """Steps at most every 30 ms so that the browser sees the reply grow; records its requests."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.requests = []
-
-    def submit(self, *args, **kwargs):
-        self.requests.append(super().submit(*args, **kwargs))
-        return self.requests[-1]
-
-    def step(self):
-        time.sleep(0.03)
-        super().step()
-
-
-def wait_until(condition, timeout=60) -> bool:
-    deadline = time.time() + timeout
-    while not condition():
-        if time.time() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 def visible(text: str) -> str:
@@ -59,7 +34,7 @@ def test_web_page_streams_a_reply(tmp_path, monkeypatch):
 
     monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "False")
     _, chat_dir, model, tok = make_model_folder(tmp_path / "model")
-    engine = SlowEngine(model, tok, slots=2).start()
+    engine = SlowEngine(model, tok, slots=2, step_delay=0.03).start()
     chat = Chat(engine, load_chat_template(chat_dir, tok))
     demo = build_demo(chat, SamplingParams(temperature=0.0, max_tokens=40, repetition_penalty=1.0))
     port = free_port()
@@ -103,7 +78,7 @@ def test_web_page_streams_a_reply(tmp_path, monkeypatch):
         box = driver.find_element(By.CSS_SELECTOR, "textarea")
         box.send_keys("again")
         box.send_keys(Keys.ENTER)
-        assert wait_until(lambda: len(engine.requests) == 3 and engine.requests[2].done)
+        assert wait_until(lambda: len(engine.requests) == 3 and engine.requests[2].done, timeout=60)
         history = [{"role": "user", "content": "Hello there"}, {"role": "assistant", "content": req.text.strip()},
                    {"role": "user", "content": "again"}]
         decode = chat.template.tokenizer.decode  # (Gradio turns the random reply's tabs into spaces)
