@@ -22,7 +22,7 @@ import torch
 
 from common.tensors import IGNORE_INDEX
 from finetune.data import Sample
-from pretrain.data import Batch, permute
+from pretrain.data import Batch, permute, resume_step
 
 
 def pack(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -150,14 +150,5 @@ class InstructionLoader:
                 "num_rows": self.num_rows, "data_sha256": self.data_hash}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        mine = self.state_dict()
-        changed = [k for k in mine if k != "rows_consumed" and state.get(k) != mine[k]]
-        if changed:
-            detail = ", ".join(f"{k} {str(state.get(k))[:16]!r} -> {str(mine[k])[:16]!r}" for k in changed)
-            raise ValueError(f"cannot resume the instruction data: {detail} changed since the checkpoint; restore "
-                             "the original data files and settings, or start a new run_dir")
-        per_step = self.world_size * self.micro_batch_size
-        if state["rows_consumed"] % per_step:
-            raise ValueError(f"cannot resume the instruction data: {state['rows_consumed']} rows consumed is not a "
-                             f"multiple of world_size x micro_batch_size = {per_step}")
-        self.step = state["rows_consumed"] // per_step
+        self.step = resume_step(self.state_dict(), state, "rows_consumed", self.world_size * self.micro_batch_size,
+                                "the instruction data")

@@ -228,6 +228,21 @@ class Batch:
                      self.max_seqlen)
 
 
+def resume_step(mine: dict[str, Any], state: dict[str, Any], counter: str, per_step: int, what: str) -> int:
+    """The step a loader continues at from its saved `state`: every key but the `counter` of rows consumed must be
+    as it is now (`mine`), and the rows consumed must be whole steps of `per_step` (world size x micro batch), so
+    the world size or micro batch may change between runs while the data, order and settings may not."""
+    changed = [k for k in mine if k != counter and state.get(k) != mine[k]]
+    if changed:
+        detail = ", ".join(f"{k} {str(state.get(k))[:16]!r} -> {str(mine[k])[:16]!r}" for k in changed)
+        raise ValueError(f"cannot resume {what}: {detail} changed since the checkpoint; restore the original data "
+                         "and settings, or start a new run_dir")
+    if state[counter] % per_step:
+        raise ValueError(f"cannot resume {what}: {state[counter]} {counter} consumed is not a multiple of "
+                         f"world_size x micro_batch_size = {per_step}")
+    return state[counter] // per_step
+
+
 class DataLoader:
     """Endless, resumable micro-batches of one rank's share of a prepared split."""
 
@@ -371,14 +386,5 @@ class DataLoader:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue where the saved loader stopped. The world size or micro-batch size may change as long as they
         divide the samples already consumed; the data, seq_len, seed and shuffling must be the same."""
-        mine = self.state_dict()
-        changed = [k for k in mine if k != "samples" and state.get(k) != mine[k]]
-        if changed:
-            detail = ", ".join(f"{k} {state.get(k)!r} -> {mine[k]!r}" for k in changed)
-            raise ValueError(f"cannot resume the data loader: {detail} changed since the checkpoint; "
-                             "restore the original data and settings or start a new run")
-        per_step = self.world_size * self.micro_batch_size
-        if state["samples"] % per_step:
-            raise ValueError(f"cannot resume the data loader: {state['samples']} samples consumed is not a multiple "
-                             f"of world_size x micro_batch_size = {per_step}")
-        self.step = state["samples"] // per_step
+        self.step = resume_step(self.state_dict(), state, "samples", self.world_size * self.micro_batch_size,
+                                "the data loader")
