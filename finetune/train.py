@@ -14,7 +14,6 @@ import argparse
 import dataclasses
 import json
 import os
-import sys
 import warnings
 from pathlib import Path
 from typing import Any, Callable
@@ -22,6 +21,7 @@ from typing import Any, Callable
 import torch.nn as nn
 
 from artifacts.open import load_model
+from common import cli
 from common.io import write_text
 from finetune.config import RUNTIME_MODEL_FIELDS, FinetuneConfig, load_finetune_config
 from finetune.data import DataOptions, Sample, load_samples
@@ -29,7 +29,7 @@ from finetune.loader import InstructionLoader, fingerprint
 from finetune.templates import CHAT_TEMPLATE_FILE, get_template
 from model import Transformer
 from model.lora import prepare_lora
-from pretrain.train import Dist, Run, Task, TrainingStopped, saved_model_config
+from pretrain.train import USER_ERROR, Dist, Run, Task, TrainingStopped, saved_model_config
 from pretrain.train import train as train_core
 from tokenizer import Tokenizer
 
@@ -196,8 +196,8 @@ def main(argv: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+`? is deprecated", category=FutureWarning)
     try:
         train(load_finetune_config(args.config, args.overrides))
-    except (ValueError, FileNotFoundError, TrainingStopped) as e:
-        sys.exit(f"error: {e}")
+    except (*cli.EXPECTED_ERRORS, TrainingStopped) as e:
+        cli.fail(cli.error_message(e), USER_ERROR)  # scripts/launch.sh: fix it rather than resume
 
 
 if __name__ == "__main__":
