@@ -18,6 +18,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
 import torch.nn as nn
 
 from artifacts.open import load_model
@@ -44,6 +45,7 @@ def prepare_full(model: Transformer, cfg: FinetuneConfig) -> nn.Module:
 def prepare_adapter(model: Transformer, cfg: FinetuneConfig) -> nn.Module:
     """LoRA: adapters (cfg.lora) injected into the frozen base, from init_adapter's weights for a hot start; only
     they train (pretrain.train.param_groups skips frozen parameters, so the optimizer holds only them)."""
+    torch.manual_seed(cfg.seed)  # the adapters' A init: the same on every rank and in every run of this config
     return prepare_lora(model, cfg.lora, init_adapter=cfg.init_adapter)
 
 
