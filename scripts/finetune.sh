@@ -55,3 +55,16 @@ base model:  $MODEL_PATH
 run dir:     $RUN_DIR  (checkpoints $(cat "$RUN_DIR/latest"), run_config.yaml, chat_template.jinja, tokenizer.model)
 metrics:     $RUN_DIR/metrics.jsonl, loss curve $RUN_DIR/loss_curve.png
 tensorboard: tensorboard --logdir $RUN_DIR/tensorboard
+EOF
+if [[ "$EXPORT" == 1 ]]; then
+    MODEL_DIR="$HF_DIR"
+    if [[ "$FINETUNING_TYPE" == lora ]]; then
+        MODEL_DIR="$HF_DIR/merged"
+        BASE_HF="$(sed -n 's/.*"base_model_name_or_path": "\(.*\)".*/\1/p' "$HF_DIR/adapter/adapter_config.json")"
+        echo "adapter:     $HF_DIR/adapter  (PEFT format; its base: $BASE_HF)"
+    fi
+    echo "HF model:    $MODEL_DIR  (chat_template in tokenizer_config.json; tokenizer.apply_chat_template works)"
+    echo "answers:     python -m finetune.generate --model $MODEL_DIR --input data/sft_sample/prompts.json" \
+         "--output $RUN_DIR/answers.jsonl"
+fi
+exit 0
