@@ -212,5 +212,11 @@ def test_sigkill_resumes_exactly(setup, tmp_path):
     assert train_losses(run_dir) == train_losses(reference)  # exact equality, every step
     ckpt = load_states(next((run_dir / "step_000006").glob("*model_states.pt")))
     ref = load_states(next((reference / "step_000006").glob("*model_states.pt")))
+    assert ckpt["module"].keys() == ref["module"].keys()
     for name, tensor in ref["module"].items():
         assert torch.equal(ckpt["module"][name], tensor), name
+    ours, theirs = ckpt["optimizer"]["state"], ref["optimizer"]["state"]  # AdamW's moments and step counts
+    assert ours.keys() == theirs.keys() and ours
+    for index, state in theirs.items():
+        for key, value in state.items():
+            assert torch.equal(torch.as_tensor(ours[index][key]), torch.as_tensor(value)), (index, key)
