@@ -220,3 +220,33 @@ def test_sigkill_resumes_exactly(setup, tmp_path):
     for index, state in theirs.items():
         for key, value in state.items():
             assert torch.equal(torch.as_tensor(ours[index][key]), torch.as_tensor(value)), (index, key)
+
+
+@pytest.mark.slow
+def test_zero3_on_two_ranks_matches_one_rank_resumes_and_exports_whole_tensors(setup, tmp_path):
+    """LoRA under ZeRO-3 on 2 ranks: the same losses as 1 rank (ZeRO-0), a resume from its adapter-only sharded
+    checkpoint continues them, and the export gathers whole adapter tensors equal to the 1-rank run's."""
+    from safetensors.torch import load_file
+
+    from finetune.export import export
+
+    runs = {}
+    for name, hosts, extra in [("one", "localhost slots=1", []), ("zero3", "localhost slots=2", ["zero_stage=3"])]:
+        hostfile = write_hostfile(tmp_path / f"hosts_{name}", [hosts])
+        run_dir = runs[name] = tmp_path / name
+        run(hostfile, overrides(setup, run_dir, "save_interval=2", *extra, steps=4), tmp_path / f"{name}1.txt",
+            script="finetune/train.py")
+        log = run(hostfile, overrides(setup, run_dir, "save_interval=2", *extra, steps=6), tmp_path / f"{name}2.txt",
+                  script="finetune/train.py")
+        assert f"resumed from {run_dir / 'step_000004'} at step 4" in log
+    ours, ref = train_losses(runs["zero3"]), train_losses(runs["one"])
+    assert sorted(ours) == sorted(ref) == list(range(1, 7))
+    for step in ref:
+        assert ours[step] == pytest.approx(ref[step], rel=1e-5), f"step {step}: {ours[step]} vs {ref[step]}"
+    assert sorted(p.name for p in (runs["zero3"] / "step_000006").iterdir()) == [
+        f"zero_pp_rank_{r}_mp_rank_00_{kind}_states.pt" for r in (0, 1) for kind in ("model", "optim")]
+    adapters = {name: load_file(export(d, d / "hf") / "adapter" / "adapter_model.safetensors")
+                for name, d in runs.items()}
+    assert adapters["zero3"].keys() == adapters["one"].keys() and len(adapters["one"]) == 28
+    for key, tensor in adapters["one"].items():
+        torch.testing.assert_close(adapters["zero3"][key], tensor, rtol=0, atol=2e-5, msg=key)
