@@ -10,8 +10,8 @@ temporary name and renamed into place: a crash leaves no half-written export.
 
 A LoRA run (finetuning_type lora) exports two folders instead: OUTPUT_DIR/adapter, the PEFT adapter
 (adapter_config.json + adapter_model.safetensors, whole tensors whatever the ZeRO stage, base_model_name_or_path
-the base's Hugging Face folder), and OUTPUT_DIR/merged, the adapter merged into the base (fp32 arithmetic, finetune.merge)
-with the chat template. A base that is one of our training run directories is first exported as a Hugging Face
+the base's Hugging Face folder), and OUTPUT_DIR/merged, the adapter merged into the base (fp32 arithmetic,
+finetune.merge) with the chat template. A base that is one of our training run directories is first exported as a Hugging Face
 folder into RUN_DIR/base_hf (python -m pretrain.export), since PEFT's base_model_name_or_path must name one.
 """
 from __future__ import annotations

@@ -82,7 +82,8 @@ launch_parse() {
     source scripts/env.sh
     llama_env || exit 1
     export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
-    [[ -f "$HOSTFILE" ]] || die "$HOSTFILE: hostfile not found (--hostfile); write one line per node: '<host> slots=<n>'"
+    [[ -f "$HOSTFILE" ]] || die "$HOSTFILE: hostfile not found (--hostfile); write one line per node:" \
+                                "'<host> slots=<n>'"
 }
 
 # What can be checked before launching (the config as the ranks will see it, the hostfile, batch arithmetic for the
