@@ -28,8 +28,8 @@ def save_checkpoint(engine: Any, run_dir: str | Path, step: int, client_state: d
     the base model on resume, so the checkpoint holds only what trains and its optimizer state)."""
     run_dir = Path(run_dir)
     tag = tag_for(step)
-    engine.save_checkpoint(str(run_dir), tag=tag, client_state=client_state, save_latest=False,
-                           exclude_frozen_parameters=exclude_frozen)
+    extra = {"exclude_frozen_parameters": True} if exclude_frozen else {}
+    engine.save_checkpoint(str(run_dir), tag=tag, client_state=client_state, save_latest=False, **extra)
     # Every rank's shards must be on disk before `latest` moves: flush them, then wait for everyone.
     fsync_tree(run_dir / tag)
     if dist.is_initialized():
@@ -66,8 +66,8 @@ def load_checkpoint(engine: Any, run_dir: str | Path, tag: str | None = None, fr
 
     try:
         with weights_only_loading():
-            load_path, client_state = engine.load_checkpoint(str(run_dir), tag=tag,
-                                                             load_module_strict=not frozen_excluded)
+            extra = {"load_module_strict": False} if frozen_excluded else {}
+            load_path, client_state = engine.load_checkpoint(str(run_dir), tag=tag, **extra)
             if frozen_excluded:
                 _check_trainable_saved(engine, Path(run_dir) / tag)
     except ZeRORuntimeException as e:  # ZeRO shards are per rank: another world size cannot load them
