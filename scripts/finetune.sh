@@ -35,6 +35,7 @@ if [[ "$(value MODEL_MISSING)" == 1 ]]; then
         # Its own port: the one chosen above stays free for the fine-tuning ranks.
         MASTER_PORT="" scripts/train.sh --hostfile "$HOSTFILE" --master_addr "$MASTER_ADDR" --no_export
     fi
+    launch_preflight  # again, now that the model exists: a port that is still free
 fi
 
 # 2. Fine-tuning (scripts/launch.sh: the launcher, Ctrl-C, exit status; only node 0 goes on).
