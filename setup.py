@@ -51,6 +51,7 @@ setup(
             "llama-prepare-data=pretrain.prepare_data:main",
             "llama-train-config=pretrain.config:main",
             "llama-preflight=pretrain.preflight:main",
+            "llama-finetune-preflight=finetune.preflight:main",
             "llama-export=pretrain.export:main",
             "llama-eval-mmlu=evaluation.evaluate_mmlu:main",
             "llama-eval-ceval=evaluation.evaluate_zh:main",

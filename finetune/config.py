@@ -17,10 +17,11 @@ from typing import Sequence
 
 from pretrain import config as pretrain_config
 from finetune.templates import get_template
+from model.lora import LoRAConfig
 from pretrain.config import TrainConfig
 
-FINETUNING_TYPES = ("full",)
-"""Which parameters train. `lora` (adapters on a frozen base, model/lora.py) plugs in here as another entry."""
+FINETUNING_TYPES = ("full", "lora")
+"""Which parameters train: all of them, or LoRA adapters on a frozen base (model/lora.py)."""
 DATA_FORMATS = ("auto", "alpaca", "sharegpt", "openai")
 TRUNCATIONS = ("truncate", "drop")
 BAD_RECORDS = ("skip", "error")
@@ -62,7 +63,14 @@ class FinetuneConfig(TrainConfig):
     model_tag: str | None = None
     """Checkpoint of a run directory model_path (default: its latest)."""
     finetuning_type: str = "full"
-    """Which parameters train: 'full' (all of them)."""
+    """Which parameters train: 'full' (all of them) or 'lora' (adapters on the frozen base, set in `lora`)."""
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    """LoRA adapters (finetuning_type lora): a section `lora: {r, alpha, dropout, target_modules, use_rslora}` or
+    dotted keys (lora.r=16); the fields and defaults of model/lora.py's LoRAConfig, PEFT's meaning."""
+    init_adapter: str | None = None
+    """Hot start (finetuning_type lora): a PEFT adapter folder whose weights a NEW run starts from, with a fresh
+    optimizer (an incremental round). Its r, alpha, target_modules, use_rslora must equal `lora`'s. Recorded in
+    the run directory's finetune.json. Not a resume: re-running the same command resumes the run itself."""
 
     # --- data ---
     data_files: list[str] = field(default_factory=lambda: ["data/sft_sample/alpaca.jsonl",
@@ -123,6 +131,8 @@ class FinetuneConfig(TrainConfig):
                              f"{', '.join('model.' + f for f in RUNTIME_MODEL_FIELDS)} may be set")
         if self.cutoff_len is not None and not 2 <= self.cutoff_len <= self.seq_len + 1:
             raise ValueError(f"cutoff_len must be in [2, seq_len + 1 = {self.seq_len + 1}], got {self.cutoff_len}")
+        if self.init_adapter is not None and self.finetuning_type != "lora":
+            raise ValueError("init_adapter is a LoRA adapter to start from: it needs finetuning_type=lora")
         if self.val_size < 0:
             raise ValueError(f"val_size must be >= 0, got {self.val_size}")
 

@@ -7,6 +7,12 @@ The folder is pretrain.export's (config.json, model.safetensors, tokenizer files
 BOS/EOS the template writes between turns are read back as those tokens: `tokenizer.apply_chat_template(messages,
 add_generation_prompt=True)` then gives the training prompt token for token. The folder is built under a
 temporary name and renamed into place: a crash leaves no half-written export.
+
+A LoRA run (finetuning_type lora) exports two folders instead: OUTPUT_DIR/adapter, the PEFT adapter
+(adapter_config.json + adapter_model.safetensors, whole tensors whatever the ZeRO stage, base_model_name_or_path
+the base's Hugging Face folder), and OUTPUT_DIR/merged, the adapter merged into the base (fp32 arithmetic,
+finetune.merge) with the chat template. A base that is one of our training run directories is first exported as a Hugging Face
+folder into RUN_DIR/base_hf (python -m pretrain.export), since PEFT's base_model_name_or_path must name one.
 """
 from __future__ import annotations
 
@@ -19,7 +25,9 @@ from common.io import atomic_dir, check_output_dir, write_json
 from common.tensors import DTYPES
 from finetune.templates import CHAT_TEMPLATE_FILE
 from pretrain.export import export as export_run
-from artifacts.run_dir import resolve_tag
+from artifacts.run_dir import consolidated_state_dict, is_run_dir, resolve_tag
+
+ADAPTER_DIR, MERGED_DIR, BASE_HF_DIR = "adapter", "merged", "base_hf"
 
 
 def add_chat_template(hf_dir: str | Path, template: str) -> None:
@@ -41,10 +49,48 @@ def export(run_dir: str | Path, output_dir: str | Path, tag: str | None = None, 
                                 "(pretraining runs export with python -m pretrain.export)")
     tag = resolve_tag(run_dir, tag)
     check_output_dir(output_dir, overwrite)
+    meta_file = run_dir / "finetune.json"
+    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
     with atomic_dir(output_dir, overwrite=True) as tmp:
-        export_run(run_dir, tmp, tag, dtype, overwrite=True)
-        add_chat_template(tmp, template_file.read_text().rstrip("\n"))
+        if meta.get("finetuning_type") == "lora":
+            export_lora(run_dir, meta, tmp, tag, dtype)
+            add_chat_template(tmp / MERGED_DIR, template_file.read_text().rstrip("\n"))
+        else:
+            export_run(run_dir, tmp, tag, dtype, overwrite=True)
+            add_chat_template(tmp, template_file.read_text().rstrip("\n"))
     return Path(output_dir)
+
+
+def base_hf_folder(run_dir: Path, model_path: str, model_tag: str | None) -> Path:
+    """The base as a Hugging Face folder: model_path itself, or, for a training run directory, its export into
+    run_dir/base_hf (made once: the base never changes during a fine-tuning run)."""
+    base = Path(model_path)
+    if (base / "config.json").is_file():
+        return base
+    if not is_run_dir(base):
+        raise FileNotFoundError(f"{base}: the base model (model_path of {run_dir}) is gone; it is needed to merge "
+                                "the adapter")
+    out = run_dir / BASE_HF_DIR
+    if not (out / "config.json").is_file():
+        print(f"exporting the base {base} as a Hugging Face folder to {out} (the adapter's base_model_name_or_path)")
+        with atomic_dir(out, overwrite=True) as tmp:
+            export_run(base, tmp, model_tag, "float32", overwrite=True)
+    return out
+
+
+def export_lora(run_dir: Path, meta: dict, out: Path, tag: str, dtype: str) -> None:
+    """OUT/adapter (PEFT) and OUT/merged (Hugging Face) of checkpoint `tag` of a LoRA run."""
+    from finetune.merge import merge
+    from model.lora import LoRAConfig, is_lora_name
+    from model.lora_peft import save_adapter
+
+    state = {k: v for k, v in consolidated_state_dict(run_dir, tag).items() if is_lora_name(k)}
+    if not state:
+        raise ValueError(f"{run_dir / tag}: no adapter tensors in the checkpoint")
+    base = base_hf_folder(run_dir, meta["model_path"], meta.get("model_tag"))
+    save_adapter(state, LoRAConfig(**meta["lora"]), out / ADAPTER_DIR, base_model_name_or_path=base,
+                 dtype=DTYPES[dtype])
+    merge(base, [out / ADAPTER_DIR], out / MERGED_DIR, dtype=dtype)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -58,7 +104,12 @@ def main(argv: list[str] | None = None) -> None:
 
     def go() -> None:
         out = export(args.run_dir, args.output_dir, args.tag, args.dtype, args.overwrite)
-        print(f"exported {args.run_dir} ({resolve_tag(args.run_dir, args.tag)}) with its chat template to {out}")
+        tag = resolve_tag(args.run_dir, args.tag)
+        if (out / ADAPTER_DIR).is_dir():
+            print(f"exported {args.run_dir} ({tag}): adapter {out / ADAPTER_DIR}, merged model with its chat "
+                  f"template {out / MERGED_DIR}")
+        else:
+            print(f"exported {args.run_dir} ({tag}) with its chat template to {out}")
 
     run_main(go)
 

@@ -11,36 +11,47 @@ folder or one of our training run directories. Re-running the same command resum
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
-import sys
 import warnings
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
 import torch.nn as nn
 
 from artifacts.open import load_model
+from common import cli
 from common.io import write_text
 from finetune.config import RUNTIME_MODEL_FIELDS, FinetuneConfig, load_finetune_config
 from finetune.data import DataOptions, Sample, load_samples
 from finetune.loader import InstructionLoader, fingerprint
 from finetune.templates import CHAT_TEMPLATE_FILE, get_template
 from model import Transformer
-from pretrain.train import Dist, Run, Task, TrainingStopped, saved_model_config
+from model.lora import prepare_lora
+from pretrain.train import USER_ERROR, Dist, Run, Task, TrainingStopped, saved_model_config
 from pretrain.train import train as train_core
 from tokenizer import Tokenizer
 
 
-def prepare_full(model: Transformer) -> nn.Module:
+def prepare_full(model: Transformer, cfg: FinetuneConfig) -> nn.Module:
     """Full-parameter fine-tuning: every parameter trains."""
     for p in model.parameters():
         p.requires_grad_(True)
     return model
 
 
-# finetuning_type -> the step that decides which parameters train (an adapter type adds its entry here).
-PREPARE: dict[str, Callable[[Transformer], nn.Module]] = {"full": prepare_full}
+def prepare_adapter(model: Transformer, cfg: FinetuneConfig) -> nn.Module:
+    """LoRA: adapters (cfg.lora) injected into the frozen base, from init_adapter's weights for a hot start; only
+    they train (pretrain.train.param_groups skips frozen parameters, so the optimizer holds only them)."""
+    torch.manual_seed(cfg.seed)  # the adapters' A init: the same on every rank and in every run of this config
+    return prepare_lora(model, cfg.lora, init_adapter=cfg.init_adapter)
+
+
+# finetuning_type -> the step that decides which parameters train.
+PREPARE: dict[str, Callable[[Transformer, FinetuneConfig], nn.Module]] = {"full": prepare_full,
+                                                                           "lora": prepare_adapter}
 
 
 def split_validation(samples: list[Sample], val_size: int, seed: int) -> tuple[list[Sample], list[Sample]]:
@@ -64,6 +75,9 @@ class FinetuneTask(Task):
         self.cfg: FinetuneConfig = cfg
         self.template = get_template(cfg.template)
         self.samples: dict[str, list[Sample]] = {}
+        # An adapter run's checkpoints hold only the adapter and its optimizer state; the frozen base comes from
+        # model_path again on every start (build_model), so resuming restores exactly the same model.
+        self.checkpoint_frozen = cfg.finetuning_type == "full"
 
     def tokenizer(self) -> Tokenizer:
         """The model's tokenizer, and every sample tokenized: bad data stops the run before any rank starts."""
@@ -104,8 +118,8 @@ class FinetuneTask(Task):
             return
         saved = json.loads(path.read_text())
 
-        def differs(key: str, old: Any, new: str) -> bool:  # a path may be spelled relative or absolute
-            if key == "model_path" and isinstance(old, str):
+        def differs(key: str, old: Any, new: Any) -> bool:  # a path may be spelled relative or absolute
+            if key in ("model_path", "init_adapter") and isinstance(old, str) and isinstance(new, str):
                 return Path(old).resolve() != Path(new).resolve()
             return old != new
 
@@ -114,9 +128,16 @@ class FinetuneTask(Task):
             raise ValueError(f"{self.cfg.run_dir} holds a fine-tuning run started with other settings "
                              f"({', '.join(changed)}); use a new run_dir, or the original settings to resume")
 
-    def run_meta(self) -> dict[str, str]:
-        return {"template": self.template.name, "model_path": self.cfg.model_path,
-                "finetuning_type": self.cfg.finetuning_type}
+    def run_meta(self) -> dict[str, Any]:
+        """What a resume must not change; for LoRA also the adapter shape and the adapter the run STARTED from
+        (init_adapter: a hot start, recorded here; resuming continues from the run's own checkpoint instead)."""
+        meta: dict[str, Any] = {"template": self.template.name, "model_path": self.cfg.model_path,
+                                "finetuning_type": self.cfg.finetuning_type}
+        if self.cfg.finetuning_type == "lora":
+            adapter = self.cfg.init_adapter
+            meta.update(model_tag=self.cfg.model_tag, lora=dataclasses.asdict(self.cfg.lora),
+                        init_adapter=None if adapter is None else str(Path(adapter).resolve()))
+        return meta
 
     def build_model(self, tokenizer: Tokenizer, resuming: bool, zero3_config: dict[str, Any] | None) -> Transformer:
         """The model at model_path (fp32 on CPU; DeepSpeed moves, casts and partitions it)."""
@@ -142,7 +163,7 @@ class FinetuneTask(Task):
         return model
 
     def prepare_model(self, model: Transformer) -> nn.Module:
-        return PREPARE[self.cfg.finetuning_type](model)
+        return PREPARE[self.cfg.finetuning_type](model, self.cfg)
 
     def make_source(self, split: str, d: Dist, tokenizer: Tokenizer, model_vocab: int) -> InstructionLoader:
         cfg = self.cfg
@@ -177,8 +198,8 @@ def main(argv: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+`? is deprecated", category=FutureWarning)
     try:
         train(load_finetune_config(args.config, args.overrides))
-    except (ValueError, FileNotFoundError, TrainingStopped) as e:
-        sys.exit(f"error: {e}")
+    except (*cli.EXPECTED_ERRORS, TrainingStopped) as e:
+        cli.fail(cli.error_message(e), USER_ERROR)  # scripts/launch.sh: fix it rather than resume
 
 
 if __name__ == "__main__":

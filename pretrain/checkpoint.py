@@ -20,11 +20,16 @@ def _is_rank0() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
-def save_checkpoint(engine: Any, run_dir: str | Path, step: int, client_state: dict[str, Any], keep_last: int) -> str:
-    """Save a checkpoint of `engine` (all ranks must call this) as tag step_NNNNNN; returns the tag."""
+def save_checkpoint(engine: Any, run_dir: str | Path, step: int, client_state: dict[str, Any], keep_last: int,
+                    exclude_frozen: bool = False) -> str:
+    """Save a checkpoint of `engine` (all ranks must call this) as tag step_NNNNNN; returns the tag.
+
+    exclude_frozen: leave parameters without requires_grad out (an adapter run: the frozen base is rebuilt from
+    the base model on resume, so the checkpoint holds only what trains and its optimizer state)."""
     run_dir = Path(run_dir)
     tag = tag_for(step)
-    engine.save_checkpoint(str(run_dir), tag=tag, client_state=client_state, save_latest=False)
+    extra = {"exclude_frozen_parameters": True} if exclude_frozen else {}
+    engine.save_checkpoint(str(run_dir), tag=tag, client_state=client_state, save_latest=False, **extra)
     # Every rank's shards must be on disk before `latest` moves: flush them, then wait for everyone.
     fsync_tree(run_dir / tag)
     if dist.is_initialized():
@@ -46,9 +51,12 @@ def _prune(run_dir: Path, keep_last: int, current: str) -> None:
         shutil.rmtree(run_dir / tag, ignore_errors=True)
 
 
-def load_checkpoint(engine: Any, run_dir: str | Path, tag: str | None = None) -> tuple[str, dict[str, Any]] | None:
+def load_checkpoint(engine: Any, run_dir: str | Path, tag: str | None = None, frozen_excluded: bool = False
+                    ) -> tuple[str, dict[str, Any]] | None:
     """Restore `engine` (weights, optimizer, ZeRO shards) from run_dir's latest checkpoint (or `tag`).
 
+    frozen_excluded: the checkpoint was saved with exclude_frozen, so the module state lacks the frozen
+    parameters (they keep the values the model was built with); every trainable one must still be there.
     Returns (tag, client_state), or None when run_dir holds no checkpoint yet.
     """
     if tag is None and latest_tag(run_dir) is None:
@@ -58,7 +66,10 @@ def load_checkpoint(engine: Any, run_dir: str | Path, tag: str | None = None) ->
 
     try:
         with weights_only_loading():
-            load_path, client_state = engine.load_checkpoint(str(run_dir), tag=tag)
+            extra = {"load_module_strict": False} if frozen_excluded else {}
+            load_path, client_state = engine.load_checkpoint(str(run_dir), tag=tag, **extra)
+            if frozen_excluded:
+                _check_trainable_saved(engine, Path(run_dir) / tag)
     except ZeRORuntimeException as e:  # ZeRO shards are per rank: another world size cannot load them
         raise ValueError(f"{Path(run_dir) / tag}: {e} Resume with the number of ranks that wrote it.") from None
     except RuntimeError as e:
@@ -70,3 +81,19 @@ def load_checkpoint(engine: Any, run_dir: str | Path, tag: str | None = None) ->
     if load_path is None:
         raise RuntimeError(f"{Path(run_dir) / tag}: DeepSpeed could not load this checkpoint")
     return tag, client_state or {}
+
+
+def _check_trainable_saved(engine: Any, ckpt: Path) -> None:
+    """A non-strict load ignores missing keys: make sure only frozen parameters were missing (ZeRO 0-2 keep the
+    module's weights in the model-states file; ZeRO-3's trainable weights come from the optimizer shards)."""
+    files = sorted(ckpt.glob("*model_states.pt"))
+    if not files or getattr(engine, "zero_optimization_stage", lambda: 0)() == 3:
+        return
+    import torch
+
+    saved = set(torch.load(files[0], map_location="cpu", weights_only=True)["module"])
+    trainable = {n for n, p in engine.module.named_parameters() if p.requires_grad}
+    missing = sorted(trainable - saved)
+    if missing:
+        raise ValueError(f"{ckpt} lacks trained parameters of this run ({', '.join(missing[:3])}): it was written "
+                         "by another kind of run; resume with that, or use a new run_dir")

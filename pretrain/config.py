@@ -273,7 +273,17 @@ def _apply(values: dict[str, Any], raw: dict[str, Any], where: str, cls: type[Tr
     """Check and coerce `raw` into `values` (field of `cls`, default TrainConfig -> value)."""
     train_types = _field_types(cls or TrainConfig)
     model_types = _field_types(ModelConfig)
+    sections = _sections(cls)
     for key, value in raw.items():
+        head, dot, sub = key.partition(".")
+        if head in sections and (dot or isinstance(value, dict)):
+            # A nested config section (e.g. fine-tuning's `lora:`): a mapping, or dotted keys on the command line.
+            section_types = _field_types(sections[head])
+            for sub, subvalue in ({sub: value} if dot else value).items():
+                if sub not in section_types:
+                    raise ValueError(f"{where}: unknown field '{head}.{sub}'; valid: {', '.join(section_types)}")
+                values.setdefault(head, {})[sub] = _coerce(f"{where}: {head}.{sub}", subvalue, section_types[sub])
+            continue
         if key == "model" and isinstance(value, dict):
             for sub, subvalue in value.items():
                 if sub not in model_types:
@@ -305,7 +315,19 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = (),
             raise ValueError(f"override {item!r} must look like key=value")
         _apply(values, {key.strip(): _parse_scalar(text)}, "command line", cls)
     values["model"] = {**values.get("model", {})}
+    for name, section in _sections(cls).items():
+        if name in values:
+            try:
+                values[name] = section(**values[name])
+            except ValueError as e:
+                raise ValueError(f"{name}: {e}") from None
     return (cls or TrainConfig)(**values)
+
+
+def _sections(cls: type[TrainConfig] | None) -> dict[str, type]:
+    """Fields of `cls` that are config dataclasses of their own, set as a mapping (`lora: {r: 8}`) or dotted keys
+    (`lora.r=8`); `model` is a plain mapping checked against ModelConfig instead (the preset fills the rest)."""
+    return {k: t for k, t in _field_types(cls or TrainConfig).items() if dataclasses.is_dataclass(t)}
 
 
 def save_config(cfg: TrainConfig, path: str | Path) -> None:
@@ -436,10 +458,12 @@ def main(argv: Sequence[str] | None = None, cls: type[TrainConfig] | None = None
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. lr=1e-3")
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.overrides, cls)
-    if args.get is not None and args.get not in cfg.to_dict():
-        raise ValueError(f"unknown config key '{args.get}'")
     if args.get is not None:
-        value = getattr(cfg, args.get)
+        value: Any = cfg
+        for part in args.get.split("."):  # a section's field: lora.r
+            if not dataclasses.is_dataclass(value) or part not in {f.name for f in dataclasses.fields(value)}:
+                raise ValueError(f"unknown config key '{args.get}'")
+            value = getattr(value, part)
         print("" if value is None else value)
     else:
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True), end="")

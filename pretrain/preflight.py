@@ -15,7 +15,7 @@ import re
 import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from common import cli
 from pretrain.config import TrainConfig, grad_accum_steps, load_config
@@ -105,10 +105,13 @@ def check_port(addr: str, port: int) -> None:
             raise
 
 
-@cli.entry_point
-def main(argv: Sequence[str] | None = None) -> None:
-    p = cli.parser("python -m pretrain.preflight", __doc__)
-    p.add_argument("--config", help="YAML or TOML training config")
+def preflight(argv: Sequence[str] | None, prog: str, doc: str, load: Callable[..., TrainConfig],
+              check: Callable[[TrainConfig], dict[str, str]]) -> None:
+    """The checks every stage shares (hostfile, node rank, batch arithmetic, port), then the stage's own `check`
+    (which returns the stage's KEY=value lines); prints WORLD_SIZE, NUM_HOSTS, MASTER_PORT, RUN_DIR, MAX_STEPS and
+    those. scripts/launch.sh runs a stage's preflight module; pretraining's and fine-tuning's call this."""
+    p = cli.parser(prog, doc)
+    p.add_argument("--config", help="YAML or TOML config of the stage")
     p.add_argument("--hostfile", required=True, help="DeepSpeed hostfile")
     p.add_argument("--num_nodes", type=int, default=-1, help="use the first N hosts (-1: all)")
     p.add_argument("--num_gpus", type=int, default=-1, help="processes per node (-1: the hostfile's slots)")
@@ -118,7 +121,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                    help="rendezvous port (default: a free one on a single node, else 29500)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     args = p.parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
+    cfg = load(args.config, args.overrides)
     hosts = read_hostfile(args.hostfile)
     nodes, world = world_size(hosts, args.num_nodes, args.num_gpus)
     if not 0 <= args.node_rank < nodes:
@@ -129,7 +132,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     except ValueError as e:
         raise ValueError(f"{e} (world size {world}: {nodes} node(s) of {args.hostfile}"
                          f"{f' x --num_gpus {args.num_gpus}' if args.num_gpus != -1 else ''})") from None
-    check_data(cfg)
+    extra = check(cfg)
     port = args.master_port
     if port is None and nodes == 1:
         try:
@@ -140,8 +143,19 @@ def main(argv: Sequence[str] | None = None) -> None:
         port = port or DEFAULT_PORT  # every node of a multi-node job must agree on it: no guessing
         if args.node_rank == 0:
             check_port(args.master_addr, port)
-    print(f"WORLD_SIZE={world}\nNUM_HOSTS={nodes}\nMASTER_PORT={port}\nDATA_DIR={cfg.data_dir}\n"
-          f"RUN_DIR={cfg.run_dir}\nTOKENIZER={cfg.tokenizer or ''}\nMAX_STEPS={cfg.max_steps}")
+    lines = {"WORLD_SIZE": world, "NUM_HOSTS": nodes, "MASTER_PORT": port, "RUN_DIR": cfg.run_dir,
+             "MAX_STEPS": cfg.max_steps, **extra}
+    print("\n".join(f"{k}={v}" for k, v in lines.items()))
+
+
+def check_pretraining(cfg: TrainConfig) -> dict[str, str]:
+    check_data(cfg)
+    return {"DATA_DIR": cfg.data_dir, "TOKENIZER": cfg.tokenizer or ""}
+
+
+@cli.entry_point
+def main(argv: Sequence[str] | None = None) -> None:
+    preflight(argv, "python -m pretrain.preflight", __doc__, load_config, check_pretraining)
 
 
 if __name__ == "__main__":

@@ -238,6 +238,9 @@ class Task:
     """
 
     name = "pretraining"
+    checkpoint_frozen = True
+    """Whether checkpoints hold frozen parameters too. An adapter stage sets False: its frozen base is rebuilt from
+    the base model on every start, so checkpoints hold only the adapter and its optimizer state."""
 
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
@@ -284,6 +287,8 @@ class Run:
     step: int = 0
     tokens_seen: int = 0
     resumed_from: str | None = None
+    exclude_frozen: bool = False
+    """Checkpoints leave frozen parameters out (Task.checkpoint_frozen False)."""
 
 
 def setup(task: Task, d: Dist, tokenizer: Tokenizer) -> Run:
@@ -305,8 +310,8 @@ def setup(task: Task, d: Dist, tokenizer: Tokenizer) -> Run:
     if cfg.compile:
         engine.compile()  # compiles the wrapped module in place: parameter names and checkpoints are unchanged
     run = Run(cfg, d, engine, optimizer, model, train_loader, val_loader, precision,
-              grad_accum_steps(cfg, d.world_size))
-    restored = checkpoint.load_checkpoint(engine, cfg.run_dir)
+              grad_accum_steps(cfg, d.world_size), exclude_frozen=not task.checkpoint_frozen)
+    restored = checkpoint.load_checkpoint(engine, cfg.run_dir, frozen_excluded=run.exclude_frozen)
     if restored is not None:
         run.resumed_from, state = restored
         run.step, run.tokens_seen = state["step"], state.get("tokens", 0)
@@ -395,7 +400,8 @@ def save(run: Run) -> str:
     """Checkpoint with what resuming exactly needs: step, data position (rank-independent), config."""
     state = {"step": run.step, "tokens": run.tokens_seen, "data": run.train_loader.state_dict(),
              "world_size": run.d.world_size, "config": run.cfg.to_dict()}
-    return checkpoint.save_checkpoint(run.engine, run.cfg.run_dir, run.step, state, run.cfg.keep_last)
+    return checkpoint.save_checkpoint(run.engine, run.cfg.run_dir, run.step, state, run.cfg.keep_last,
+                                      exclude_frozen=run.exclude_frozen)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -218,6 +218,29 @@ def test_train_sh_stops_before_launching_on_what_it_can_check(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_finetune_sh_shares_the_launcher_and_its_preflight(tmp_path):
+    """scripts/finetune.sh goes through scripts/launch.sh: the same options and help, finetune.preflight's checks
+    in one line with exit 2, before anything is launched or pretrained."""
+    def finetune_sh(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", "scripts/finetune.sh", *args], capture_output=True, text=True, cwd=REPO,
+                              env={**run_env(), "LLAMA_PYTHON": sys.executable}, timeout=120)
+
+    help_text = finetune_sh("--help").stdout
+    assert "--master_port PORT" in help_text and "Instruction fine-tuning end to end" in help_text
+    result = finetune_sh("--bogus")
+    assert result.returncode == 2 and result.stderr.strip() == "error: unknown option --bogus (see " \
+        "scripts/finetune.sh --help)"
+    for args, message in [([f"model_path={tmp_path}/none"], f"model_path {tmp_path}/none: neither a Hugging Face"),
+                          (["--num_gpus", "3"], "global_batch_size (8) must be divisible by micro_batch_size (4) x "
+                                                "world size (3)"),
+                          (["finetuning_type=lora", f"init_adapter={tmp_path}"], "no adapter_config.json"),
+                          ([f"data_files=[{tmp_path}/x.json]"], "x.json: instruction file not found")]:
+        result = finetune_sh(f"run_dir={tmp_path}/run", *args)
+        assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert message in result.stderr, result.stderr
+    assert not (tmp_path / "run").exists() and "pretraining" not in result.stdout
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Imports: model/ depends on nothing above it, and unit tests that do not need DeepSpeed do not import it
 
@@ -226,7 +249,7 @@ def test_modules_without_deepspeed_do_not_import_it():
     modules = ["artifacts", "common.cli", "common.io", "common.tensors", "evaluation.evaluate_mmlu",
                "evaluation.evaluate_zh", "inference.generate", "model", "pretrain.config", "pretrain.data",
                "pretrain.export", "pretrain.metrics", "pretrain.prepare_data", "pretrain.preflight", "pretrain.shards",
-               "tokenizer.stats", "tokenizer.train"]
+               "finetune.preflight", "tokenizer.stats", "tokenizer.train"]
     code = f"import sys\nimport {', '.join(modules)}\nprint('deepspeed' in sys.modules)\n"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=run_env(),
                             timeout=120)
