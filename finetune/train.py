@@ -10,11 +10,9 @@ folder or one of our training run directories. Re-running the same command resum
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
-import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -22,7 +20,6 @@ import torch
 import torch.nn as nn
 
 from artifacts.open import load_model
-from common import cli
 from common.io import write_text
 from finetune.config import RUNTIME_MODEL_FIELDS, FinetuneConfig, load_finetune_config
 from finetune.data import DataOptions, Sample, load_samples
@@ -30,7 +27,7 @@ from finetune.loader import InstructionLoader, fingerprint
 from finetune.templates import CHAT_TEMPLATE_FILE, get_template
 from model import Transformer
 from model.lora import prepare_lora
-from pretrain.train import USER_ERROR, Dist, Run, Task, TrainingStopped, saved_model_config
+from pretrain.train import Dist, Run, Task, launched_main, saved_model_config
 from pretrain.train import train as train_core
 from tokenizer import Tokenizer
 
@@ -189,17 +186,9 @@ def train(cfg: FinetuneConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML or TOML fine-tuning config (default: the built-in debug run)")
-    parser.add_argument("--local_rank", type=int, default=None, help="passed by the deepspeed launcher; unused")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="config overrides, e.g. lr=1e-5 template=vicuna data_files=[a.json,b.jsonl]")
-    args = parser.parse_args(argv)
-    warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+`? is deprecated", category=FutureWarning)
-    try:
-        train(load_finetune_config(args.config, args.overrides))
-    except (*cli.EXPECTED_ERRORS, TrainingStopped) as e:
-        cli.fail(cli.error_message(e), USER_ERROR)  # scripts/launch.sh: fix it rather than resume
+    launched_main(argv, "finetune/train.py (launched by deepspeed)", __doc__,
+                  "lr=1e-5 template=vicuna data_files=[a.json,b.jsonl]",
+                  lambda path, overrides: train(load_finetune_config(path, overrides)))
 
 
 if __name__ == "__main__":

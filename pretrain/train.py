@@ -26,7 +26,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Iterator, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 import deepspeed
 import torch
@@ -566,19 +566,26 @@ USER_ERROR = 2
 says to fix it rather than to resume, since the same command would stop the same way."""
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = cli.parser("pretrain/train.py (launched by deepspeed)", __doc__)
-    parser.add_argument("--config", help="YAML or TOML training config (default: the built-in debug run)")
+def launched_main(argv: list[str] | None, prog: str, doc: str | None, example: str,
+                  run: Callable[[str | None, list[str]], None]) -> None:
+    """What a rank that the deepspeed launcher starts does, for pretraining and fine-tuning alike: read --config and
+    key=value overrides, call `run(config_path, overrides)`, and turn a user error into one line and USER_ERROR."""
+    parser = cli.parser(prog, doc)
+    parser.add_argument("--config", help="YAML or TOML config (default: the built-in debug run)")
     parser.add_argument("--local_rank", type=int, default=None, help="passed by the deepspeed launcher; unused")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="config overrides, e.g. lr=1e-3 model.dim=128")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help=f"config overrides, e.g. {example}")
     args = parser.parse_args(argv)
     # DeepSpeed still calls these torch.distributed functions on every ZeRO step; the warning is not ours to fix.
     warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+`? is deprecated", category=FutureWarning)
     try:
-        train(load_config(args.config, args.overrides))
+        run(args.config, args.overrides)
     except (*cli.EXPECTED_ERRORS, TrainingStopped) as e:
-        cli.fail(cli.error_message(e), USER_ERROR)
+        cli.fail(cli.error_message(e), USER_ERROR)  # scripts/launch.sh: fix it rather than resume
+
+
+def main(argv: list[str] | None = None) -> None:
+    launched_main(argv, "pretrain/train.py (launched by deepspeed)", __doc__, "lr=1e-3 model.dim=128",
+                  lambda path, overrides: train(load_config(path, overrides)))
 
 
 if __name__ == "__main__":
