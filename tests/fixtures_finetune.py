@@ -3,6 +3,8 @@ files in every layout, and running finetune/train.py without a launcher."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +12,7 @@ from typing import Sequence
 
 import torch
 
-from fixtures_train import REPO, SAMPLE, env, free_port
+from fixtures_train import REPO, SAMPLE, env, free_port, launch, train_losses, wait, wait_until
 
 # A fine-tuning run small enough for a 2-core CPU.
 TINY_SFT = ["seq_len=192", "micro_batch_size=2", "global_batch_size=4", "lr=2e-3", "min_lr=2e-4", "warmup_steps=1",
@@ -67,3 +69,41 @@ def run_finetune(args: Sequence[str], timeout: float = 400, script: str = "finet
          "MASTER_PORT": str(free_port())}
     return subprocess.run([sys.executable, script, *args], cwd=REPO, env=e, capture_output=True, text=True,
                           timeout=timeout)
+
+
+SLOW_FINETUNE = """
+import sys, time
+from finetune import train
+from finetune.loader import InstructionLoader
+
+# finetune/train.py with a pause before every micro batch, so a test can interrupt it mid-run; losses are unchanged.
+next_batch = InstructionLoader.next_batch
+def slow_next_batch(self):
+    time.sleep(0.3)
+    return next_batch(self)
+InstructionLoader.next_batch = slow_next_batch
+train.main(sys.argv[1:])
+"""
+
+
+def kill_after_step3_and_resume(hostfile: Path, args: list[str], run_dir: Path, tmp_path: Path, steps: int) -> str:
+    """Launch a (slowed) fine-tuning run, SIGKILL it once the step-3 checkpoint is written and step 4 is logged,
+    check it stopped short of `steps`, launch the same command again and return the second run's log."""
+    script = tmp_path / "slow_finetune.py"
+    script.write_text(SLOW_FINETUNE)
+
+    def logged() -> int:
+        return max(train_losses(run_dir), default=0)
+
+    def latest() -> str | None:
+        return (run_dir / "latest").read_text() if (run_dir / "latest").exists() else None
+
+    proc = launch(hostfile, args, tmp_path / "log1.txt", free_port(), script=str(script))
+    wait_until(lambda: latest() == "step_000003" and logged() >= 4, proc, tmp_path / "log1.txt")
+    os.killpg(proc.pid, signal.SIGKILL)
+    wait(proc, tmp_path / "log1.txt")
+    assert logged() < steps
+    proc = launch(hostfile, args, tmp_path / "log2.txt", free_port(), script=str(script))
+    log = wait(proc, tmp_path / "log2.txt")
+    assert proc.returncode == 0, log[-3000:]
+    return log

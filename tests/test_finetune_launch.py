@@ -2,32 +2,18 @@
 two ranks against one rank with accumulation."""
 from __future__ import annotations
 
-import os
-import signal
 from pathlib import Path
 
 import pytest
 import torch
 
 from artifacts.run_dir import load_checkpoint_model
-from fixtures_finetune import TINY_SFT, tiny_hf_model, train_tokenizer, write_sample_files
-from fixtures_train import free_port, launch, run, train_losses, wait, wait_until, write_hostfile
+from fixtures_finetune import (TINY_SFT, kill_after_step3_and_resume,
+                               tiny_hf_model, train_tokenizer, write_sample_files)
+from fixtures_train import run, train_losses, write_hostfile
 
 STEPS = 6
 
-SLOW_FINETUNE = """
-import sys, time
-from finetune import train
-from finetune.loader import InstructionLoader
-
-# finetune/train.py with a pause before every micro batch, so a test can interrupt it mid-run; losses are unchanged.
-next_batch = InstructionLoader.next_batch
-def slow_next_batch(self):
-    time.sleep(0.3)
-    return next_batch(self)
-InstructionLoader.next_batch = slow_next_batch
-train.main(sys.argv[1:])
-"""
 
 
 @pytest.fixture(scope="module")
@@ -75,23 +61,6 @@ def test_sigkill_resumes_exactly(reference, setup, tmp_path):
     hostfile = write_hostfile(tmp_path / "hostfile", ["localhost slots=1"])
     run_dir = tmp_path / "run"
     args = overrides(setup, run_dir)
-    script = tmp_path / "slow_finetune.py"
-    script.write_text(SLOW_FINETUNE)
-
-    def logged() -> int:
-        return max(train_losses(run_dir), default=0)
-
-    def latest() -> str | None:
-        return (run_dir / "latest").read_text() if (run_dir / "latest").exists() else None
-
-    proc = launch(hostfile, args, tmp_path / "log1.txt", free_port(), script=str(script))
-    wait_until(lambda: latest() == "step_000003" and logged() >= 4, proc, tmp_path / "log1.txt")
-    os.killpg(proc.pid, signal.SIGKILL)
-    wait(proc, tmp_path / "log1.txt")
-    assert logged() < STEPS
-
-    proc = launch(hostfile, args, tmp_path / "log2.txt", free_port(), script=str(script))
-    log = wait(proc, tmp_path / "log2.txt")
-    assert proc.returncode == 0, log[-3000:]
+    log = kill_after_step3_and_resume(hostfile, args, run_dir, tmp_path, STEPS)
     assert f"resumed from {run_dir / 'step_000003'} at step 3" in log
     assert train_losses(run_dir) == train_losses(reference)  # exact equality, every step

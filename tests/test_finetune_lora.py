@@ -4,8 +4,6 @@ adapter + merged Hugging Face folder) read back by peft and transformers."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 from pathlib import Path
 
 import pytest
@@ -13,8 +11,9 @@ import torch
 
 from artifacts.open import load_model
 from artifacts.run_dir import weights_only_loading
-from fixtures_finetune import TINY_SFT, run_finetune, tiny_hf_model, train_tokenizer, write_sample_files
-from fixtures_train import free_port, launch, run, train_losses, wait, wait_until, write_hostfile
+from fixtures_finetune import (TINY_SFT, kill_after_step3_and_resume,
+                               run_finetune, tiny_hf_model, train_tokenizer, write_sample_files)
+from fixtures_train import run, train_losses, write_hostfile
 from model.lora import is_lora_name
 
 STEPS = 4
@@ -37,18 +36,6 @@ core.save = save_and_dump
 train.main(sys.argv[2:])
 """
 
-SLOW_FINETUNE = """
-import sys, time
-from finetune import train
-from finetune.loader import InstructionLoader
-
-next_batch = InstructionLoader.next_batch
-def slow_next_batch(self):
-    time.sleep(0.3)
-    return next_batch(self)
-InstructionLoader.next_batch = slow_next_batch
-train.main(sys.argv[1:])
-"""
 
 
 def load_states(path: Path) -> dict:
@@ -190,24 +177,7 @@ def test_sigkill_resumes_exactly(setup, tmp_path):
         script="finetune/train.py")
     run_dir = tmp_path / "run"
     args = overrides(setup, run_dir, "save_interval=3", steps=steps)
-    script = tmp_path / "slow_finetune.py"
-    script.write_text(SLOW_FINETUNE)
-
-    def logged() -> int:
-        return max(train_losses(run_dir), default=0)
-
-    def latest() -> str | None:
-        return (run_dir / "latest").read_text() if (run_dir / "latest").exists() else None
-
-    proc = launch(hostfile, args, tmp_path / "log1.txt", free_port(), script=str(script))
-    wait_until(lambda: latest() == "step_000003" and logged() >= 4, proc, tmp_path / "log1.txt")
-    os.killpg(proc.pid, signal.SIGKILL)
-    wait(proc, tmp_path / "log1.txt")
-    assert logged() < steps
-
-    proc = launch(hostfile, args, tmp_path / "log2.txt", free_port(), script=str(script))
-    log = wait(proc, tmp_path / "log2.txt")
-    assert proc.returncode == 0, log[-3000:]
+    log = kill_after_step3_and_resume(hostfile, args, run_dir, tmp_path, steps)
     assert f"resumed from {run_dir / 'step_000003'} at step 3" in log
     assert train_losses(run_dir) == train_losses(reference)  # exact equality, every step
     ckpt = load_states(next((run_dir / "step_000006").glob("*model_states.pt")))
