@@ -180,8 +180,9 @@ else
     BENCH=(--preset 1b --seq_len 4096 --dtype bf16 --device cuda --warmup 3 --steps 8)
 fi
 # ours and transformers also with sdpa restricted to cuDNN attention (uncompiled), in the same process
+# --breakdown: 2 profiled steps per variant, kernel time split into GEMM / attention / other, longest kernels
 step bench_1b_b1 300 "$PYTHON" benchmarks/bench_model.py "${BENCH[@]}" --batch 1 --compile --cudnn_variants \
-    --flex_variant --json "$WORK/bench_1b_b1.json"
+    --flex_variant --breakdown --json "$WORK/bench_1b_b1.json"
 
 # --------------------------------------------------------------------------------------------------------------
 # 6. DeepSpeed training throughput on the 1B config (one process: no launcher, no ssh)

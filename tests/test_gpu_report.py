@@ -36,10 +36,10 @@ def test_summary_tables_from_a_work_dir(tmp_path):
     (tmp_path / "bench_1b_b1.json").write_text(json.dumps({
         "batch": 1, "seq_len": 4096, "sdpa_backend": "auto",
         "runs": {"ours": {"tokens_per_s": 50000.0, "step_ms": 82.0, "tflops": 385.0, "mfu": 0.389,
-                          "max_memory_gib": 30.0}}}))
+                          "max_memory_gib": 30.0, "breakdown_ms": {"gemm": 50.0, "attention": 20.0, "other": 12.5}}}}))
     out = tmp_path / "summary.md"
     gpu_report.cmd_summary(argparse.Namespace(work=tmp_path, out=out))
     text = out.read_text()
     assert "| tests | ok | 12 |" in text and "| bench | **124** (timeout) | 300 |" in text
-    assert "| 1b_b1 | ours | 1 x 4096 | auto | 50,000 | 82 | 385 | 38.9% | 30.0 |" in text
+    assert "| 1b_b1 | ours | 1 x 4096 | auto | 50,000 | 82 | 385 | 38.9% | 30.0 | 50.0 / 20.0 / 12.5 |" in text
     assert "| 1b_zero1 | 2 | 2.5000 | 1,000 | 42.0% | 1.0 |" in text
