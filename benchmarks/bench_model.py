@@ -8,7 +8,8 @@
 Both models get identical weights (ours is exported with to_hf and loaded by transformers), the same
 batch, dtype and thread count; runs alternate between the two so drift on a shared machine hits both.
 
---breakdown (CPU) profiles two steps of each model and splits their operator time into matrix multiplies, sdpa
+--breakdown profiles two steps of each model (CPU: operator time; GPU: kernel time, and the longest kernels) and
+splits it into matrix multiplies, sdpa
 attention and everything else. Both models call the same GEMMs and the same attention kernel, so transformers' step time
 divided by its own GEMM + attention time bounds the speed-up any implementation built on those kernels can reach.
 """
@@ -50,19 +51,46 @@ GEMM_OPS = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddb
 ATTENTION_MARKERS = ("scaled_dot_product",)  # torch's CPU attention kernels and their backward
 
 
-def breakdown(step) -> dict[str, float]:
-    """Seconds of a CPU step's operator time (self time, so nothing is counted twice) by kind."""
+# GPU kernels by name: cuBLAS/CUTLASS matrix multiplies, and the attention kernels of sdpa (flash, memory-efficient,
+# cuDNN) and FlexAttention; everything else (norms, rotary, SwiGLU, loss, optimizer-free elementwise work) is "other".
+GEMM_KERNEL_MARKERS = ("gemm", "nvjet", "xmma", "cutlass", "cublas", "matmul", "splitk")
+ATTENTION_KERNEL_MARKERS = ("flash", "fmha", "attention", "attn", "flex", "cudnn")
+
+
+def breakdown(step, device: torch.device, top: int = 0) -> dict[str, float]:
+    """Seconds per step by kind: CPU operator self time on a CPU, kernel time on a GPU (nothing counted twice).
+
+    With top > 0 (GPU) it also prints the `top` kernels that took longest.
+    """
     from torch.profiler import ProfilerActivity, profile
 
     steps = 2
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
         for _ in range(steps):
             step()
+        if cuda:
+            torch.cuda.synchronize(device)
     split = {"gemm": 0.0, "attention": 0.0, "other": 0.0}
+    kernels = []
     for event in prof.key_averages():
-        kind = ("gemm" if event.key in GEMM_OPS
-                else "attention" if any(m in event.key for m in ATTENTION_MARKERS) else "other")
-        split[kind] += event.self_cpu_time_total / 1e6 / steps
+        if not cuda:
+            kind = ("gemm" if event.key in GEMM_OPS
+                    else "attention" if any(m in event.key for m in ATTENTION_MARKERS) else "other")
+            split[kind] += event.self_cpu_time_total / 1e6 / steps
+            continue
+        if str(getattr(event, "device_type", "")).split(".")[-1] != "CUDA":
+            continue  # a CPU-side op: its kernels are counted as kernel events
+        t = getattr(event, "self_device_time_total", None)
+        t = (t if t is not None else event.self_cuda_time_total) / 1e6 / steps
+        name = event.key.lower()
+        kind = ("attention" if any(m in name for m in ATTENTION_KERNEL_MARKERS)
+                else "gemm" if any(m in name for m in GEMM_KERNEL_MARKERS) else "other")
+        split[kind] += t
+        kernels.append((t, kind, event.key))
+    for t, kind, key in sorted(kernels, reverse=True)[:top]:
+        print(f"    {t * 1000:8.2f} ms  {kind:9}  {key[:110]}")
     return split
 
 
@@ -113,10 +141,8 @@ def main() -> None:
                    help="also time our model (uncompiled) with attn_impl='flex' (torch's FlexAttention)")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
     p.add_argument("--breakdown", action="store_true",
-                   help="CPU only: profile two steps of each model into GEMM / attention / the rest")
+                   help="profile two steps of each model into GEMM / attention / the rest (GPU: kernel time)")
     args = p.parse_args()
-    if args.breakdown and args.device != "cpu":
-        p.error("--breakdown splits CPU operator time; on a GPU use MFU (printed without it) or torch.profiler")
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -214,11 +240,23 @@ def main() -> None:
             if not name.startswith("transformers"):
                 print(f"{name} / transformers: {result[name] / result['transformers']:.2f}x")
     if args.breakdown:
-        splits = {name: breakdown(step) for name, step in runs.items()}
+        splits = {}
+        for name, step in runs.items():
+            if device.type == "cuda":
+                print(f"{name}: longest kernels per step")
+            try:
+                with sdpa_context(args.sdpa_backend):
+                    splits[name] = breakdown(step, device, top=8 if device.type == "cuda" else 0)
+            except Exception as e:  # noqa: BLE001 - a profiler problem must not lose the figures above
+                print(f"{name}: breakdown failed ({type(e).__name__}: {e})")
         for name, split in splits.items():
-            total = sum(split.values())
+            total = sum(split.values()) or 1.0
             print(f"{name:>14}: " + ", ".join(f"{k} {v * 1000:.0f} ms ({v / total:.0%})" for k, v in split.items()))
-        if "transformers" in splits:
+            report["runs"][name]["breakdown_ms"] = {k: v * 1000 for k, v in split.items()}
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(report, f, indent=2)
+        if "transformers" in splits and splits["transformers"]["gemm"] + splits["transformers"]["attention"] > 0:
             hf = splits["transformers"]
             print(f"ceiling: a model whose GEMMs and attention take transformers' time and whose other work is free "
                   f"runs {sum(hf.values()) / (hf['gemm'] + hf['attention']):.2f}x transformers")

@@ -27,7 +27,7 @@ PYTHON="${PYTHON:-python3}"
 # Seconds: optional variants start only while BUDGET is not used up; every step's timeout is cut so that the whole
 # script ends by HARD. A dry run on a small shared CPU is slower than the GPU run, so it gets more.
 if [[ "$DRY" == 1 ]]; then BUDGET="${GPU_CHECK_BUDGET:-1100}" HARD="${GPU_CHECK_HARD:-1200}"
-else BUDGET="${GPU_CHECK_BUDGET:-480}" HARD="${GPU_CHECK_HARD:-560}"; fi
+else BUDGET="${GPU_CHECK_BUDGET:-420}" HARD="${GPU_CHECK_HARD:-480}"; fi
 WORK="${GPU_CHECK_WORK:-/tmp/gpu_check}"
 rm -rf "$WORK"
 mkdir -p "$WORK"
@@ -148,7 +148,7 @@ if [[ "$DRY" == 1 ]]; then
     GPU_TEST_DEVICE=cpu step tests 300 "$PYTHON" -m pytest -q -x -p no:cacheprovider tests/test_gpu.py \
         -k "document_masking and sdpa or export_parity"
 else
-    step tests 240 "$PYTHON" -m pytest -q -rs -p no:cacheprovider tests/test_gpu.py
+    step tests 180 "$PYTHON" -m pytest -q -rs -p no:cacheprovider tests/test_gpu.py
 fi
 grep -E "passed|failed|error|SKIPPED" "$WORK/tests.log" > "$WORK/pytest_summary.txt" 2>/dev/null
 
@@ -180,8 +180,9 @@ else
     BENCH=(--preset 1b --seq_len 4096 --dtype bf16 --device cuda --warmup 3 --steps 8)
 fi
 # ours and transformers also with sdpa restricted to cuDNN attention (uncompiled), in the same process
+# --breakdown: 2 profiled steps per variant, kernel time split into GEMM / attention / other, longest kernels
 step bench_1b_b1 300 "$PYTHON" benchmarks/bench_model.py "${BENCH[@]}" --batch 1 --compile --cudnn_variants \
-    --flex_variant --json "$WORK/bench_1b_b1.json"
+    --flex_variant --breakdown --json "$WORK/bench_1b_b1.json"
 
 # --------------------------------------------------------------------------------------------------------------
 # 6. DeepSpeed training throughput on the 1B config (one process: no launcher, no ssh)

@@ -156,8 +156,9 @@ def cmd_summary(args: argparse.Namespace) -> str:
                   "FLOPs/token = 6 * (non-embedding parameters + output projection) + 6 * n_layers * dim * seq_len "
                   "(causal attention, forward+backward); MFU = achieved / peak dense bf16 (989 TFLOP/s for H100/H200 "
                   "SXM).", "",
-                  "| bench | model | batch x seq | sdpa | tokens/s | ms/step | TFLOP/s | MFU | peak mem GiB |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+                  "| bench | model | batch x seq | sdpa | tokens/s | ms/step | TFLOP/s | MFU | peak mem GiB "
+                  "| kernel ms: gemm / attention / other |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for name, b in benches:
             if not b:
                 continue
@@ -165,9 +166,11 @@ def cmd_summary(args: argparse.Namespace) -> str:
                 tf = f"{r['tflops']:.0f}" if r.get("tflops") is not None else "-"
                 mfu = f"{r['mfu']:.1%}" if r.get("mfu") is not None else "-"
                 mem = f"{r['max_memory_gib']:.1f}" if r.get("max_memory_gib") is not None else "-"
+                split = r.get("breakdown_ms")
+                split = " / ".join(f"{split[k]:.1f}" for k in ("gemm", "attention", "other")) if split else "-"
                 lines.append(f"| {name.removeprefix('bench_')} | {model} | {b['batch']} x {b['seq_len']} | "
                              f"{b['sdpa_backend']} | {r['tokens_per_s']:,.0f} | {r['step_ms']:.0f} | {tf} | {mfu} | "
-                             f"{mem} |")
+                             f"{mem} | {split} |")
         lines.append("")
 
     runs = sorted(p for p in work.glob("train_*") if p.is_dir())

@@ -263,3 +263,27 @@ def test_initialisation_scales_residual_projections_with_depth():
             continue
         assert abs(p.mean().item()) < 0.1 * expected, name
         assert p.std().item() == pytest.approx(expected, rel=0.1), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rmsnorm_backward_matches_autograd_and_saves_only_its_input(dtype):
+    from model.model import RMSNorm
+
+    norm = RMSNorm(64, 1e-6).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(64))
+    x = torch.randn(3, 5, 64, dtype=dtype, requires_grad=True)
+    g = torch.randn(3, 5, 64, dtype=dtype)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t,
+                                                  lambda t: t):
+        y = norm(x)
+    y.backward(g)
+    grads = x.grad.clone(), norm.weight.grad.clone()
+    x.grad = norm.weight.grad = None
+    x32 = x.float()  # the plain formula, differentiated by autograd
+    ref = norm.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-6)).to(dtype)
+    ref.backward(g)
+    assert torch.equal(y, ref)
+    assert torch.allclose(grads[0], x.grad, atol=1e-5) and torch.allclose(grads[1], norm.weight.grad, atol=1e-5)
+    assert sum(saved) == x.numel() * x.element_size() + 64 * norm.weight.element_size() + 15 * 4  # x, weight, rstd

@@ -321,3 +321,17 @@ def test_compiled_training_gives_the_same_losses(sample_data, tmp_path):
         losses[flag] = [r["loss"] for r in metrics.read_metrics(run) if "loss" in r]
     assert len(losses["true"]) == 2
     assert losses["true"] == pytest.approx(losses["false"], rel=1e-4)
+
+
+def test_save_final_false_writes_no_checkpoint(sample_data, tmp_path):
+    """Throughput runs (benchmarks/gpu_check.sh) skip the final save: a 1B ZeRO checkpoint is ~17 GB."""
+    e = {**env(), "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+         "MASTER_PORT": str(free_port())}
+    run = tmp_path / "run"
+    args = [*TINY_RUN, f"data_dir={sample_data}", f"run_dir={run}", "max_steps=2", "save_interval=0",
+            "eval_interval=0", "save_final=false"]
+    result = subprocess.run([sys.executable, "pretrain/train.py", *args], cwd=REPO, env=e, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [r["step"] for r in metrics.read_metrics(run) if "loss" in r] == [1, 2]
+    assert not (run / "latest").exists() and not list(run.glob("step_*"))
