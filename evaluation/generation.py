@@ -15,9 +15,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+from jinja2.exceptions import TemplateError
 from tqdm import tqdm
 
 from model.model import sample
+from tokenizer.chat_template import compile_template, find_chat_template
 
 PLAIN_TEMPLATE = "Human: {question}\n\nAssistant:"
 PLAIN_STOP = "\nHuman:"  # a base model often goes on with the next turn; the answer ends there
@@ -49,38 +51,19 @@ class ChatTemplate:
         self.source = "plain"
         self.template: Any = None
         self.specials: dict[str, str] = {}
-        config_path = Path(model_dir) / "tokenizer_config.json"
-        if not config_path.is_file():
+        found = find_chat_template(model_dir)
+        if found is None:
             return
+        text, self.source = found
         try:
-            config = json.loads(config_path.read_text(encoding="utf-8"))
-        except ValueError as e:
-            raise ValueError(f"{config_path}: not valid JSON ({e})") from None
-        text = config.get("chat_template")
-        if isinstance(text, list):  # [{"name": "default", "template": ...}, ...]
-            named = {t.get("name"): t.get("template") for t in text if isinstance(t, dict)}
-            text = named.get("default") or next(iter(named.values()), None)
-        if not text and (Path(model_dir) / "chat_template.jinja").is_file():
-            text = (Path(model_dir) / "chat_template.jinja").read_text(encoding="utf-8")
-        if not text:
-            return
-        from jinja2.exceptions import TemplateError
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        def raise_exception(message: str) -> None:
-            raise TemplateError(message)
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.filters["tojson"] = lambda x, indent=None, **kw: json.dumps(x, ensure_ascii=False, indent=indent)
-        env.globals["raise_exception"] = raise_exception
-        try:
-            self.template = env.from_string(text)
+            self.template = compile_template(text)
         except TemplateError as e:
-            raise ValueError(f"{config_path}: chat_template does not parse ({e})") from None
+            raise ValueError(f"{self.source}: chat_template does not parse ({e})") from None
+        config_path = Path(self.source).with_name("tokenizer_config.json")
+        config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
         for key in ("bos_token", "eos_token", "pad_token", "unk_token"):
             value = config.get(key)
             self.specials[key] = value.get("content", "") if isinstance(value, dict) else (value or "")
-        self.source = str(config_path)
 
     @property
     def is_plain(self) -> bool:
@@ -89,8 +72,6 @@ class ChatTemplate:
     def render(self, question: str) -> str:
         if self.template is None:
             return PLAIN_TEMPLATE.format(question=question)
-        from jinja2.exceptions import TemplateError
-
         try:
             return self.template.render(messages=[{"role": "user", "content": question}],
                                         add_generation_prompt=True, **self.specials)

@@ -23,7 +23,7 @@ from pathlib import Path
 from common.cli import run_main
 from common.io import atomic_dir, check_output_dir, write_json
 from common.tensors import DTYPES
-from finetune.templates import CHAT_TEMPLATE_FILE
+from tokenizer.chat_template import CHAT_TEMPLATE_FILE
 from pretrain.export import export as export_run
 from artifacts.run_dir import consolidated_state_dict, is_run_dir, resolve_tag
 

@@ -27,15 +27,14 @@ import json
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
 
 from sentencepiece import SentencePieceProcessor
 from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
 from tokenizer import Tokenizer
+from tokenizer.chat_template import compile_template, find_chat_template
 
 ROLES = ("system", "user", "assistant")
-CHAT_TEMPLATE_FILE = "chat_template.jinja"
 """The template a run was tuned with, in its run directory (the exported folder has it in tokenizer_config.json)."""
 
 
@@ -209,12 +208,9 @@ def encode_turns(template: ChatTemplate, tokenizer: Tokenizer, messages: list[di
 
 def render(template_text: str, messages: list[dict[str, str]], bos_token: str, eos_token: str,
            add_generation_prompt: bool) -> str:
-    """A Jinja chat template rendered as transformers renders it (sandboxed, trim_blocks/lstrip_blocks)."""
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    return env.from_string(template_text).render(messages=messages, bos_token=bos_token, eos_token=eos_token,
-                                                 add_generation_prompt=add_generation_prompt)
+    """A Jinja chat template rendered as transformers renders it (tokenizer/chat_template.py compiles it)."""
+    return compile_template(template_text).render(messages=messages, bos_token=bos_token, eos_token=eos_token,
+                                                  add_generation_prompt=add_generation_prompt)
 
 
 def encode_rendered(tokenizer: Tokenizer, text: str) -> list[int]:
@@ -244,17 +240,6 @@ def prompt_ids(template_text: str, tokenizer: Tokenizer, messages: list[dict[str
 
 
 def read_chat_template(model_path: str | Path) -> str | None:
-    """The Jinja chat template stored with a model: run_dir/chat_template.jinja or the HF folder's
-    tokenizer_config.json (or chat_template.jinja beside it); None when the model has none."""
-    path = Path(model_path)
-    if (path / CHAT_TEMPLATE_FILE).is_file():
-        return (path / CHAT_TEMPLATE_FILE).read_text()
-    config = path / "tokenizer_config.json"
-    if config.is_file():
-        try:
-            value: Any = json.loads(config.read_text()).get("chat_template")
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{config}: not valid JSON ({e.msg} at line {e.lineno})") from None
-        if isinstance(value, str):
-            return value
-    return None
+    """The Jinja chat template stored with a model (run directory or HF folder); None when it has none."""
+    found = find_chat_template(model_path)
+    return None if found is None else found[0]

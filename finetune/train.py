@@ -24,7 +24,8 @@ from common.io import write_text
 from finetune.config import RUNTIME_MODEL_FIELDS, FinetuneConfig, load_finetune_config
 from finetune.data import DataOptions, Sample, load_samples
 from finetune.loader import InstructionLoader, fingerprint
-from finetune.templates import CHAT_TEMPLATE_FILE, get_template
+from finetune.templates import get_template
+from tokenizer.chat_template import CHAT_TEMPLATE_FILE
 from model import Transformer
 from model.lora import prepare_lora
 from pretrain.train import Dist, Run, Task, launched_main, saved_model_config

@@ -5,27 +5,22 @@ The fine-tuning stage stores the template in the model folder's tokenizer_config
 `Human: ... / Assistant: ...` dialogue, with FALLBACK_STOP as its stop string so that the model does not go on to
 write the next human turn itself.
 
-Rendering follows transformers: a sandboxed Jinja environment with trim_blocks/lstrip_blocks, the loop-control
-extension, a `tojson` filter that does not escape HTML, `raise_exception` and `strftime_now`, and the tokenizer's
+Rendering follows transformers (tokenizer/chat_template.py compiles the template as it does), with the tokenizer's
 special tokens (bos_token, eos_token, unk_token, pad_token) as variables. The rendered text is encoded without
 adding BOS (the template writes it where it wants it); special-token strings in it become their ids, as a
 transformers tokenizer does, instead of being spelled out as ordinary text.
 """
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
-from datetime import datetime
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import jinja2
-import jinja2.ext
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from tokenizer import Tokenizer
+from tokenizer.chat_template import compile_template, find_chat_template
 
 FALLBACK_TEMPLATE = (
     "{{ bos_token }}"
@@ -39,38 +34,6 @@ FALLBACK_TEMPLATE = (
 )
 FALLBACK_STOP = ("\nHuman:",)
 ROLES = ("system", "user", "assistant")
-
-
-class _GenerationTag(jinja2.ext.Extension):
-    """`{% generation %}...{% endgeneration %}` marks assistant text for training masks; rendering keeps the body."""
-
-    tags = {"generation"}
-
-    def parse(self, parser):
-        lineno = next(parser.stream).lineno
-        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-        return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
-
-    def _body(self, caller):
-        return caller()
-
-
-def _raise_exception(message: str):
-    raise jinja2.exceptions.TemplateError(message)
-
-
-def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
-    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-
-@lru_cache(maxsize=8)
-def _compile(source: str) -> jinja2.Template:
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[_GenerationTag, jinja2.ext.loopcontrols])
-    env.filters["tojson"] = _tojson
-    env.globals["raise_exception"] = _raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    return env.from_string(source)
 
 
 def check_messages(messages: Any) -> list[dict[str, str]]:
@@ -110,7 +73,7 @@ class ChatTemplate:
                         (("bos_token", tok.bos_id), ("eos_token", tok.eos_id), ("unk_token", tok.unk_id),
                          ("pad_token", tok.pad_id)) if i >= 0}
         try:
-            _compile(self.source)
+            compile_template(self.source)
         except jinja2.TemplateError as e:
             raise ValueError(f"{self.origin}: the chat template does not compile: {e}") from None
 
@@ -120,7 +83,7 @@ class ChatTemplate:
 
     def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
         try:
-            return _compile(self.source).render(messages=check_messages(messages),
+            return compile_template(self.source).render(messages=check_messages(messages),
                                                 add_generation_prompt=add_generation_prompt, **self.special)
         except jinja2.TemplateError as e:
             raise ValueError(f"{self.origin}: chat template error: {e}") from None
@@ -151,31 +114,9 @@ class ChatTemplate:
         return ids
 
 
-def find_template(model_path: str | Path) -> tuple[str, str] | None:
-    """(template source, where it was found) from a model folder or run directory, or None."""
-    path = Path(model_path)
-    for candidate in (path / "tokenizer_config.json", path / "hf" / "tokenizer_config.json"):
-        if candidate.is_file():
-            try:
-                config = json.loads(candidate.read_text(encoding="utf-8"))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{candidate}: not valid JSON ({e})") from None
-            template = config.get("chat_template")
-            if isinstance(template, list):  # the named-templates form: [{"name": "default", "template": ...}]
-                template = next((t.get("template") for t in template if t.get("name") == "default"), None)
-            if template is not None:
-                if not isinstance(template, str):
-                    raise ValueError(f"{candidate}: chat_template must be a string")
-                return template, str(candidate)
-    for candidate in (path / "chat_template.jinja", path / "hf" / "chat_template.jinja"):
-        if candidate.is_file():
-            return candidate.read_text(encoding="utf-8"), str(candidate)
-    return None
-
-
 def load_chat_template(model_path: str | Path, tokenizer: Tokenizer) -> ChatTemplate:
     """The model's own template, else the plain Human/Assistant fallback."""
-    found = find_template(model_path)
+    found = find_chat_template(model_path)
     if found is None:
         return ChatTemplate(FALLBACK_TEMPLATE, tokenizer, "fallback", FALLBACK_STOP)
     return ChatTemplate(found[0], tokenizer, found[1])
