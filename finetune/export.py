@@ -1,6 +1,6 @@
 """Export a fine-tuning run as a Hugging Face LLaMA folder that carries its chat template.
 
-    python -m finetune.export --run_dir runs/sample/sft --output_dir runs/sample/sft/hf [--tag step_000060]
+    python -m finetune.export --model runs/sample/sft --output_dir runs/sample/sft/hf [--tag step_000060]
 
 The folder is pretrain.export's (config.json, model.safetensors, tokenizer files) plus, in tokenizer_config.json,
 `chat_template` (the Jinja of the template the run was tuned with) and split_special_tokens=false, so that the
@@ -16,10 +16,10 @@ folder into RUN_DIR/base_hf (python -m pretrain.export), since PEFT's base_model
 """
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
+from common.cli import parser as cli_parser
 from common.cli import run_main
 from common.io import atomic_dir, check_output_dir, write_json
 from common.tensors import DTYPES
@@ -94,8 +94,9 @@ def export_lora(run_dir: Path, meta: dict, out: Path, tag: str, dtype: str) -> N
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run_dir", required=True, help="fine-tuning run directory (holds 'latest')")
+    parser = cli_parser("python -m finetune.export", __doc__)
+    parser.add_argument("--model", "--run_dir", dest="run_dir", required=True,
+                        help="fine-tuning run directory (holds 'latest')")
     parser.add_argument("--tag", default=None, help="checkpoint to export, e.g. step_000060 (default: latest)")
     parser.add_argument("--output_dir", required=True, help="Hugging Face folder to write")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="weight dtype")

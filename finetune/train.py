@@ -179,7 +179,7 @@ class FinetuneTask(Task):
     def done_message(self, run: Run) -> str:
         run_dir = self.cfg.run_dir
         return (f"done: {run.step} steps, {run.tokens_seen:,} tokens; run directory {run_dir}\n"
-                f"export: python -m finetune.export --run_dir {run_dir} --output_dir {run_dir}/hf")
+                f"export: python -m finetune.export --model {run_dir} --output_dir {run_dir}/hf")
 
 
 def train(cfg: FinetuneConfig) -> None:

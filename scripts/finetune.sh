@@ -46,7 +46,7 @@ launch_stage fine-tuning finetune/train.py "$RUN_DIR"
 HF_DIR="$RUN_DIR/hf"
 if [[ "$EXPORT" == 1 ]]; then
     echo "== exporting to $HF_DIR"
-    "$PYTHON" -m finetune.export --run_dir "$RUN_DIR" --output_dir "$HF_DIR" --overwrite
+    "$PYTHON" -m finetune.export --model "$RUN_DIR" --output_dir "$HF_DIR" --overwrite
 fi
 
 # 4. Where everything is.
