@@ -27,6 +27,7 @@ import torch
 from tqdm import tqdm
 
 from artifacts.open import check_device, default_device, default_dtype, load_model, load_tokenizer
+from common.cli import parser as cli_parser
 from common.cli import run_main
 from common.io import atomic_write, write_json
 from common.tensors import DTYPES
@@ -71,7 +72,7 @@ def batches_by_length(lengths: list[int], batch_size: int) -> list[list[int]]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli_parser("python -m finetune.generate", __doc__)
     p.add_argument("--model", required=True, help="Hugging Face folder or training run directory")
     p.add_argument("--input", required=True, nargs="+", help="JSON prompt lists or instruction files")
     p.add_argument("--output", required=True, help="JSONL file of answers (OUTPUT.meta.json gets the settings)")
