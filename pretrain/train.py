@@ -36,6 +36,7 @@ from deepspeed.ops.adam import DeepSpeedCPUAdam
 
 from common import cli
 from common.io import replace_file, tmp_path_for
+from common.distributed import init_deepspeed_distributed
 from common.tensors import IGNORE_INDEX
 from model import ModelConfig, Transformer
 from pretrain import checkpoint
@@ -136,7 +137,7 @@ def init_distributed(cfg: TrainConfig) -> Dist:
         if "OMP_NUM_THREADS" not in os.environ:  # ranks on one box share its cores instead of oversubscribing
             local_size = int(os.environ.get("LOCAL_SIZE", "1"))
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_size))
-    deepspeed.init_distributed(timeout=timedelta(minutes=cfg.dist_timeout_minutes), verbose=False)
+    init_deepspeed_distributed(timeout=timedelta(minutes=cfg.dist_timeout_minutes))
     return Dist(dist.get_rank(), local_rank, dist.get_world_size(), device)
 
 

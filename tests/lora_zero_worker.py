@@ -16,6 +16,7 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
+from common.distributed import init_deepspeed_distributed
 from model import ModelConfig, Transformer
 from model.lora import LoRAConfig, gather_lora_state_dict, prepare_lora
 from model.lora_peft import save_adapter
@@ -31,7 +32,7 @@ def full(params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
 
 def main() -> None:
     stage, out = int(sys.argv[1]), Path(sys.argv[2])
-    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    init_deepspeed_distributed(backend="gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     micro = GLOBAL_BATCH // world
     ds = {"train_batch_size": GLOBAL_BATCH, "train_micro_batch_size_per_gpu": micro,

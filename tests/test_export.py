@@ -29,6 +29,7 @@ import json, sys
 from pathlib import Path
 import deepspeed, sentencepiece as spm, torch
 from safetensors.torch import save_file
+from common.distributed import init_deepspeed_distributed
 from model import ModelConfig, Transformer
 from pretrain import checkpoint
 from pretrain.train import AdamW, param_groups
@@ -40,7 +41,7 @@ lines = [f"sample line {i}: the quick brown fox jumps over {i % 7} lazy dogs" fo
 spm.SentencePieceTrainer.train(input=str(out / "text.txt"), model_prefix=str(out / "tokenizer"), vocab_size=300,
                                model_type="bpe", byte_fallback=True, minloglevel=2, num_threads=1,
                                normalization_rule_name="identity", remove_extra_whitespaces=False)
-deepspeed.init_distributed(verbose=False)
+init_deepspeed_distributed()
 config = ModelConfig.from_preset("debug", vocab_size=320, tie_embeddings=False)
 for name, (stage, bf16) in setups.items():
     torch.manual_seed(0)

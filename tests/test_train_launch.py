@@ -12,6 +12,7 @@ import torch
 from pretrain.checkpoint import weights_only_loading
 from pretrain.config import load_config, lr_at
 from artifacts.run_dir import load_checkpoint_model
+from common.distributed import SHM_DIR
 from pretrain.metrics import read_metrics
 from fixtures_train import (TINY_RUN, free_port, launch, prepare_sample_data, run,
                                   slow_train_script, train_losses, wait, wait_until, write_hostfile)
@@ -19,6 +20,11 @@ from fixtures_train import (TINY_RUN, free_port, launch, prepare_sample_data, ru
 pytestmark = pytest.mark.slow  # DeepSpeed engines and launches
 
 STEPS = 12
+
+
+def shm_buffers() -> set[str]:
+    """DeepSpeed's CPU all-reduce buffers in /dev/shm (common/distributed.py removes each run's own)."""
+    return {p.name for p in SHM_DIR.glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*")}
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +95,9 @@ def test_reference_run_writes_the_run_directory(reference):
 def test_zero_on_two_ranks_matches_one_rank_with_accumulation(stage, reference, data_dir, tmp_path):
     """Data parallelism: 2 ranks x micro batch 2 == 1 rank x 2 accumulated micro batches of 2."""
     hostfile = write_hostfile(tmp_path / "hostfile", ["localhost slots=2"])
+    before = shm_buffers()
     log = run(hostfile, overrides(data_dir, tmp_path / "run", f"zero_stage={stage}"), tmp_path / "log.txt")
+    assert shm_buffers() <= before, "the run left DeepSpeed's shared-memory buffers in /dev/shm"
     assert f"ZeRO-{stage} fp32 | 2 sequences x 1 accumulation x 2 ranks" in log
     assert len(list((tmp_path / "run" / "step_000012").glob("*optim_states.pt"))) == 2  # one shard per rank
     assert_same_training(tmp_path / "run", reference, rel=1e-4)
@@ -132,11 +140,13 @@ def test_sigkill_resumes_exactly_and_sigterm_saves(reference, data_dir, tmp_path
         return (run_dir / "latest").read_text() if (run_dir / "latest").exists() else None
 
     script = slow_train_script(tmp_path)  # pretrain/train.py, pausing 0.25 s per micro batch
+    before = shm_buffers()
     proc = launch(hostfile, args, tmp_path / "log1.txt", free_port(), script=script)
     wait_until(lambda: latest() == "step_000003" and logged() >= 4, proc, tmp_path / "log1.txt")
     os.killpg(proc.pid, signal.SIGKILL)
     wait(proc, tmp_path / "log1.txt")
     assert logged() < STEPS
+    assert shm_buffers() <= before, "the killed run left DeepSpeed's shared-memory buffers in /dev/shm"
 
     proc = launch(hostfile, args, tmp_path / "log2.txt", free_port(), script=script)
     wait_until(lambda: "resumed from" in (tmp_path / "log2.txt").read_text() and logged() >= 8, proc,

@@ -11,6 +11,7 @@ import sys
 import deepspeed
 import torch
 
+from common.distributed import init_deepspeed_distributed
 from model import ModelConfig, Transformer
 from pretrain.train import param_groups
 
@@ -22,7 +23,7 @@ def group_names(model: torch.nn.Module) -> list[list[str]]:
 
 def main() -> None:
     tie = sys.argv[1] == "tie"
-    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    init_deepspeed_distributed(backend="gloo")
     mc = ModelConfig.from_preset("debug", tie_embeddings=tie)
     ds_config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}}
     torch.manual_seed(0)
