@@ -31,8 +31,8 @@ import torch
 
 from model import Transformer
 from model.attention import AttnMeta
-from model.model import sample
-from tokenizer import Tokenizer
+from model.model import greedy, sample
+from tokenizer import StreamDecoder, Tokenizer
 
 MEMORY_HEADROOM = 0.8  # the KV cache may take at most this share of the memory free when the engine starts
 
@@ -97,9 +97,11 @@ class Request:
     leading space (SentencePiece drops it at the start of a decode)."""
     id: int = 0
     output_ids: list[int] = field(default_factory=list)
-    text: str = ""  # the reply text sent to the sink so far
+    decoded: str = ""  # the reply's text so far (complete characters)
+    text: str = ""  # the part of it sent to the sink (a stop string's possible start waits)
     finish_reason: str | None = None
     cancelled: bool = False
+    detokenizer: StreamDecoder | None = None
 
     def cancel(self) -> None:
         """Stop generating; the engine frees the slot at its next step (safe from any thread)."""
@@ -186,8 +188,9 @@ def forward_rows(model: Transformer, cache: SlotCache, tokens: torch.Tensor, row
 
 
 def _held_back(text: str, stops: Sequence[str]) -> int:
-    """How many characters at the end of `text` must wait: a partial UTF-8 character or a stop string's start."""
-    hold = 1 if text.endswith("\ufffd") else 0
+    """How many characters at the end of `text` must wait: they may be the start of a stop string. (Half a UTF-8
+    character never gets this far: StreamDecoder holds it back.)"""
+    hold = 0
     for s in stops:
         for n in range(min(len(s) - 1, len(text)), hold, -1):
             if text.endswith(s[:n]):
@@ -363,7 +366,7 @@ class Engine:
     def _sample(self, logits: torch.Tensor, slots: list[int]) -> list[int]:
         params = [self.slots[s].params for s in slots]
         if all(p.temperature <= 0 and p.repetition_penalty == 1.0 for p in params):
-            return logits.argmax(dim=-1).tolist()  # all greedy: one batched argmax
+            return greedy(logits).tolist()  # all greedy: one batched argmax
         out = []
         for i, (s, p) in enumerate(zip(slots, params)):
             row = logits[i:i + 1]
@@ -380,30 +383,27 @@ class Engine:
         """Record a sampled token: emit the text it completes, finish the request when it is done."""
         req = self.slots[slot]
         req.output_ids.append(token)
+        if req.detokenizer is None:
+            req.detokenizer = StreamDecoder(self.tokenizer, req.anchor)
         if token == self.tokenizer.eos_id and not req.params.ignore_eos:
-            self._finish(req, "stop", self._reply_text(req, req.output_ids[:-1]))
+            self._finish(req, "stop", req.decoded + req.detokenizer.flush())
             return
-        text = self._reply_text(req, req.output_ids)
-        stops = req.params.stop
-        cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+        searched = len(req.decoded)
+        req.decoded += req.detokenizer.push(token)
+        text, stops = req.decoded, req.params.stop
+        # Only the new text, and the few characters before it a stop string could start in, are searched.
+        cut = min((i for i in (text.find(s, max(0, searched - len(s) + 1)) for s in stops) if i >= 0), default=-1)
         if cut >= 0:
             self._finish(req, "stop", text[:cut])
             return
         limit = req.params.max_tokens or self.max_len
         if len(req.output_ids) >= limit or self.positions[slot] + 1 >= self.max_len:
-            self._finish(req, "length", text)
+            self._finish(req, "length", text + req.detokenizer.flush())
             return
         ready = text[:len(text) - _held_back(text, stops)]
-        if len(ready) > len(req.text) and ready.startswith(req.text):
+        if len(ready) > len(req.text):
             delta, req.text = ready[len(req.text):], ready
             self._emit(req, Event(delta))
-
-    def _reply_text(self, req: Request, ids: list[int]) -> str:
-        if not req.anchor:
-            return self.tokenizer.decode(ids)
-        head = self.tokenizer.decode(req.anchor)
-        text = self.tokenizer.decode(req.anchor + ids)
-        return text[len(head):] if text.startswith(head) else self.tokenizer.decode(ids)
 
     def _finish(self, req: Request, reason: str, text: str | None = None) -> None:
         delta = ""

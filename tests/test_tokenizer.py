@@ -361,3 +361,32 @@ def test_stats_cli_compares_tokenizers(tok_dir, special_dir, corpus, tmp_path, c
     msg = run_main(stats_main, ["--tokenizer", str(tok_dir), "--input", str(corpus), "--output_json",
                                 str(tmp_path / "nodir" / "x.json")])
     assert "no such directory for --output_json" in msg
+
+
+def test_stream_decoder_gives_the_whole_decode_piece_by_piece(tok):
+    """Pushed token by token (any ids, byte-fallback pieces splitting characters included), the pieces add up to
+    decode() of the whole sequence, and no piece ends in half a character; a context token keeps the reply's
+    leading space as decoding it with the context does."""
+    from tokenizer import StreamDecoder
+
+    rng = np.random.default_rng(0)
+    text = "今天早上，小明去了图书馆。 On Monday  morning, Alice found 12 + 35 = 47 maps. 😀 Ωmega"
+    ids = tok.encode(text)
+    byte_ids = [i for i in range(tok.vocab_size) if tok.id_to_piece(i).startswith("<0x")]
+    assert byte_ids, "the fixture tokenizer has byte fallback"
+    cases = [ids, list(rng.integers(0, tok.vocab_size, 300)), [tok.bos_id, *ids, tok.eos_id, *ids[:5]]]
+    for case in cases:
+        stream = StreamDecoder(tok)
+        pieces = [stream.push(i) for i in case]
+        assert "".join(pieces) + stream.flush() == tok.decode(case)
+        assert not any(p.endswith("\ufffd") for p in pieces)
+    emoji = "😀".encode()  # four byte-fallback tokens: nothing comes out until the last one
+    stream = StreamDecoder(tok)
+    assert [stream.push(tok.piece_to_id(f"<0x{b:02X}>")) for b in emoji] == ["", "", "", "😀"]
+
+    head, reply = tok.encode("Alice went"), tok.encode(" to the market")
+    stream = StreamDecoder(tok, head[-1:])
+    got = "".join(stream.push(i) for i in reply) + stream.flush()
+    assert got == tok.decode(head[-1:] + reply)[len(tok.decode(head[-1:])):] and got.startswith(" ")
+    cut = StreamDecoder(tok, [tok.piece_to_id("<0xE4>")])  # a context ending mid-character is dropped
+    assert "".join(cut.push(i) for i in reply) + cut.flush() == tok.decode(reply)

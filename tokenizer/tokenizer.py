@@ -94,3 +94,40 @@ class Tokenizer:
             f"Tokenizer(path={str(self.path)!r}, vocab_size={self.vocab_size}, bos_id={self.bos_id}, "
             f"eos_id={self.eos_id}, pad_id={self.pad_id}, unk_id={self.unk_id})"
         )
+
+
+class StreamDecoder:
+    """The text of a growing sequence of ids, a piece at a time, at a cost per token that does not grow with the
+    sequence (decoding everything again at every token costs O(n) each, O(n^2) per reply).
+
+    Each new token is decoded together with the ids since the last piece of text returned (the same start for
+    "before" and "after", so SentencePiece's dropped leading space and byte-fallback pieces come out as in a whole
+    decode), and its text is returned once it no longer ends in half a UTF-8 character. `context` ids (e.g. the
+    prompt's last token) are decoded in front and never returned, so that a reply continuing a word keeps its
+    leading space.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, context: Sequence[int] = ()) -> None:
+        self.tokenizer = tokenizer
+        if "\ufffd" in tokenizer.decode(context):  # half a character: no clean boundary to continue from
+            context = ()
+        self.ids = [int(i) for i in context]
+        self.start = 0  # ids[start:done] is the context of the next piece: already returned (or given) text
+        self.done = len(self.ids)
+
+    def push(self, token: int) -> str:
+        """Add a token; return the text it completes (possibly "")."""
+        self.ids.append(int(token))
+        before = self.tokenizer.decode(self.ids[self.start:self.done])
+        after = self.tokenizer.decode(self.ids[self.start:])
+        if len(after) <= len(before) or after.endswith("\ufffd"):
+            return ""  # nothing yet (a control token), or a character still incomplete
+        self.start, self.done = self.done, len(self.ids)
+        return after[len(before):]
+
+    def flush(self) -> str:
+        """The text of ids still held back (an incomplete character decodes to U+FFFD); the stream ends here."""
+        before = self.tokenizer.decode(self.ids[self.start:self.done])
+        after = self.tokenizer.decode(self.ids[self.start:])
+        self.start = self.done = len(self.ids)
+        return after[len(before):]
