@@ -34,6 +34,8 @@ setup(
         "jinja2>=3.1.6",  # chat templates (the version transformers requires for sandboxed templates)
         "fastapi>=0.110",  # inference.server
         "uvicorn>=0.29",
+        "httptools>=0.6",  # uvicorn's C HTTP parser (its pure-Python h11 costs the server's streams CPU time)
+        "uvloop>=0.19; sys_platform != 'win32'",  # uvicorn's libuv event loop, for the same reason
         "gguf>=0.10",  # inference/gguf.py: GGUF export for llama.cpp
     ],
     extras_require={

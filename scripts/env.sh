@@ -16,7 +16,7 @@
 
 _llama_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 _llama_modules="torch deepspeed sentencepiece numpy safetensors transformers tokenizers google.protobuf tqdm yaml \
-matplotlib tensorboard psutil jinja2 httpx fastapi uvicorn gguf pytest peft openai selenium gradio"
+matplotlib tensorboard psutil jinja2 httpx fastapi uvicorn httptools gguf pytest peft openai selenium gradio"
 
 _llama_missing() {  # print the modules of $_llama_modules that interpreter $1 cannot find; fail if it cannot run
     "$1" - $_llama_modules <<'EOF'
