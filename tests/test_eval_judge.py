@@ -12,8 +12,9 @@ from fixtures_eval import eval_assets  # noqa: F401  (pytest fixture)
 
 from evaluation import judge
 from evaluation.backends import load
-from evaluation.generation import ChatTemplate, encode_prompts, generate_ragged
+from evaluation.generation import ChatTemplate, encode_prompts
 from model import Transformer
+from model.generate import generate_ragged
 from tokenizer import Tokenizer
 
 
