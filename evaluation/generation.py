@@ -16,7 +16,8 @@ from jinja2.exceptions import TemplateError
 from tqdm import tqdm
 
 from model.generate import generate_ragged, length_sorted_batches
-from tokenizer.chat_template import compile_template, find_chat_template
+from tokenizer import Tokenizer
+from tokenizer.chat_template import compile_template, encode_rendered, find_chat_template, render_chat
 
 PLAIN_TEMPLATE = "Human: {question}\n\nAssistant:"
 PLAIN_STOP = "\nHuman:"  # a base model often goes on with the next turn; the answer ends there
@@ -42,20 +43,26 @@ class GenerationConfig:
 
 class ChatTemplate:
     """The model folder's chat_template (tokenizer_config.json), rendered with jinja2 as transformers'
-    apply_chat_template does; else the plain `Human: ...\\n\\nAssistant:` form."""
+    apply_chat_template does; else the plain `Human: ...\\n\\nAssistant:` form.
+
+    Not inference.templates.ChatTemplate: this one also serves models with a transformers tokenizer (no
+    SentencePiece model), so its special-token variables are read from tokenizer_config.json, and its fallback is
+    the plain question/answer form of BELLE's evaluation, without special tokens.
+    """
 
     def __init__(self, model_dir: str | Path) -> None:
         self.source = "plain"
-        self.template: Any = None
+        self.template: str | None = None
         self.specials: dict[str, str] = {}
         found = find_chat_template(model_dir)
         if found is None:
             return
         text, self.source = found
         try:
-            self.template = compile_template(text)
+            compile_template(text)
         except TemplateError as e:
             raise ValueError(f"{self.source}: chat_template does not parse ({e})") from None
+        self.template = text
         config_path = Path(self.source).with_name("tokenizer_config.json")
         config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
         for key in ("bos_token", "eos_token", "pad_token", "unk_token"):
@@ -70,17 +77,24 @@ class ChatTemplate:
         if self.template is None:
             return PLAIN_TEMPLATE.format(question=question)
         try:
-            return self.template.render(messages=[{"role": "user", "content": question}],
-                                        add_generation_prompt=True, **self.specials)
+            return render_chat(self.template, [{"role": "user", "content": question}], self.specials)
         except TemplateError as e:
             raise ValueError(f"{self.source}: chat_template failed to render ({e})") from None
 
 
 def encode_prompts(tokenizer, template: ChatTemplate, questions: Sequence[str], bos: bool) -> list[list[int]]:
-    """Token ids of every question's prompt. A rendered chat template carries its own special tokens (encoded without
-    adding any, as apply_chat_template does); the plain template gets BOS where the tokenizer adds one."""
+    """Token ids of every question's prompt; the plain template gets BOS where the tokenizer adds one.
+
+    A rendered chat template carries its own special tokens, encoded without adding any, as apply_chat_template
+    does: a transformers tokenizer maps their text to their ids itself; SentencePiece would spell "<s>" out as
+    text, so its prompts go through tokenizer.chat_template.encode_rendered, as fine-tuning's and the server's do.
+    """
     texts = [template.render(q) for q in questions]
-    return tokenizer.encode_batch(texts, bos=bos and template.is_plain)
+    if template.is_plain:
+        return tokenizer.encode_batch(texts, bos=bos)
+    if isinstance(tokenizer, Tokenizer):
+        return [encode_rendered(tokenizer, text) for text in texts]
+    return tokenizer.encode_batch(texts)
 
 
 @torch.inference_mode()

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from jinja2 import TemplateError
 from tqdm import tqdm
 
 from artifacts.open import check_device, default_device, default_dtype, load_model, load_tokenizer
@@ -32,8 +33,9 @@ from common.cli import run_main
 from common.io import atomic_write, write_json
 from common.tensors import DTYPES
 from finetune.data import BadRecord, Fields, read_records, to_messages
-from finetune.templates import get_template, prompt_ids, read_chat_template
+from finetune.templates import get_template, read_chat_template
 from model.generate import generate_ragged, length_sorted_batches
+from tokenizer.chat_template import encode_chat
 
 
 def read_prompts(path: str, fields: Fields) -> list[dict[str, Any]]:
@@ -111,7 +113,12 @@ def generate(args: argparse.Namespace) -> None:
     model = load_model(args.model, device, args.dtype or default_dtype(device), tag=args.tag,
                        adapter=args.adapter)
     tok = load_tokenizer(args.model, None, model)
-    prompts = [prompt_ids(template, tok, item["messages"]) for item in items]
+    prompts = []
+    for item in items:
+        try:
+            prompts.append(encode_chat(template, tok, item["messages"]))
+        except TemplateError as e:  # e.g. the template's own raise_exception on roles it does not accept
+            raise ValueError(f"{item['source']} prompt {item['index']}: chat template error: {e}") from None
     too_long = [i for i, ids in enumerate(prompts) if len(ids) >= model.config.max_seq_len]
     if too_long:
         item = items[too_long[0]]

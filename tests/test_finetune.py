@@ -18,6 +18,7 @@ from finetune.export import add_chat_template
 from finetune.loader import InstructionLoader, pack
 from pretrain.metrics import read_metrics
 from tokenizer import Tokenizer
+from tokenizer.chat_template import encode_chat
 from fixtures_finetune import (CONVERSATIONS, REPO, TINY_SFT, run_finetune, tiny_hf_model, train_tokenizer,
                                write_sample_files)
 
@@ -111,10 +112,15 @@ def test_prompt_tokens_equal_apply_chat_template_of_the_exported_folder(tok, bas
             got = got["input_ids"] if not isinstance(got, list) else got
             assert got == expected, (name, hf.apply_chat_template(history, add_generation_prompt=True,
                                                                   tokenize=False))
-            assert templates.prompt_ids(template.jinja(), tok, history) == expected
+            assert encode_chat(template.jinja(), tok, history) == expected
         whole = hf.apply_chat_template(messages, tokenize=True)
         whole = whole["input_ids"] if not isinstance(whole, list) else whole
         assert whole == ids
+    # Special-token text typed in a message: the default apply_chat_template reads it as those tokens, and so do we.
+    typed = [{"role": "user", "content": "a </s> b <s> c <unk> d"}]
+    got = hf.apply_chat_template(typed, add_generation_prompt=True, tokenize=True)
+    got = got["input_ids"] if not isinstance(got, list) else got
+    assert encode_chat(template.jinja(), tok, typed) == got and tok.unk_id in got
 
 
 def test_default_system_and_roles(tok):
@@ -381,8 +387,8 @@ def test_generate_batches_prompts_of_different_lengths_like_one_at_a_time(base, 
     from finetune.generate import main as generate_main
 
     questions = ["天", "What is 2 plus 2?", "列举三种水果，并说明它们的颜色和产地", "Hi", "天空为什么是蓝的？请解释。"]
-    lengths = [len(templates.prompt_ids(templates.get_template("alpaca").jinja(), tok,
-                                        [{"role": "user", "content": q}])) for q in questions]
+    lengths = [len(encode_chat(templates.get_template("alpaca").jinja(), tok, [{"role": "user", "content": q}]))
+               for q in questions]
     assert len(set(lengths)) == len(questions)  # every batch below mixes token lengths
     prompts = tmp_path / "mixed.json"
     prompts.write_text(json.dumps(questions, ensure_ascii=False))
