@@ -1,11 +1,8 @@
 """Batched answer generation for open questions: chat-template prompts, our model with a KV cache, or transformers.
 
-Our Transformer has no padding mask, so prompts of different lengths are batched the way Meta's original LLaMA
-generate did: all rows are run together from position 0; up to the shortest prompt's length in one prefill, then
-one token per step, where a row that still has prompt tokens is fed its own next prompt token instead of the
-sampled one. Every row's positions stay contiguous, no padding is ever attended to, and greedy results equal
-generating each prompt on its own. Prompts are sorted by length first, so a batch wastes few steps.
-transformers models use their own generate() with left padding and an attention mask.
+Prompts are sorted by length and batched. Our Transformer runs a batch of prompts of different lengths with
+model.generate.generate_ragged (no padding, greedy results equal one prompt at a time); transformers models use
+their own generate() with left padding and an attention mask.
 """
 from __future__ import annotations
 
@@ -18,8 +15,9 @@ import torch
 from jinja2.exceptions import TemplateError
 from tqdm import tqdm
 
-from model.model import sample
-from tokenizer.chat_template import compile_template, find_chat_template
+from model.generate import generate_ragged, length_sorted_batches
+from tokenizer import Tokenizer
+from tokenizer.chat_template import compile_template, encode_rendered, find_chat_template, render_chat
 
 PLAIN_TEMPLATE = "Human: {question}\n\nAssistant:"
 PLAIN_STOP = "\nHuman:"  # a base model often goes on with the next turn; the answer ends there
@@ -45,20 +43,26 @@ class GenerationConfig:
 
 class ChatTemplate:
     """The model folder's chat_template (tokenizer_config.json), rendered with jinja2 as transformers'
-    apply_chat_template does; else the plain `Human: ...\\n\\nAssistant:` form."""
+    apply_chat_template does; else the plain `Human: ...\\n\\nAssistant:` form.
+
+    Not inference.templates.ChatTemplate: this one also serves models with a transformers tokenizer (no
+    SentencePiece model), so its special-token variables are read from tokenizer_config.json, and its fallback is
+    the plain question/answer form of BELLE's evaluation, without special tokens.
+    """
 
     def __init__(self, model_dir: str | Path) -> None:
         self.source = "plain"
-        self.template: Any = None
+        self.template: str | None = None
         self.specials: dict[str, str] = {}
         found = find_chat_template(model_dir)
         if found is None:
             return
         text, self.source = found
         try:
-            self.template = compile_template(text)
+            compile_template(text)
         except TemplateError as e:
             raise ValueError(f"{self.source}: chat_template does not parse ({e})") from None
+        self.template = text
         config_path = Path(self.source).with_name("tokenizer_config.json")
         config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
         for key in ("bos_token", "eos_token", "pad_token", "unk_token"):
@@ -73,58 +77,24 @@ class ChatTemplate:
         if self.template is None:
             return PLAIN_TEMPLATE.format(question=question)
         try:
-            return self.template.render(messages=[{"role": "user", "content": question}],
-                                        add_generation_prompt=True, **self.specials)
+            return render_chat(self.template, [{"role": "user", "content": question}], self.specials)
         except TemplateError as e:
             raise ValueError(f"{self.source}: chat_template failed to render ({e})") from None
 
 
 def encode_prompts(tokenizer, template: ChatTemplate, questions: Sequence[str], bos: bool) -> list[list[int]]:
-    """Token ids of every question's prompt. A rendered chat template carries its own special tokens (encoded without
-    adding any, as apply_chat_template does); the plain template gets BOS where the tokenizer adds one."""
+    """Token ids of every question's prompt; the plain template gets BOS where the tokenizer adds one.
+
+    A rendered chat template carries its own special tokens, encoded without adding any, as apply_chat_template
+    does: a transformers tokenizer maps their text to their ids itself; SentencePiece would spell "<s>" out as
+    text, so its prompts go through tokenizer.chat_template.encode_rendered, as fine-tuning's and the server's do.
+    """
     texts = [template.render(q) for q in questions]
-    return tokenizer.encode_batch(texts, bos=bos and template.is_plain)
-
-
-@torch.inference_mode()
-def generate_ragged(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, eos_id: int | None,
-                    temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-                    generator: torch.Generator | None = None, vocab_size: int | None = None) -> list[list[int]]:
-    """New tokens of each prompt (without the EOS), all rows run together through our Transformer (module doc).
-    vocab_size: ids at or above it (the padding of a model vocabulary larger than the tokenizer's) are never picked."""
-    device = model.tok_embeddings.weight.device
-    lengths = torch.tensor([len(p) for p in prompts], device=device)
-    shortest, longest = int(lengths.min()), int(lengths.max())
-    total = min(longest + max_new_tokens, model.config.max_seq_len)
-    tokens = torch.zeros(len(prompts), total, dtype=torch.long, device=device)
-    for row, p in enumerate(prompts):
-        tokens[row, :len(p)] = torch.tensor(list(p), dtype=torch.long)
-    cache = model.new_cache(len(prompts), total)
-    last = torch.full((len(prompts),), shortest - 1, device=device)
-    logits = model(tokens[:, :shortest], cache=cache, output_positions=last)
-    if vocab_size is not None:
-        logits[:, vocab_size:] = float("-inf")
-    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
-    pos = shortest - 1  # no room left: nothing is generated
-    for pos in range(shortest, total):
-        in_prompt = pos < lengths
-        nxt = torch.where(in_prompt, tokens[:, pos], sample(logits, temperature, top_k, top_p, generator))
-        tokens[:, pos] = nxt
-        if eos_id is not None:
-            done |= ~in_prompt & (nxt == eos_id)
-        done |= pos + 1 - lengths >= max_new_tokens
-        if bool(done.all()) or pos + 1 == total:
-            break
-        logits = model(nxt[:, None], cache=cache)[:, -1]
-        if vocab_size is not None:
-            logits[:, vocab_size:] = float("-inf")
-    out = []
-    for row, p in enumerate(prompts):
-        new = tokens[row, len(p):min(len(p) + max_new_tokens, pos + 1)].tolist()
-        if eos_id is not None and eos_id in new:
-            new = new[:new.index(eos_id)]
-        out.append(new)
-    return out
+    if template.is_plain:
+        return tokenizer.encode_batch(texts, bos=bos)
+    if isinstance(tokenizer, Tokenizer):
+        return [encode_rendered(tokenizer, text) for text in texts]
+    return tokenizer.encode_batch(texts)
 
 
 @torch.inference_mode()
@@ -172,11 +142,9 @@ def generate_answers(loaded, template: ChatTemplate, questions: Sequence[str],
     eos = tok.eos_id if tok.eos_id >= 0 else None
     pad = next((i for i in (tok.pad_id, tok.eos_id) if i >= 0), 0)
     generator = torch.Generator(device=loaded.device).manual_seed(cfg.seed)
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     new_tokens: list[list[int]] = [[] for _ in prompts]
     with tqdm(total=len(prompts), desc="generating", unit="answer") as progress:
-        for start in range(0, len(order), cfg.batch_size):
-            batch = order[start:start + cfg.batch_size]
+        for batch in length_sorted_batches([len(p) for p in prompts], cfg.batch_size):
             rows = [prompts[i] for i in batch]
             if loaded.backend == "ours":
                 outs = generate_ragged(loaded.model, rows, cfg.max_new_tokens, eos, cfg.temperature, cfg.top_k,

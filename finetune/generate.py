@@ -11,19 +11,20 @@ model and template go to OUTPUT.meta.json. Both files are written atomically whe
 
 The template is the one stored with the model (run_dir/chat_template.jinja, or the HF folder's
 tokenizer_config.json), so prompts are tokenized exactly as in training; --template NAME overrides it. Decoding
-uses the KV cache, a batch at a time; the model has no padding mask, so a batch holds prompts of equal token
-length (prompts are grouped by length, up to --batch_size each).
+uses the KV cache, --batch_size prompts at a time (sorted by token length; prompts of different lengths share a
+batch through model.generate.generate_ragged, which needs no padding, so greedy answers do not depend on the
+batching). Answers are written in input order.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import time
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import torch
+from jinja2 import TemplateError
 from tqdm import tqdm
 
 from artifacts.open import check_device, default_device, default_dtype, load_model, load_tokenizer
@@ -32,7 +33,9 @@ from common.cli import run_main
 from common.io import atomic_write, write_json
 from common.tensors import DTYPES
 from finetune.data import BadRecord, Fields, read_records, to_messages
-from finetune.templates import get_template, prompt_ids, read_chat_template
+from finetune.templates import get_template, read_chat_template
+from model.generate import generate_ragged, length_sorted_batches
+from tokenizer.chat_template import encode_chat
 
 
 def read_prompts(path: str, fields: Fields) -> list[dict[str, Any]]:
@@ -62,15 +65,6 @@ def read_prompts(path: str, fields: Fields) -> list[dict[str, Any]]:
     return items
 
 
-def batches_by_length(lengths: list[int], batch_size: int) -> list[list[int]]:
-    """Indices grouped so that every batch holds prompts of one length (the model has no padding mask)."""
-    groups: dict[int, list[int]] = defaultdict(list)
-    for i, n in enumerate(lengths):
-        groups[n].append(i)
-    return [idx[s:s + batch_size] for n in sorted(groups) for idx in [groups[n]]
-            for s in range(0, len(idx), batch_size)]
-
-
 def main(argv: list[str] | None = None) -> None:
     p = cli_parser("python -m finetune.generate", __doc__)
     p.add_argument("--model", required=True, help="Hugging Face folder or training run directory")
@@ -83,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--top_k", type=int, default=None)
     p.add_argument("--top_p", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch_size", type=int, default=8, help="prompts decoded together (of one token length)")
+    p.add_argument("--batch_size", type=int, default=8, help="prompts decoded together")
     p.add_argument("--instruction_field", default="instruction", help="alpaca-layout key of the instruction")
     p.add_argument("--output_field", default="output", help="alpaca-layout key of the reference answer")
     p.add_argument("--adapter", default=None,
@@ -119,7 +113,12 @@ def generate(args: argparse.Namespace) -> None:
     model = load_model(args.model, device, args.dtype or default_dtype(device), tag=args.tag,
                        adapter=args.adapter)
     tok = load_tokenizer(args.model, None, model)
-    prompts = [prompt_ids(template, tok, item["messages"]) for item in items]
+    prompts = []
+    for item in items:
+        try:
+            prompts.append(encode_chat(template, tok, item["messages"]))
+        except TemplateError as e:  # e.g. the template's own raise_exception on roles it does not accept
+            raise ValueError(f"{item['source']} prompt {item['index']}: chat template error: {e}") from None
     too_long = [i for i, ids in enumerate(prompts) if len(ids) >= model.config.max_seq_len]
     if too_long:
         item = items[too_long[0]]
@@ -130,21 +129,20 @@ def generate(args: argparse.Namespace) -> None:
     answers: list[str | None] = [None] * len(items)
     start = time.perf_counter()
     new_tokens = 0
-    groups = batches_by_length([len(x) for x in prompts], args.batch_size)
+    eos_id = tok.eos_id if tok.eos_id >= 0 else None
+    batches = length_sorted_batches([len(x) for x in prompts], args.batch_size)
     with tqdm(total=len(items), desc="generate", unit="prompt", dynamic_ncols=True) as bar:
-        for group in groups:
-            idx = torch.tensor([prompts[i] for i in group], device=device)
-            out_ids = model.generate(idx, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                                     eos_id=tok.eos_id, generator=generator)
-            for row, i in zip(out_ids[:, idx.shape[1]:].tolist(), group):
-                row = row[:row.index(tok.eos_id)] if tok.eos_id in row else row
-                new_tokens += len(row)
-                answers[i] = tok.decode(row)
-            bar.update(len(group))
+        for batch in batches:
+            outs = generate_ragged(model, [prompts[i] for i in batch], args.max_new_tokens, eos_id, args.temperature,
+                                   args.top_k, args.top_p, generator, vocab_size=tok.vocab_size)
+            for i, new in zip(batch, outs):
+                new_tokens += len(new)
+                answers[i] = tok.decode(new)
+            bar.update(len(batch))
     seconds = time.perf_counter() - start
 
     meta = {"model": str(args.model), "tag": args.tag, "template": args.template or "stored with the model",
-            "chat_template": template, "inputs": list(args.input), "prompts": len(items), "batches": len(groups),
+            "chat_template": template, "inputs": list(args.input), "prompts": len(items), "batches": len(batches),
             "sampling": {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
                          "top_p": args.top_p, "seed": args.seed, "batch_size": args.batch_size},
             "device": str(device), "dtype": args.dtype or default_dtype(device),
@@ -154,7 +152,7 @@ def generate(args: argparse.Namespace) -> None:
         for item, answer in zip(items, answers):
             f.write(json.dumps({**item, "answer": answer}, ensure_ascii=False) + "\n")
     write_json(out.with_name(out.name + ".meta.json"), meta)
-    print(f"{len(items)} answers ({new_tokens:,} new tokens in {seconds:.1f} s, {len(groups)} batches) -> {out}; "
+    print(f"{len(items)} answers ({new_tokens:,} new tokens in {seconds:.1f} s, {len(batches)} batches) -> {out}; "
           f"settings in {out.name}.meta.json")
 
 

@@ -32,7 +32,7 @@ from sentencepiece import SentencePieceProcessor
 from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
 from tokenizer import Tokenizer
-from tokenizer.chat_template import compile_template, find_chat_template
+from tokenizer.chat_template import find_chat_template
 
 ROLES = ("system", "user", "assistant")
 """The template a run was tuned with, in its run directory (the exported folder has it in tokenizer_config.json)."""
@@ -204,39 +204,6 @@ def encode_turns(template: ChatTemplate, tokenizer: Tokenizer, messages: list[di
             stats.boundary_merges += 1
         out.append((prompt, reply_ids + [tokenizer.eos_id]))
     return out
-
-
-def render(template_text: str, messages: list[dict[str, str]], bos_token: str, eos_token: str,
-           add_generation_prompt: bool) -> str:
-    """A Jinja chat template rendered as transformers renders it (tokenizer/chat_template.py compiles it)."""
-    return compile_template(template_text).render(messages=messages, bos_token=bos_token, eos_token=eos_token,
-                                                  add_generation_prompt=add_generation_prompt)
-
-
-def encode_rendered(tokenizer: Tokenizer, text: str) -> list[int]:
-    """Token ids of rendered chat text: BOS/EOS written as their pieces become those ids, and every run of text
-    between them is encoded on its own (what the exported tokenizer does with split_special_tokens off)."""
-    specials = {tokenizer.sp.id_to_piece(i): i for i in (tokenizer.bos_id, tokenizer.eos_id) if i >= 0}
-    ids: list[int] = []
-    start = 0
-    while start < len(text):
-        hits = [(text.find(p, start), p) for p in specials if text.find(p, start) >= 0]
-        if not hits:
-            ids += tokenizer.encode(text[start:])
-            break
-        pos, piece = min(hits)
-        if pos > start:
-            ids += tokenizer.encode(text[start:pos])
-        ids.append(specials[piece])
-        start = pos + len(piece)
-    return ids
-
-
-def prompt_ids(template_text: str, tokenizer: Tokenizer, messages: list[dict[str, str]]) -> list[int]:
-    """The generation prompt of `messages` (ending with a user turn) under a stored Jinja template."""
-    piece = tokenizer.sp.id_to_piece
-    text = render(template_text, messages, piece(tokenizer.bos_id), piece(tokenizer.eos_id), True)
-    return encode_rendered(tokenizer, text)
 
 
 def read_chat_template(model_path: str | Path) -> str | None:

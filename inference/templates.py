@@ -12,7 +12,8 @@ transformers tokenizer does, instead of being spelled out as ordinary text.
 """
 from __future__ import annotations
 
-import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from typing import Any
 import jinja2
 
 from tokenizer import Tokenizer
-from tokenizer.chat_template import compile_template, find_chat_template
+from tokenizer.chat_template import compile_template, encode_chat, find_chat_template, render_chat, special_tokens
 
 FALLBACK_TEMPLATE = (
     "{{ bos_token }}"
@@ -68,10 +69,7 @@ class ChatTemplate:
     special: dict[str, str] = field(init=False)
 
     def __post_init__(self) -> None:
-        tok = self.tokenizer
-        self.special = {name: tok.id_to_piece(i) for name, i in
-                        (("bos_token", tok.bos_id), ("eos_token", tok.eos_id), ("unk_token", tok.unk_id),
-                         ("pad_token", tok.pad_id)) if i >= 0}
+        self.special = special_tokens(self.tokenizer)
         try:
             compile_template(self.source)
         except jinja2.TemplateError as e:
@@ -81,37 +79,26 @@ class ChatTemplate:
     def is_fallback(self) -> bool:
         return self.origin == "fallback"
 
-    def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+    @contextmanager
+    def _errors(self) -> Iterator[None]:
         try:
-            return compile_template(self.source).render(messages=check_messages(messages),
-                                                add_generation_prompt=add_generation_prompt, **self.special)
+            yield
         except jinja2.TemplateError as e:
             raise ValueError(f"{self.origin}: chat template error: {e}") from None
+
+    def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        with self._errors():
+            return render_chat(self.source, check_messages(messages), self.special, add_generation_prompt)
 
     def encode(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
         """Token ids of the rendered conversation: BOS/EOS/... strings the template writes become their ids.
 
-        The same strings inside a message stay text (as transformers' sanitize_control_tokens does), so a user
-        cannot end a turn early by typing "</s>": they are swapped for private-use markers while rendering.
+        The same strings inside a message stay text (sanitize_control_tokens, as transformers' option of that
+        name), so a user cannot end a turn early by typing "</s>".
         """
-        pieces = sorted(set(self.special.values()), key=len, reverse=True)
-        marks = {p: f"\ue000{i}\ue001" for i, p in enumerate(pieces)}
-        guarded = []
-        for m in check_messages(messages):
-            content = m["content"]
-            for p in pieces:
-                content = content.replace(p, marks[p])
-            guarded.append({**m, "content": content})
-        text = self.render(guarded, add_generation_prompt)
-        ids: list[int] = []
-        for part in re.split("(" + "|".join(map(re.escape, pieces)) + ")", text) if pieces else [text]:
-            if part in marks:
-                ids.append(self.tokenizer.piece_to_id(part))
-            elif part:
-                for p in pieces:
-                    part = part.replace(marks[p], p)
-                ids.extend(self.tokenizer.encode(part))
-        return ids
+        with self._errors():
+            return encode_chat(self.source, self.tokenizer, check_messages(messages), add_generation_prompt,
+                               sanitize_control_tokens=True)
 
 
 def load_chat_template(model_path: str | Path, tokenizer: Tokenizer) -> ChatTemplate:

@@ -12,8 +12,9 @@ from fixtures_eval import eval_assets  # noqa: F401  (pytest fixture)
 
 from evaluation import judge
 from evaluation.backends import load
-from evaluation.generation import ChatTemplate, encode_prompts, generate_ragged
+from evaluation.generation import ChatTemplate, encode_prompts
 from model import Transformer
+from model.generate import generate_ragged
 from tokenizer import Tokenizer
 
 
@@ -57,6 +58,18 @@ def test_chat_template_renders_as_transformers_does(tmp_path):
     ours = ChatTemplate(folder)
     assert not ours.is_plain and ours.render("你好，世界") == expected == "<s><|user|>\n你好，世界\n<|assistant|>\n"
     assert ChatTemplate(tmp_path).render("问") == "Human: 问\n\nAssistant:"
+
+
+def test_chat_prompts_of_a_sentencepiece_tokenizer_get_special_token_ids(eval_assets, tmp_path):  # noqa: F811
+    """A template's "<s>" is the BOS id, not the text "<s>" (which SentencePiece alone would make of it)."""
+    tok = Tokenizer(eval_assets["tokenizer"])
+    bos, eos = tok.id_to_piece(tok.bos_id), tok.id_to_piece(tok.eos_id)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": bos, "eos_token": eos,
+        "chat_template": "{% for m in messages %}{{ bos_token }}[INST] {{ m['content'] }} [/INST]{% endfor %}"}))
+    template = ChatTemplate(tmp_path)
+    [ids] = encode_prompts(tok, template, ["法律 law"], bos=True)
+    assert ids == [tok.bos_id] + tok.encode("[INST] 法律 law [/INST]")
 
 
 def test_batched_generation_equals_one_prompt_at_a_time(eval_assets):  # noqa: F811

@@ -18,6 +18,7 @@ from finetune.export import add_chat_template
 from finetune.loader import InstructionLoader, pack
 from pretrain.metrics import read_metrics
 from tokenizer import Tokenizer
+from tokenizer.chat_template import encode_chat
 from fixtures_finetune import (CONVERSATIONS, REPO, TINY_SFT, run_finetune, tiny_hf_model, train_tokenizer,
                                write_sample_files)
 
@@ -111,10 +112,15 @@ def test_prompt_tokens_equal_apply_chat_template_of_the_exported_folder(tok, bas
             got = got["input_ids"] if not isinstance(got, list) else got
             assert got == expected, (name, hf.apply_chat_template(history, add_generation_prompt=True,
                                                                   tokenize=False))
-            assert templates.prompt_ids(template.jinja(), tok, history) == expected
+            assert encode_chat(template.jinja(), tok, history) == expected
         whole = hf.apply_chat_template(messages, tokenize=True)
         whole = whole["input_ids"] if not isinstance(whole, list) else whole
         assert whole == ids
+    # Special-token text typed in a message: the default apply_chat_template reads it as those tokens, and so do we.
+    typed = [{"role": "user", "content": "a </s> b <s> c <unk> d"}]
+    got = hf.apply_chat_template(typed, add_generation_prompt=True, tokenize=True)
+    got = got["input_ids"] if not isinstance(got, list) else got
+    assert encode_chat(template.jinja(), tok, typed) == got and tok.unk_id in got
 
 
 def test_default_system_and_roles(tok):
@@ -350,9 +356,8 @@ def test_cli_errors_are_one_line(base, tmp_path):
 
 
 def test_generate_batches_prompt_lists_and_instruction_files(base, tmp_path, capsys):
-    from finetune.generate import batches_by_length, main as generate_main
+    from finetune.generate import main as generate_main
 
-    assert batches_by_length([3, 5, 3, 3, 5], 2) == [[0, 2], [3], [1, 4]]
     prompts = tmp_path / "01qa.json"
     prompts.write_text(json.dumps(["天空为什么是蓝的", "What is 2 plus 2?", "天空为什么是红的", "列举三种水果"],
                                   ensure_ascii=False))
@@ -370,12 +375,35 @@ def test_generate_batches_prompt_lists_and_instruction_files(base, tmp_path, cap
     assert [r["answer"] for r in rows] == [json.loads(x)["answer"] for x in out[1].read_text().splitlines()]
     meta = json.loads((tmp_path / "answers8.jsonl.meta.json").read_text())
     assert meta["sampling"]["batch_size"] == 8 and meta["chat_template"] == templates.get_template("vicuna").jinja()
-    assert meta["batches"] < 16  # prompts of equal token length shared batches
+    assert meta["batches"] == 2  # 16 prompts of many token lengths, 8 to a batch
 
     with pytest.raises(SystemExit):  # the base model stores no template: one line saying to pass --template
         generate_main(["--model", str(base), "--input", str(prompts), "--output", str(tmp_path / "x.jsonl")])
     assert "stores no chat template" in capsys.readouterr().err
     assert not (tmp_path / "x.jsonl").exists()
+
+
+def test_generate_batches_prompts_of_different_lengths_like_one_at_a_time(base, tok, tmp_path):
+    from finetune.generate import main as generate_main
+
+    questions = ["天", "What is 2 plus 2?", "列举三种水果，并说明它们的颜色和产地", "Hi", "天空为什么是蓝的？请解释。"]
+    lengths = [len(encode_chat(templates.get_template("alpaca").jinja(), tok, [{"role": "user", "content": q}]))
+               for q in questions]
+    assert len(set(lengths)) == len(questions)  # every batch below mixes token lengths
+    prompts = tmp_path / "mixed.json"
+    prompts.write_text(json.dumps(questions, ensure_ascii=False))
+    answers, metas = {}, {}
+    for batch in (1, 3):
+        out = tmp_path / f"mixed{batch}.jsonl"
+        generate_main(["--model", str(base), "--input", str(prompts), "--output", str(out), "--template", "alpaca",
+                       "--max_new_tokens", "7", "--batch_size", str(batch)])
+        rows = [json.loads(line) for line in out.read_text().splitlines()]
+        assert [r["messages"][-1]["content"] for r in rows] == questions  # input order, whatever the batching
+        answers[batch] = [r["answer"] for r in rows]
+        metas[batch] = json.loads(out.with_name(out.name + ".meta.json").read_text())
+    assert answers[3] == answers[1]
+    assert (metas[1]["batches"], metas[3]["batches"]) == (5, 2)
+    assert metas[3]["new_tokens"] == metas[1]["new_tokens"] > 0
 
 
 def test_resuming_with_another_template_is_refused_before_anything_is_rewritten(base, tmp_path):

@@ -45,6 +45,11 @@ def test_special_token_text_in_a_message_stays_text(folder):
     template = load_chat_template(chat_dir, tok)
     ids = template.encode([{"role": "user", "content": "a </s> b <s>"}])
     assert ids.count(tok.eos_id) == 0 and ids.count(tok.bos_id) == 1
+    typed = [{"role": "user", "content": "a </s> b <s> c <unk>"}, {"role": "assistant", "content": "ok</s>"},
+             {"role": "user", "content": "again <s>"}]
+    ids = template.encode(typed)  # only the template's own BOS (one per user turn) and EOS (after the reply)
+    assert (ids.count(tok.bos_id), ids.count(tok.eos_id), ids.count(tok.unk_id)) == (2, 1, 0)
+    assert "a </s> b <s> c <unk>" in tok.decode(ids) and "again <s>" in tok.decode(ids)
 
 
 def test_openai_message_forms_are_accepted(folder):

@@ -198,6 +198,31 @@ def test_generate_sampling_and_eos():
     assert torch.equal(stopped[0], greedy[0, :first + 1])
 
 
+def test_ragged_generation_equals_each_prompt_alone():
+    from model.generate import generate_ragged, length_sorted_batches
+
+    model = make(n_kv_heads=2)  # fp32
+    torch.manual_seed(1)
+    prompts = [torch.randint(0, 512, (n,)).tolist() for n in (6, 1, 11, 3)]
+    alone = [model.generate(torch.tensor([p]), 10)[0, len(p):].tolist() for p in prompts]
+    assert generate_ragged(model, prompts, 10) == alone and all(len(a) == 10 for a in alone)
+    # An EOS ends the rows that emit it (without the EOS) and only those; rows stop as Transformer.generate does.
+    eos = alone[2][3]
+    stopped = generate_ragged(model, prompts, 10, eos_id=eos)
+    assert any(eos not in a for a in alone) and len(stopped[2]) <= 3
+    for p, got in zip(prompts, stopped):
+        ref = model.generate(torch.tensor([p]), 10, eos_id=eos)[0, len(p):].tolist()
+        assert got == (ref[:ref.index(eos)] if eos in ref else ref)
+    # The context bounds every row as it bounds each prompt alone; ids >= vocab_size are never picked.
+    short = make(n_kv_heads=2, max_seq_len=14)
+    assert generate_ragged(short, prompts, 10) == \
+        [short.generate(torch.tensor([p]), 10)[0, len(p):].tolist() for p in prompts]
+    assert max(max(new) for new in generate_ragged(model, prompts, 10, vocab_size=40)) < 40
+    assert length_sorted_batches([6, 1, 11, 3, 6], 2) == [[1, 3], [0, 4], [2]]
+    with pytest.raises(ValueError, match="at least one token"):
+        generate_ragged(model, [[1, 2], []], 4)
+
+
 def test_sequence_longer_than_context_is_rejected():
     model = make(max_seq_len=16)
     with pytest.raises(ValueError, match="max_seq_len=16"):

@@ -1,13 +1,20 @@
-"""A model's Jinja chat template: where it is stored and how it is compiled, exactly as transformers does.
+"""A model's Jinja chat template: where it is stored, how it is compiled and rendered, and how the rendered text
+becomes token ids, exactly as transformers does.
 
 One place for every stage that turns messages into a prompt: fine-tuning (the training prompts), evaluation (the
 judged answers) and inference (chat, server, web). Compiling follows transformers' apply_chat_template: a
 sandboxed Jinja environment with trim_blocks/lstrip_blocks, the loop-control extension and the
 `{% generation %}` tag, a `tojson` filter that does not escape HTML, `raise_exception` and `strftime_now`.
+
+Encoding (`encode_chat`, `encode_rendered`) is what a transformers tokenizer does with the rendered text: the
+special tokens the template writes (BOS/EOS/UNK/PAD as text) become their ids and each run of text between them is
+encoded on its own. SentencePiece alone would spell "<s>" out as ordinary text.
 """
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
@@ -15,6 +22,8 @@ from pathlib import Path
 import jinja2
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from .tokenizer import Tokenizer
 
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
 """The file a template is stored in beside a model (fine-tuning writes it into its run directory)."""
@@ -78,3 +87,66 @@ def find_chat_template(model_path: str | Path) -> tuple[str, str] | None:
         if candidate.is_file():
             return candidate.read_text(encoding="utf-8"), str(candidate)
     return None
+
+
+def special_tokens(tokenizer: Tokenizer) -> dict[str, str]:
+    """The variables a template is rendered with for the tokenizer's special tokens (bos_token, eos_token,
+    unk_token, pad_token; those it has), each its piece, e.g. {"bos_token": "<s>", ...}."""
+    ids = {"bos_token": tokenizer.bos_id, "eos_token": tokenizer.eos_id, "unk_token": tokenizer.unk_id,
+           "pad_token": tokenizer.pad_id}
+    return {name: tokenizer.id_to_piece(i) for name, i in ids.items() if i >= 0}
+
+
+def render_chat(source: str, messages: Sequence[Mapping[str, str]], specials: Mapping[str, str],
+                add_generation_prompt: bool = True) -> str:
+    """The text transformers' apply_chat_template(tokenize=False) gives; raises jinja2.TemplateError."""
+    return compile_template(source).render(messages=list(messages), add_generation_prompt=add_generation_prompt,
+                                           **specials)
+
+
+def _encode_runs(tokenizer: Tokenizer, text: str, stand_ins: Mapping[str, str]) -> list[int]:
+    """encode_rendered, where the stand_ins (marker -> special piece) inside runs of text are put back as text."""
+    pieces = {p: tokenizer.piece_to_id(p) for p in special_tokens(tokenizer).values()}
+    # Longest piece first, so that one piece that begins another can never cut it short (transformers' trie).
+    pattern = "(" + "|".join(re.escape(p) for p in sorted(pieces, key=len, reverse=True)) + ")"
+    ids: list[int] = []
+    for part in re.split(pattern, text) if pieces else [text]:
+        if part in pieces:
+            ids.append(pieces[part])
+        elif part:
+            for marker, piece in stand_ins.items():
+                part = part.replace(marker, piece)
+            ids.extend(tokenizer.encode(part))
+    return ids
+
+
+def encode_rendered(tokenizer: Tokenizer, text: str) -> list[int]:
+    """Token ids of rendered chat text: the tokenizer's special pieces in it become their ids, and every run of text
+    between them is encoded on its own (what a transformers tokenizer does with split_special_tokens off)."""
+    return _encode_runs(tokenizer, text, {})
+
+
+def encode_chat(source: str, tokenizer: Tokenizer, messages: Sequence[Mapping[str, str]],
+                add_generation_prompt: bool = True, *, sanitize_control_tokens: bool = False) -> list[int]:
+    """The ids transformers' apply_chat_template(messages, tokenize=True) gives with the exported tokenizer.
+
+    sanitize_control_tokens (transformers' option of that name, off by default there, too): special-token strings
+    typed inside message contents stay text. The two uses differ in intent. Fine-tuning leaves it off: its prompts
+    must equal transformers' default apply_chat_template token for token (tested), what users of the exported
+    folder get. A server turns it on: its messages come from users, who must not end a turn or forge one by typing
+    "</s>" or "<s>". The pieces are swapped for private-use markers while rendering, so that the template's own
+    special tokens are the only ones left in the text, and put back as text when the runs are encoded.
+    """
+    specials = special_tokens(tokenizer)
+    if not sanitize_control_tokens:
+        return encode_rendered(tokenizer, render_chat(source, messages, specials, add_generation_prompt))
+    pieces = sorted(set(specials.values()), key=len, reverse=True)
+    marks = {p: f"\ue000{i}\ue001" for i, p in enumerate(pieces)}
+    guarded = []
+    for m in messages:
+        content = m["content"]
+        for p in pieces:
+            content = content.replace(p, marks[p])
+        guarded.append({**m, "content": content})
+    text = render_chat(source, guarded, specials, add_generation_prompt)
+    return _encode_runs(tokenizer, text, {mark: p for p, mark in marks.items()})
