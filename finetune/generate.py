@@ -116,7 +116,9 @@ def generate(args: argparse.Namespace) -> None:
     prompts = []
     for item in items:
         try:
-            prompts.append(encode_chat(template, tok, item["messages"]))
+            # Training encodes message contents as text (finetune/templates.py), so a "</s>" typed in a prompt
+            # stays text here too.
+            prompts.append(encode_chat(template, tok, item["messages"], sanitize_control_tokens=True))
         except TemplateError as e:  # e.g. the template's own raise_exception on roles it does not accept
             raise ValueError(f"{item['source']} prompt {item['index']}: chat template error: {e}") from None
     too_long = [i for i, ids in enumerate(prompts) if len(ids) >= model.config.max_seq_len]

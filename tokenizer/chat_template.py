@@ -131,10 +131,10 @@ def encode_chat(source: str, tokenizer: Tokenizer, messages: Sequence[Mapping[st
     """The ids transformers' apply_chat_template(messages, tokenize=True) gives with the exported tokenizer.
 
     sanitize_control_tokens (transformers' option of that name, off by default there, too): special-token strings
-    typed inside message contents stay text. The two uses differ in intent. Fine-tuning leaves it off: its prompts
-    must equal transformers' default apply_chat_template token for token (tested), what users of the exported
-    folder get. A server turns it on: its messages come from users, who must not end a turn or forge one by typing
-    "</s>" or "<s>". The pieces are swapped for private-use markers while rendering, so that the template's own
+    typed inside message contents stay text. Off, the ids equal transformers' default apply_chat_template token for
+    token (tested), what users of the exported folder get. Batch generation and the server turn it on: training
+    encodes message contents as text, and a server's messages come from users, who must not end a turn or forge
+    one by typing "</s>" or "<s>". The pieces are swapped for private-use markers while rendering, so that the template's own
     special tokens are the only ones left in the text, and put back as text when the runs are encoded.
     """
     specials = special_tokens(tokenizer)
