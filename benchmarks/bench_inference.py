@@ -16,6 +16,8 @@ every repetition, median of --reps.
 from __future__ import annotations
 
 import argparse
+import copy
+import functools
 import json
 import os
 import statistics
@@ -76,10 +78,13 @@ def bench_decode(args: argparse.Namespace, tok: Tokenizer, model: Transformer, f
     for batch in args.batches:
         ids = prompts(tok, batch, args.prompt_len)
         x = torch.tensor(ids, device=args.device)
-        engine = Engine(model, tok, slots=batch, max_len=total + 1)
+        # The engine packs its copy's large CPU fp32 weights for `batch` rows (inference/packing.py); the copy keeps
+        # Transformer.generate on the plain weights. "engine, unpacked" shows what the packing is worth.
+        engines = {"engine": Engine(copy.deepcopy(model), tok, slots=batch, max_len=total + 1),
+                   "engine, unpacked": Engine(model, tok, slots=batch, max_len=total + 1, pack_weights=False)}
         params = SamplingParams(max_tokens=args.new_tokens, ignore_eos=True)
 
-        def run_engine():
+        def run_engine(engine: Engine) -> None:
             reqs = [engine.submit(p, params, lambda e: None) for p in ids]
             while not all(r.done for r in reqs):
                 engine.step()
@@ -96,7 +101,10 @@ def bench_decode(args: argparse.Namespace, tok: Tokenizer, model: Transformer, f
                                   min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
             assert out.shape[1] == total
 
-        systems = {"engine": run_engine, "Transformer.generate": run_generate, "transformers generate": run_hf}
+        systems = {name: functools.partial(run_engine, e) for name, e in engines.items()}
+        systems.update({"Transformer.generate": run_generate, "transformers generate": run_hf})
+        if not engines["engine"].packed:
+            del systems["engine, unpacked"]  # nothing was packed (GPU, bf16, batch 1): the same system twice
         times = {name: [] for name in systems}
         for name, fn in systems.items():  # warm-up
             fn()

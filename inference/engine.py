@@ -34,6 +34,8 @@ from model.attention import AttnMeta
 from model.model import greedy, sample
 from tokenizer import StreamDecoder, Tokenizer
 
+from .packing import pack_linears
+
 MEMORY_HEADROOM = 0.8  # the KV cache may take at most this share of the memory free when the engine starts
 
 
@@ -204,7 +206,10 @@ class Engine:
     by hand (`step()`) in tests."""
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, slots: int = 8, max_len: int | None = None,
-                 max_queue: int = 64):
+                 max_queue: int = 64, pack_weights: bool = True):
+        """pack_weights: on CPU in float32, large linear weights are packed for MKL's GEMM at a full decode step's
+        `slots` rows (inference/packing.py: faster batched decoding, more memory); the model's modules are
+        swapped in place."""
         if slots < 1:
             raise ValueError(f"--slots must be at least 1, got {slots}")
         if max_queue < 0:
@@ -217,6 +222,7 @@ class Engine:
         self.device, self.dtype = p.device, p.dtype
         self._check_memory(slots)
         self.cache = SlotCache(model, slots, self.max_len, self.device, self.dtype)
+        self.packed = pack_linears(model, slots) if pack_weights and slots > 1 else []
         self.slots: list[Request | None] = [None] * slots
         self.positions = [0] * slots  # tokens in each slot's cache
         self.generators: list[torch.Generator | None] = [None] * slots

@@ -118,3 +118,35 @@ def test_batched_greedy_equals_one_at_a_time_on_cuda(folder):
             assert req.output_ids == ref
     finally:
         model.to("cpu")
+
+
+def test_packed_weights_decode_the_same_tokens(folder):
+    """CPU fp32: linears packed for MKL's GEMM at the engine's row count (inference/packing.py) give the plain
+    weights' logits to float32 rounding and the same greedy replies; other row counts and the state dict are
+    untouched; the debug model's small matrices are left alone by default."""
+    import copy
+
+    import torch.nn.functional as F
+
+    from inference.packing import PackedLinear, available, pack_linears
+
+    if not available(torch.device("cpu"), torch.float32):
+        pytest.skip("this torch build has no MKL packed sgemm")
+    _, _, model, tok = folder
+    assert Engine(copy.deepcopy(model), tok, slots=3).packed == []  # under MIN_WEIGHTS
+    packed = copy.deepcopy(model)
+    names = pack_linears(packed, rows=3, min_weights=0)
+    assert "output" in names and len(names) == 1 + 4 * model.config.n_layers  # head; wqkv, wo, w13, w2 per layer
+    assert isinstance(packed.output, PackedLinear)
+    plain, swapped = model.state_dict(), packed.state_dict()
+    assert plain.keys() == swapped.keys() and all(torch.equal(plain[k], swapped[k]) for k in plain)
+    w = model.output.weight
+    with torch.no_grad():
+        x = torch.randn(3, 1, w.shape[1])
+        torch.testing.assert_close(packed.output(x), F.linear(x, w), rtol=1e-5, atol=1e-5)
+        assert torch.equal(packed.output(x[:2]), F.linear(x[:2], w))  # not the packed row count: the plain GEMM
+
+    jobs = [(tok.encode(p, bos=True), SamplingParams(max_tokens=24)) for p in PROMPTS]
+    ours = run_all(Engine(packed, tok, slots=3, pack_weights=False), jobs)
+    ref = run_all(Engine(model, tok, slots=3, pack_weights=False), jobs)
+    assert [r.output_ids for r in ours] == [r.output_ids for r in ref]
