@@ -13,7 +13,8 @@
 #   5. benchmarks/bench_model.py --preset 1b --seq_len 4096 --dtype bf16: ours, ours+compile, transformers (sdpa),
 #      ours and transformers with cuDNN attention, ours with FlexAttention
 #   6. pretrain/train.py on the 1B config: ZeRO-1 bf16, activation checkpointing off and on (tokens/s, MFU)
-#   7. optional variants while time is left (bench at batch 2, training with FlexAttention, train.py compile=true)
+#   7. optional variants while time is left (bench at batch 2, quantized linears, the inference engine in bf16,
+#      training with FlexAttention, train.py compile=true)
 # Output: OUT_DIR/summary.md (the table), OUT_DIR/gpu_check.log (everything printed), OUT_DIR/logs.tar.gz (each
 # step's log, metrics.jsonl of each run, JSON figures), OUT_DIR/results.json.
 set -u
@@ -214,6 +215,16 @@ fi
 # INT8/INT4 weight-only quantized linears on the GPU (inference/quantize.py): kernels, error, memory, decode speed
 if (( $(left) > 60 )) && [[ "$DRY" != 1 ]] && [[ -f benchmarks/quantization/gpu_check.py ]]; then
     step quant_gpu 60 "$PYTHON" benchmarks/quantization/gpu_check.py
+fi
+# The inference engine's batched decoding in bf16 against transformers' generate (benchmarks/inference.md)
+if (( $(left) > 60 )); then
+    if [[ "$DRY" == 1 ]]; then INFER=(--device cpu --dtype float32 --dim 64 --n_layers 2 --n_heads 4 --n_kv_heads 2
+                                      --new_tokens 8 --reps 1)
+    else INFER=(--device cuda --dtype bfloat16 --dim 2048 --n_layers 16 --n_heads 16 --n_kv_heads 8 --new_tokens 64
+                --reps 2); fi
+    step infer_gpu 90 "$PYTHON" benchmarks/bench_inference.py decode --tokenizer "$DATA" --batches 1 8 "${INFER[@]}"
+else
+    skip infer_gpu "time budget used up"
 fi
 # FlexAttention: document masking as a block-sparse kernel instead of sdpa with a dense mask (no flash-attn here)
 if (( $(left) > 60 )) && [[ "$DRY" != 1 ]]; then

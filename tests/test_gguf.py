@@ -130,6 +130,37 @@ def test_llama_cpp_style_forward_over_the_file_gives_our_logits(exported, tmp_pa
     assert (reference_logits(t, model.config, ids, pairs=False) - ours).abs().max() > 0.05 * scale
 
 
+@pytest.mark.parametrize("outtype, tolerance", [("f16", 0.02), ("q8_0", 0.06), ("q4_0", 0.1)])
+def test_llama_cpp_reads_the_file_tokenizes_alike_and_computes_its_model(exported, tmp_path, outtype, tolerance):
+    """llama.cpp itself (llama-cpp-python, where it is installed: `pip install -c constraints.txt
+    llama-cpp-python` builds it from source) loads the file, its tokenizer gives our ids, and its logits are
+    those of the model the file holds (the forward pass over the file's dequantized tensors) within its own
+    rounding (f16 KV cache; activations quantized to 8 bits against q8_0/q4_0 weights). For f16 that model is
+    ours to f16 rounding; the quantized files' distance from ours is the weights' quantization error."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    _, _, tok, _ = exported
+    path, model = tiny_model_dir(tmp_path, tok, name="sharp", init_std=0.3)  # attention (and rotary order) matters
+    out = tmp_path / f"sharp-{outtype}.gguf"
+    main(["--model", str(path), "--outtype", outtype, "--output", str(out)])
+    llm = llama_cpp.Llama(model_path=str(out), n_ctx=64, n_threads=1, logits_all=True, verbose=False)
+    try:
+        for text in ("the city of music 床前明月光 and people went", "  two  spaces, 12 + 35 = 47\n"):
+            assert llm.tokenize(text.encode(), add_bos=True, special=False) == tok.encode(text, bos=True), text
+        ids = tok.encode("the city of music 床前明月光 and people went", bos=True)
+        llm.eval(ids)
+        theirs = torch.from_numpy(llm.scores[:len(ids)].copy())
+    finally:
+        llm.close()
+    with torch.no_grad():
+        ours = model(torch.tensor([ids]))[0]
+    scale = ours.abs().max()
+    held = reference_logits(read_tensors(out), model.config, ids)
+    assert (theirs - held).abs().max() < tolerance * scale
+    if outtype == "f16":
+        assert (theirs - ours).abs().max() < tolerance * scale
+        assert (theirs.argmax(-1) == ours.argmax(-1)).float().mean() >= 0.9
+
+
 def _cli(*args):
     r = subprocess.run([sys.executable, "-m", "inference.gguf", *args], capture_output=True, text=True, cwd=REPO,
                        env=env(), timeout=120)
