@@ -60,17 +60,17 @@ def pack_linears(model: nn.Module, rows: int, min_weights: int = MIN_WEIGHTS) ->
     """Swap every float32 CPU nn.Linear of at least `min_weights` weights for a PackedLinear for `rows` rows,
     largest first, while the packed copies fit in MEMORY_SHARE of the available memory. Returns the names
     swapped. The weights must not change afterwards (the packed copies would be stale)."""
-    import psutil
-
     targets = [(name, m) for name, m in model.named_modules() if type(m) in PACKABLE
                and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32
                and m.weight.numel() >= min_weights]
     if not targets or not available(torch.device("cpu"), torch.float32):
         return []
+    import psutil
+
     budget = MEMORY_SHARE * psutil.virtual_memory().available
     used, swapped = 0, []
     for name, linear in sorted(targets, key=lambda t: -t[1].weight.numel()):
-        if used + 3 * linear.weight.nbytes > budget:  # a packed copy was at most 2.7x the weight (docstring)
+        if used + 3 * linear.weight.nbytes > budget:  # from 2^20 weights up, packed copies measured <= 2.7x
             continue
         packed = PackedLinear(linear, rows)
         used += packed.packed.nbytes
