@@ -2,11 +2,11 @@
 
 MKL's sgemm copies the weight matrix into its blocked panel layout at every call. With one row (a GEMV) it skips
 that; with the 2-16 rows of a batched decode step the copy costs more than the multiply. Measured with torch 2.13
-on this project's 2-core Xeon (AVX-512), one thread, a [32000, 256] output head takes 1.3 ms for 1 row, 4.1 ms
+on the 2-core Xeon (AVX-512) of benchmarks/inference.md, one thread, a [32000, 256] output head takes 1.3 ms for 1 row, 4.1 ms
 for 8 rows, and 1.7-1.9 ms for 8 rows when the weight was packed ahead of time (cblas_sgemm_pack, which torch
 exposes as torch.ops.mkl._mkl_reorder_linear_weight / _mkl_linear, the kernels inductor's freezing pass uses
-for CPU linears); a [4096, 4096] layer 8.4 ms against 4.2 ms. In the engine's decode step with 8 busy slots
-(benchmarks/inference.md) packing the head alone took the batch-8 rate from 678 to 993 tokens/s.
+for CPU linears); a [4096, 4096] layer 8.4 ms against 4.2 ms. In the engine with 8 busy slots, packing the
+benchmark model's head (its only matrix this large) took batch-8 decoding from 805 to 1,036 tokens/s.
 
 A packed weight is made for one row count: the engine's slot count, the batch of a full decode step. Other row
 counts (prefill, a partly idle engine) use the ordinary weight, which stays the module's parameter (state dicts,
