@@ -94,16 +94,14 @@ class Request:
     prompt_ids: list[int]
     params: SamplingParams
     sink: Callable[[Event], None]
-    anchor: list[int] = field(default_factory=list)
-    """Token(s) decoded in front of the reply and cut off again, so that a reply continuing a word keeps its
-    leading space (SentencePiece drops it at the start of a decode)."""
+    detokenizer: StreamDecoder
+    """The reply's text, token by token; its context is the anchor given to Engine.submit."""
     id: int = 0
     output_ids: list[int] = field(default_factory=list)
     decoded: str = ""  # the reply's text so far (complete characters)
     text: str = ""  # the part of it sent to the sink (a stop string's possible start waits)
     finish_reason: str | None = None
     cancelled: bool = False
-    detokenizer: StreamDecoder | None = None
 
     def cancel(self) -> None:
         """Stop generating; the engine frees the slot at its next step (safe from any thread)."""
@@ -252,7 +250,10 @@ class Engine:
 
     def submit(self, prompt_ids: Sequence[int], params: SamplingParams, sink: Callable[[Event], None],
                anchor: Sequence[int] = ()) -> Request:
-        """Queue a request; raises ValueError for a prompt that does not fit, QueueFull when the queue is full."""
+        """Queue a request; raises ValueError for a prompt that does not fit, QueueFull when the queue is full.
+
+        anchor: token(s) decoded in front of the reply and cut off again, so that a reply continuing a word keeps
+        its leading space (SentencePiece drops it at the start of a decode)."""
         params.check()
         if not prompt_ids:
             raise ValueError("the prompt is empty")
@@ -261,7 +262,7 @@ class Engine:
                              "(prompt and reply together)")
         if max(prompt_ids) >= self.model.config.vocab_size or min(prompt_ids) < 0:
             raise ValueError(f"prompt token ids must be in [0, {self.model.config.vocab_size})")
-        req = Request(list(prompt_ids), params, sink, list(anchor), id=next(self._ids))
+        req = Request(list(prompt_ids), params, sink, StreamDecoder(self.tokenizer, anchor), id=next(self._ids))
         with self._lock:
             if self.error is not None:
                 raise RuntimeError(f"the engine stopped after an error: {self.error}")
@@ -389,8 +390,6 @@ class Engine:
         """Record a sampled token: emit the text it completes, finish the request when it is done."""
         req = self.slots[slot]
         req.output_ids.append(token)
-        if req.detokenizer is None:
-            req.detokenizer = StreamDecoder(self.tokenizer, req.anchor)
         if token == self.tokenizer.eos_id and not req.params.ignore_eos:
             self._finish(req, "stop", req.decoded + req.detokenizer.flush())
             return

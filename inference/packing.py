@@ -1,12 +1,12 @@
 """CPU float32 decoding: large linear weights packed once in MKL's GEMM layout for the engine's full batch.
 
 MKL's sgemm copies the weight matrix into its blocked panel layout at every call. With one row (a GEMV) it skips
-that; with the 2-16 rows of a batched decode step the copy costs more than the multiply. Measured with torch 2.13
-on the 2-core Xeon (AVX-512) of benchmarks/inference.md, one thread, a [32000, 256] output head takes 1.3 ms for 1 row, 4.1 ms
-for 8 rows, and 1.7-1.9 ms for 8 rows when the weight was packed ahead of time (cblas_sgemm_pack, which torch
-exposes as torch.ops.mkl._mkl_reorder_linear_weight / _mkl_linear, the kernels inductor's freezing pass uses
-for CPU linears); a [4096, 4096] layer 8.4 ms against 4.2 ms. In the engine with 8 busy slots, packing the
-benchmark model's head (its only matrix this large) took batch-8 decoding from 805 to 1,036 tokens/s.
+that; with the 2-16 rows of a batched decode step the copy costs more than the multiply. Measured with torch 2.13 on
+the 2-core Xeon (AVX-512) of benchmarks/inference.md, one thread, a [32000, 256] output head takes 1.3 ms for 1 row,
+4.1 ms for 8 rows, and 1.7-1.9 ms for 8 rows when the weight was packed ahead of time (cblas_sgemm_pack, which torch
+exposes as torch.ops.mkl._mkl_reorder_linear_weight / _mkl_linear, the kernels inductor's freezing pass uses for CPU
+linears); a [4096, 4096] layer 8.4 ms against 4.2 ms. In the engine with 8 busy slots, packing the benchmark model's
+head (its only matrix this large) took batch-8 decoding from 805 to 1,036 tokens/s.
 
 A packed weight is made for one row count: the engine's slot count, the batch of a full decode step. Other row
 counts (prefill, a partly idle engine) use the ordinary weight, which stays the module's parameter (state dicts,
@@ -28,10 +28,10 @@ MIN_WEIGHTS = 1 << 20  # see the module docstring
 MEMORY_SHARE = 0.5  # packed copies may take at most this share of the memory available when packing starts
 
 
-def available(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether this torch build has MKL's packed sgemm for `device` and `dtype` (CPU float32 only)."""
-    return (device.type == "cpu" and dtype == torch.float32 and torch.backends.mkl.is_available()
-            and hasattr(torch.ops.mkl, "_mkl_linear") and hasattr(torch.ops.mkl, "_mkl_reorder_linear_weight"))
+def available() -> bool:
+    """Whether this torch build has MKL's packed sgemm (for CPU float32 weights)."""
+    return (torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear")
+            and hasattr(torch.ops.mkl, "_mkl_reorder_linear_weight"))
 
 
 class PackedLinear(nn.Module):
@@ -63,7 +63,7 @@ def pack_linears(model: nn.Module, rows: int, min_weights: int = MIN_WEIGHTS) ->
     targets = [(name, m) for name, m in model.named_modules() if type(m) in PACKABLE
                and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32
                and m.weight.numel() >= min_weights]
-    if not targets or not available(torch.device("cpu"), torch.float32):
+    if not targets or not available():
         return []
     import psutil
 

@@ -134,8 +134,9 @@ def encode_chat(source: str, tokenizer: Tokenizer, messages: Sequence[Mapping[st
     typed inside message contents stay text. Off, the ids equal transformers' default apply_chat_template token for
     token (tested), what users of the exported folder get. Batch generation and the server turn it on: training
     encodes message contents as text, and a server's messages come from users, who must not end a turn or forge
-    one by typing "</s>" or "<s>". The pieces are swapped for private-use markers while rendering, so that the template's own
-    special tokens are the only ones left in the text, and put back as text when the runs are encoded.
+    one by typing "</s>" or "<s>". The pieces are swapped for private-use markers while rendering, so that the
+    template's own special tokens are the only ones left in the text, and put back as text when the runs are
+    encoded.
     """
     specials = special_tokens(tokenizer)
     if not sanitize_control_tokens:

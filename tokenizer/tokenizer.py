@@ -118,16 +118,19 @@ class StreamDecoder:
     def push(self, token: int) -> str:
         """Add a token; return the text it completes (possibly "")."""
         self.ids.append(int(token))
-        before = self.tokenizer.decode(self.ids[self.start:self.done])
-        after = self.tokenizer.decode(self.ids[self.start:])
-        if len(after) <= len(before) or after.endswith("\ufffd"):
+        new = self._pending()
+        if not new or new.endswith("\ufffd"):
             return ""  # nothing yet (a control token), or a character still incomplete
         self.start, self.done = self.done, len(self.ids)
-        return after[len(before):]
+        return new
 
     def flush(self) -> str:
         """The text of ids still held back (an incomplete character decodes to U+FFFD); the stream ends here."""
-        before = self.tokenizer.decode(self.ids[self.start:self.done])
-        after = self.tokenizer.decode(self.ids[self.start:])
+        new = self._pending()
         self.start = self.done = len(self.ids)
-        return after[len(before):]
+        return new
+
+    def _pending(self) -> str:
+        """The text the ids after `done` add to the returned text (decoded from `start`, see the class doc)."""
+        before = self.tokenizer.decode(self.ids[self.start:self.done])
+        return self.tokenizer.decode(self.ids[self.start:])[len(before):]
