@@ -20,8 +20,11 @@ import types
 import typing
 from typing import Any, Callable, Sequence, TypeVar
 
-EXPECTED_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, KeyError)
-"""What counts as the user's mistake rather than a bug: reported in one line, no traceback."""
+from .errors import UserError
+
+EXPECTED_ERRORS: tuple[type[BaseException], ...] = (UserError, ValueError, OSError, KeyError)
+"""What counts as the user's mistake rather than a bug: reported in one line, no traceback. (Being narrowed to
+UserError alone: see common/errors.py.)"""
 
 T = TypeVar("T")
 
