@@ -6,8 +6,10 @@ A run directory holds DeepSpeed checkpoint folders `step_NNNNNN` and a `latest` 
 from __future__ import annotations
 
 import contextlib
+import enum
 import json
 import os
+import pickle
 import re
 from pathlib import Path
 from typing import Any, Iterator
@@ -66,12 +68,31 @@ def is_run_dir(path: str | Path) -> bool:
 
 # Classes DeepSpeed pickles into its checkpoint files besides tensors and builtins; allow-listed so checkpoints
 # are read with torch.load(weights_only=True) even though DeepSpeed itself asks for weights_only=False.
-def _deepspeed_safe_globals() -> list[Any]:
+def _deepspeed_safe_classes() -> list[type]:
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
     return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def enum_member_by_name(cls: Any, name: Any) -> enum.Enum:
+    """The only `getattr` a checkpoint may call: a member, by name, of one of DeepSpeed's allow-listed enums.
+
+    Python 3.11.0-3.11.3 (Debian 12's python3 is 3.11.2) pickle an enum member as `getattr(EnumClass, "name")`
+    rather than `EnumClass(value)`, so a checkpoint saved there holds ZeroStageEnum as a call of builtins.getattr.
+    Allowing getattr itself would let a file reach any attribute of any allow-listed class; this stands in for it
+    and resolves enum members only."""
+    if (isinstance(cls, type) and issubclass(cls, enum.Enum) and cls in _deepspeed_safe_classes()
+            and isinstance(name, str) and name in cls.__members__):
+        return cls[name]
+    raise pickle.UnpicklingError(f"getattr({getattr(cls, '__qualname__', type(cls).__name__)}, {name!r}) in a "
+                                 "checkpoint: only members of DeepSpeed's allow-listed enums may be looked up")
+
+
+def _deepspeed_safe_globals() -> list[Any]:
+    # The file's builtins.getattr is served by enum_member_by_name (torch maps the name to this callable).
+    return [*_deepspeed_safe_classes(), (enum_member_by_name, "builtins.getattr")]
 
 
 @contextlib.contextmanager
