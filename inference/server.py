@@ -21,9 +21,11 @@ The server binds 127.0.0.1 unless told otherwise.
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import math
 import secrets
+import socket
 import threading
 import time
 from pathlib import Path
@@ -34,7 +36,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from common.cli import entry_point, fail, parser
+from common.cli import entry_point, parser
+from common.errors import UserError
 
 from .engine import Engine, Event, QueueFull, Request, SamplingParams
 from .loader import add_model_args, load, make_engine
@@ -321,24 +324,57 @@ def main(argv: list[str] | None = None) -> None:
     p = parser("python -m inference.server", __doc__)
     add_model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (0.0.0.0 exposes it to the network)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="TCP port to listen on (checked before the model loads)")
     p.add_argument("--api_key", default=None, help="require `Authorization: Bearer KEY` on /v1 requests")
     p.add_argument("--slots", type=int, default=8, help="sequences decoded together (KV-cache slots)")
     p.add_argument("--max_queue", type=int, default=64, help="requests waiting for a slot before 429")
     p.add_argument("--served_model_name", default=None, help="the model id in the API (default: folder name)")
     args = p.parse_args(argv)
-    if not 0 < args.port < 65536:
-        fail(f"--port must be in 1..65535, got {args.port}")
     import uvicorn
 
+    # The port is taken now, before the model loads (tens of seconds), and handed to uvicorn: a port in use is
+    # reported at once and naming --port, and no other process can take it in between.
+    listener = bind_port(args.host, args.port)
     loaded = load(args)
     engine = make_engine(loaded, args.slots, args.max_len, args.max_queue)
     name = args.served_model_name or Path(args.model).resolve().name
     app = create_app(engine, loaded.template, name, args.api_key)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=5))
+    # (uvicorn announces the address only for sockets it binds itself.)
+    print(f"serving {name} on http://{args.host}:{args.port} (Ctrl-C stops it)", flush=True)
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=5)
+        server.run(sockets=[listener])
     finally:
         engine.stop()
+        listener.close()
+
+
+def bind_port(host: str, port: int, flag: str = "--port") -> socket.socket:
+    """A TCP socket bound to (host, port) and listening; a port in use or a bad address is one error naming the
+    flag. SO_REUSEADDR as uvicorn sets it, so a port a stopped server left in TIME_WAIT is usable at once."""
+    if not 0 < port < 65536:
+        raise UserError(f"{flag} must be in 1..65535, got {port}")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(2048)  # uvicorn's default backlog
+    except socket.gaierror:
+        sock.close()
+        raise UserError(f"--host {host}: unknown host or address") from None
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise UserError(f"port {port} on {host} is in use (another server?); pass a free one with {flag} PORT") \
+                from None
+        if e.errno == errno.EADDRNOTAVAIL:
+            raise UserError(f"--host {host} is not an address of this machine; pass one of its own (127.0.0.1, "
+                            "0.0.0.0 for every interface)") from None
+        if e.errno == errno.EACCES:
+            raise UserError(f"{flag} {port}: ports below 1024 need root; pass one from 1024 up") from None
+        raise
+    return sock
 
 
 if __name__ == "__main__":

@@ -10,11 +10,12 @@ from __future__ import annotations
 import os
 from typing import Any, Iterator
 
-from common.cli import entry_point, fail, parser
+from common.cli import entry_point, parser
 
 from .chat import Chat, add_sampling_args, sampling_from_args
 from .engine import SamplingParams
 from .loader import add_model_args, load, make_engine
+from .server import bind_port
 
 
 def history_messages(history: list[Any]) -> list[dict[str, str]]:
@@ -60,24 +61,39 @@ def build_demo(chat: Chat, defaults: SamplingParams, title: str = "Chat", concur
                             concurrency_limit=concurrency, flagging_mode="never")
 
 
+def launch(demo: Any, host: str, port: int, slots: int, block: bool = True) -> str:
+    """Serve the page on host:port and print its address; block until Ctrl-C unless `block` is False. Returns the
+    page's URL.
+
+    Gradio's own start-up text is silenced (quiet=True): besides the address it tells the user to "set
+    `share=True`", which this page deliberately never does (share links expose it to the internet)."""
+    demo.queue(default_concurrency_limit=slots).launch(server_name=host, server_port=port, share=False,
+                                                       ssr_mode=False, quiet=True, prevent_thread_lock=True)
+    url = f"http://{host}:{port}"
+    print(f"* Running on local URL:  {url} (Ctrl-C stops it)", flush=True)
+    if block:
+        demo.block_thread()
+    return url
+
+
 @entry_point
 def main(argv: list[str] | None = None) -> None:
     p = parser("python -m inference.web", __doc__)
     add_model_args(p)
     add_sampling_args(p, max_new_tokens=256)
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (0.0.0.0 exposes it to the network)")
-    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--port", type=int, default=7860, help="TCP port to listen on (checked before the model loads)")
     p.add_argument("--slots", type=int, default=4, help="conversations decoded together (KV-cache slots)")
     args = p.parse_args(argv)
-    if not 0 < args.port < 65536:
-        fail(f"--port must be in 1..65535, got {args.port}")
+    # A port in use is found now rather than after loading the model; Gradio binds it itself, so it is released
+    # again here (another process could take it in between, and Gradio's own error would then say so).
+    bind_port(args.host, args.port).close()
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home
     loaded = load(args)
     chat = Chat(make_engine(loaded, args.slots, args.max_len), loaded.template)
     demo = build_demo(chat, sampling_from_args(args), title=f"Chat with {args.model}", concurrency=args.slots)
     try:
-        demo.queue(default_concurrency_limit=args.slots).launch(server_name=args.host, server_port=args.port,
-                                                                share=False, ssr_mode=False)
+        launch(demo, args.host, args.port, args.slots)
     finally:
         chat.close()
 

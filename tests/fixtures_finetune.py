@@ -12,6 +12,7 @@ from typing import Sequence
 
 import torch
 
+from fixtures_time import limit
 from fixtures_train import REPO, SAMPLE, env, free_port, launch, train_losses, wait, wait_until
 
 # A fine-tuning run small enough for a 2-core CPU.
@@ -68,7 +69,7 @@ def run_finetune(args: Sequence[str], timeout: float = 400, script: str = "finet
     e = {**env(), "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
          "MASTER_PORT": str(free_port())}
     return subprocess.run([sys.executable, script, *args], cwd=REPO, env=e, capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=limit(timeout))
 
 
 SLOW_FINETUNE = """

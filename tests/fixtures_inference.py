@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from fixtures_time import limit
 from fixtures_tokenizer import train_small, write_corpus
 from inference.engine import Engine
 from model import ModelConfig, Transformer
@@ -72,7 +73,7 @@ class ServerThread:
         import time
 
         self.thread.start()
-        deadline = time.time() + 30
+        deadline = time.time() + limit(30)
         while not self.server.started:
             if time.time() > deadline or not self.thread.is_alive():
                 raise RuntimeError("uvicorn did not start")
@@ -81,7 +82,7 @@ class ServerThread:
 
     def __exit__(self, *exc) -> None:
         self.server.should_exit = True
-        self.thread.join(timeout=30)
+        self.thread.join(timeout=limit(30))
 
 
 class SlowEngine(Engine):
@@ -103,8 +104,9 @@ class SlowEngine(Engine):
 
 
 def wait_until(condition, timeout: float = 30) -> bool:
-    """Poll `condition` every 50 ms until it holds (True) or `timeout` seconds pass (False)."""
-    deadline = time.time() + timeout
+    """Poll `condition` every 50 ms until it holds (True) or `timeout` seconds (scaled by fixtures_time.limit) pass
+    (False)."""
+    deadline = time.time() + limit(timeout)
     while not condition():
         if time.time() > deadline:
             return False

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from fixtures_time import limit
 from pretrain.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -72,7 +73,9 @@ def _group_alive(pgid: int) -> bool:
 
 def wait(proc: subprocess.Popen, log: Path, timeout: float = 240) -> str:
     """Wait for a launched job, every process of it (a signalled `deepspeed` runner exits at once while its ranks
-    may still be saving); return its log. Kills the job on timeout."""
+    may still be saving); return its log. Kills the job on timeout (`timeout`: the idle-machine limit, scaled by
+    fixtures_time.limit)."""
+    timeout = limit(timeout)
     deadline = time.monotonic() + timeout
     try:
         proc.wait(timeout=timeout)
@@ -120,7 +123,7 @@ def train_losses(run_dir: Path) -> dict[int, float]:
 
 
 def wait_until(condition: Callable[[], bool], proc: subprocess.Popen, log: Path, timeout: float = 240) -> None:
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + limit(timeout)
     while not condition():
         if proc.poll() is not None:
             raise AssertionError(f"job ended (exit {proc.returncode}) before the test could interrupt it:\n"

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from evaluation import evaluate_mmlu, evaluate_zh
+from fixtures_time import limit
 from model import Transformer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -194,7 +195,7 @@ def test_script_error_is_one_line_without_traceback(eval_assets, tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "evaluation.evaluate_zh", "--model_name_or_path", str(eval_assets["model"]),
          "--data_dir", str(tmp_path / "nowhere"), "--output_dir", str(tmp_path / "out")],
-        capture_output=True, text=True, cwd=tmp_path, timeout=120,
+        capture_output=True, text=True, cwd=tmp_path, timeout=limit(120),
         env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))})
     assert proc.returncode != 0
     assert proc.stderr.strip().splitlines() == [f"error: {tmp_path / 'nowhere' / 'dev'}: split directory not found; "

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from artifacts.run_dir import consolidated_state_dict, load_checkpoint_model
 from pretrain.export import main
+from fixtures_time import limit
 from fixtures_train import REPO, env, free_port
 
 pytestmark = pytest.mark.slow  # DeepSpeed engines and launches
@@ -81,7 +82,7 @@ def checkpoints(tmp_path_factory) -> Path:
     e = {**env(), "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
          "MASTER_PORT": str(free_port())}
     result = subprocess.run([sys.executable, "-c", MAKE_CHECKPOINTS, str(root), json.dumps(SETUPS)], cwd=REPO,
-                            env=e, capture_output=True, text=True, timeout=300)
+                            env=e, capture_output=True, text=True, timeout=limit(300))
     assert result.returncode == 0, result.stderr[-3000:]
     return root
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from fixtures_quant import tiny_model_dir, tiny_tokenizer
+from fixtures_time import limit
 from fixtures_train import REPO, env
 from inference.gguf import (gguf_tensors, interleaved_to_rotate_half, main, read_tensors, reference_logits,
                             rotate_half_to_interleaved)
@@ -163,7 +164,7 @@ def test_llama_cpp_reads_the_file_tokenizes_alike_and_computes_its_model(exporte
 
 def _cli(*args):
     r = subprocess.run([sys.executable, "-m", "inference.gguf", *args], capture_output=True, text=True, cwd=REPO,
-                       env=env(), timeout=120)
+                       env=env(), timeout=limit(120))
     return r.returncode, r.stderr.strip().splitlines()
 
 

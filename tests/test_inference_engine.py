@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from fixtures_inference import make_model_folder
+from fixtures_time import limit
 from inference.engine import Engine, QueueFull, SamplingParams
 
 PROMPTS = ["Order 12", "the city of", "床前明月", "def f(x):", "Hello world and more words here", "a", "Order 9 of"]
@@ -76,13 +77,13 @@ def test_cancel_frees_the_slot_and_stream_runs_on_a_thread(folder):
         events = []
         first_event = threading.Event()
         req = engine.submit(ids, SamplingParams(max_tokens=200), lambda e: (events.append(e), first_event.set()))
-        assert first_event.wait(30)  # the slot is taken
+        assert first_event.wait(limit(30))  # the slot is taken
         done = threading.Event()
         waiting = engine.submit(ids, SamplingParams(max_tokens=5), lambda e: e.finish_reason and done.set())
         with pytest.raises(QueueFull):
             engine.submit(ids, SamplingParams(max_tokens=5), lambda e: None)
         req.cancel()
-        assert done.wait(30)
+        assert done.wait(limit(30))
         pieces = list(engine.stream(ids, SamplingParams(max_tokens=5)))  # runs once the slot is free again
         assert pieces[-1].finish_reason == "length"
         assert req.finish_reason == "cancelled" and len(req.output_ids) < 200 and waiting.done

@@ -1,5 +1,6 @@
 """The OpenAI-compatible server, driven by the official `openai` client against a real uvicorn server."""
 import json
+import socket
 import subprocess
 import sys
 import time
@@ -9,6 +10,7 @@ import httpx
 import pytest
 import torch
 
+from fixtures_time import limit
 from fixtures_inference import ServerThread, SlowEngine, free_port, make_model_folder, wait_until
 from inference.engine import Engine
 from inference.server import create_app
@@ -37,7 +39,7 @@ def server(folder):
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=limit(60))
 
 
 def greedy_text(folder, ids, n):
@@ -75,7 +77,7 @@ def test_chat_streaming_and_not(client, folder):
     assert chunks[-2].choices[0].finish_reason == r.choices[0].finish_reason
     assert chunks[-1].usage.total_tokens == r.usage.total_tokens
     # The raw stream ends with the [DONE] sentinel.
-    with httpx.stream("POST", client.base_url.join("chat/completions").__str__(), timeout=60,
+    with httpx.stream("POST", client.base_url.join("chat/completions").__str__(), timeout=limit(60),
                       json={"messages": messages, "max_tokens": 4, "stream": True}) as resp:
         lines = [line for line in resp.iter_lines() if line]
     assert lines[-1] == "data: [DONE]" and json.loads(lines[0][6:])["object"] == "chat.completion.chunk"
@@ -115,12 +117,12 @@ def test_concurrent_greedy_requests_equal_sequential(client):
     (json.dumps({"messages": "hi"}), 400, "messages"),
 ])
 def test_bad_requests_get_openai_errors_and_the_server_lives(server, body, status, param):
-    r = httpx.post(server.url + "/v1/chat/completions", content=body, timeout=30,
+    r = httpx.post(server.url + "/v1/chat/completions", content=body, timeout=limit(30),
                    headers={"content-type": "application/json"})
     assert r.status_code == status
     error = r.json()["error"]
     assert error["type"] == "invalid_request_error" and error["message"] and error["param"] == param
-    assert httpx.get(server.url + "/health", timeout=30).json()["status"] == "ok"
+    assert httpx.get(server.url + "/health", timeout=limit(30)).json()["status"] == "ok"
 
 
 def test_bad_request_through_the_client_raises_bad_request(client):
@@ -145,7 +147,7 @@ def slow(folder):
 
 def test_client_disconnect_frees_the_slot(slow):
     headers = {"Authorization": "Bearer sekret"}
-    with httpx.stream("POST", slow.url + "/v1/completions", json=LONG, headers=headers, timeout=30) as resp:
+    with httpx.stream("POST", slow.url + "/v1/completions", json=LONG, headers=headers, timeout=limit(30)) as resp:
         next(resp.iter_lines())  # the first token has come: the request holds the slot
         assert slow.engine.free_slots() == 0
     # A non-streaming request whose client gives up is cancelled too.
@@ -169,10 +171,10 @@ def test_tokens_stream_as_they_are_generated(slow):
 
 
 def test_full_queue_answers_429_and_api_key_401(slow):
-    assert httpx.get(slow.url + "/v1/models", timeout=30).status_code == 401
-    wrong = httpx.get(slow.url + "/v1/models", headers={"Authorization": "Bearer nope"}, timeout=30)
+    assert httpx.get(slow.url + "/v1/models", timeout=limit(30)).status_code == 401
+    wrong = httpx.get(slow.url + "/v1/models", headers={"Authorization": "Bearer nope"}, timeout=limit(30))
     assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "invalid_api_key"
-    with httpx.Client(base_url=slow.url, headers={"Authorization": "Bearer sekret"}, timeout=30) as http:
+    with httpx.Client(base_url=slow.url, headers={"Authorization": "Bearer sekret"}, timeout=limit(30)) as http:
         with http.stream("POST", "/v1/completions", json=LONG) as running:
             next(running.iter_lines())  # holds the only slot
             with http.stream("POST", "/v1/completions", json=LONG):  # waits in the queue (max_queue=1)
@@ -188,7 +190,7 @@ def test_server_cli_binds_localhost_with_api_key(folder):
                              "--api_key", "k3y", "--slots", "2"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     try:
-        deadline = time.time() + 120
+        deadline = time.time() + limit(120)
         while True:
             try:
                 httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)
@@ -203,9 +205,24 @@ def test_server_cli_binds_localhost_with_api_key(folder):
             openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="wrong", max_retries=0).models.list()
     finally:
         proc.terminate()
-        out = proc.communicate(timeout=30)[0]
+        out = proc.communicate(timeout=limit(30))[0]
     assert f"http://127.0.0.1:{port}" in out
-    proc = subprocess.run([sys.executable, "-m", "inference.server", "--model", str(base), "--slots", "100000000"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "inference.server", "--model", str(base), "--slots", "100000000",
+                           "--port", str(free_port())], capture_output=True, text=True, timeout=limit(120))
     assert proc.returncode == 1 and proc.stderr.startswith("error: --slots 100000000 needs")
     assert proc.stderr.count("\n") == 1
+
+
+def test_server_cli_taken_port_is_one_line_before_the_model_loads(tmp_path):
+    """A port in use is reported at once, naming --port; --model names no folder, so the port came first."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = subprocess.run([sys.executable, "-m", "inference.server", "--model", str(tmp_path / "absent"),
+                               "--port", str(port)], capture_output=True, text=True, timeout=limit(120))
+    assert proc.returncode == 1 and proc.stderr.splitlines() == [
+        f"error: port {port} on 127.0.0.1 is in use (another server?); pass a free one with --port PORT"], proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "inference.server", "--model", str(tmp_path / "absent"),
+                           "--port", "70000"], capture_output=True, text=True, timeout=limit(120))
+    assert proc.returncode == 1 and proc.stderr.splitlines() == ["error: --port must be in 1..65535, got 70000"]

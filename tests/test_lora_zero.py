@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from fixtures_time import limit
 from fixtures_train import REPO, env, free_port
 from model.lora_peft import read_adapter
 
@@ -24,7 +25,7 @@ def run_ranks(stage: int, world: int, out) -> list[dict]:
              for r in range(world)]
     results = []
     for proc in procs:
-        stdout, stderr = proc.communicate(timeout=300)
+        stdout, stderr = proc.communicate(timeout=limit(300))
         assert proc.returncode == 0, stderr[-3000:]
         results.append(json.loads(stdout.strip().splitlines()[-1]))
     return results

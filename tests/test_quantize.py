@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 
 from fixtures_quant import tiny_model_dir, tiny_tokenizer
+from fixtures_time import limit
 from fixtures_train import REPO, env
 from artifacts.open import load_model
 from inference.quantize import (Int4Linear, Int8Linear, auto_group_size, dequantize_int4, dequantize_int8,
@@ -187,7 +188,7 @@ def test_cli_writes_a_folder(folder, tmp_path, capsys):
 
 def _cli(*args):
     r = subprocess.run([sys.executable, "-m", "inference.quantize", *args], capture_output=True, text=True,
-                       cwd=REPO, env=env(), timeout=120)
+                       cwd=REPO, env=env(), timeout=limit(120))
     return r.returncode, r.stderr.strip().splitlines()
 
 

@@ -14,6 +14,7 @@ import pytest
 import sentencepiece as spm
 
 from fixtures_tokenizer import mixed_documents, train_small, write_corpus
+from fixtures_time import limit
 from tokenizer import Tokenizer
 from tokenizer.hf import load_model_proto, save_hf_tokenizer
 from tokenizer.stats import compression_table
@@ -314,7 +315,7 @@ def test_cli_module_exits_without_traceback(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "tokenizer.train", "--input", str(tmp_path / "empty.jsonl"), "--output_dir",
          str(tmp_path / "out"), "--quiet"],
-        capture_output=True, text=True, cwd=REPO, timeout=120,
+        capture_output=True, text=True, cwd=REPO, timeout=limit(120),
     )
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr

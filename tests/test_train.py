@@ -19,6 +19,7 @@ from pretrain import checkpoint, metrics
 from pretrain.config import TrainConfig
 from pretrain.train import AdamW, main, param_groups
 from fixtures_train import REPO, TINY_RUN, env, free_port, prepare_sample_data
+from fixtures_time import limit
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +64,7 @@ def test_zero3_builds_the_model_already_partitioned(tie):
              for r in range(2)]
     results = []
     for proc in procs:
-        out, err = proc.communicate(timeout=300)
+        out, err = proc.communicate(timeout=limit(300))
         assert proc.returncode == 0, err[-3000:]
         results.append(json.loads(out.strip().splitlines()[-1]))
     for res in results:
@@ -273,7 +274,7 @@ def run_poisoned(tmp_path: Path, data_dir: Path, *more: str) -> subprocess.Compl
     args = [*TINY_RUN, f"data_dir={data_dir}", f"run_dir={tmp_path / 'run'}", "max_steps=4", "save_interval=1",
             "keep_last=10", "eval_interval=0", *more]
     return subprocess.run([sys.executable, str(script), *args], cwd=REPO, env=e, capture_output=True, text=True,
-                          timeout=300)
+                          timeout=limit(300))
 
 
 @pytest.mark.slow
@@ -316,7 +317,7 @@ def test_compiled_training_gives_the_same_losses(sample_data, tmp_path):
         args = [*TINY_RUN, f"data_dir={sample_data}", f"run_dir={run}", "max_steps=2", "save_interval=2",
                 "eval_interval=0", f"compile={flag}"]
         result = subprocess.run([sys.executable, "pretrain/train.py", *args], cwd=REPO, env=e, capture_output=True,
-                                text=True, timeout=400)
+                                text=True, timeout=limit(400))
         assert result.returncode == 0, result.stderr[-3000:]
         losses[flag] = [r["loss"] for r in metrics.read_metrics(run) if "loss" in r]
     assert len(losses["true"]) == 2
@@ -331,7 +332,7 @@ def test_save_final_false_writes_no_checkpoint(sample_data, tmp_path):
     args = [*TINY_RUN, f"data_dir={sample_data}", f"run_dir={run}", "max_steps=2", "save_interval=0",
             "eval_interval=0", "save_final=false"]
     result = subprocess.run([sys.executable, "pretrain/train.py", *args], cwd=REPO, env=e, capture_output=True,
-                            text=True, timeout=300)
+                            text=True, timeout=limit(300))
     assert result.returncode == 0, result.stderr[-3000:]
     assert [r["step"] for r in metrics.read_metrics(run) if "loss" in r] == [1, 2]
     assert not (run / "latest").exists() and not list(run.glob("step_*"))
