@@ -276,6 +276,20 @@ def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     return out
 
 
+# The folders the export commands write inside a run directory (scripts/train.sh: RUN/hf; finetune.export: RUN/hf
+# and, for LoRA, RUN/hf/merged and RUN/hf/base_hf): their names say nothing about the model.
+EXPORT_FOLDER_NAMES = ("hf", "merged", "base_hf")
+
+
+def model_name(model_dir: str | Path) -> str:
+    """The model's name for general.name: the folder's name, or for an export folder (RUN/hf, RUN/hf/merged) the
+    run directory's, which is what a user named."""
+    path = Path(model_dir).resolve()
+    while path.name in EXPORT_FOLDER_NAMES and path.parent != path:
+        path = path.parent
+    return path.name or "model"
+
+
 @entry_point
 def main(argv: list[str] | None = None) -> None:
     p = make_parser("python -m inference.gguf", __doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n")[1])
@@ -284,7 +298,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--output", required=True, help="the .gguf file to write")
     p.add_argument("--tokenizer", default=None, help="tokenizer.model (default: the one in --model)")
     p.add_argument("--tag", default=None, help="checkpoint tag of a training run directory (default: latest)")
-    p.add_argument("--name", default=None, help="general.name in the file (default: the model folder's name)")
+    p.add_argument("--name", default=None, help="general.name in the file (default: the model folder's name, or "
+                   "its run directory's for the export folders hf, hf/merged, hf/base_hf)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     args = p.parse_args(argv)
     if args.outtype not in OUTTYPES:
@@ -297,7 +312,7 @@ def main(argv: list[str] | None = None) -> None:
     check_output_file(output, args.overwrite)
     model = load_model(model_dir, "cpu", "float32", tag=args.tag)
     tokenizer = load_tokenizer(model_dir, args.tokenizer, model)
-    notes = export_gguf(model, tokenizer.path, output, args.outtype, args.name or model_dir.resolve().name,
+    notes = export_gguf(model, tokenizer.path, output, args.outtype, args.name or model_name(model_dir),
                         chat_template(model_dir), args.overwrite)
     for note in notes:
         print(f"note: {note}")

@@ -13,8 +13,8 @@ import torch
 from fixtures_quant import tiny_model_dir, tiny_tokenizer
 from fixtures_time import limit
 from fixtures_train import REPO, env
-from inference.gguf import (gguf_tensors, interleaved_to_rotate_half, main, read_tensors, reference_logits,
-                            rotate_half_to_interleaved)
+from inference.gguf import (gguf_tensors, interleaved_to_rotate_half, main, model_name, read_tensors,
+                            reference_logits, rotate_half_to_interleaved)
 from tokenizer.hf import load_model_proto
 
 gguf = pytest.importorskip("gguf")
@@ -46,6 +46,18 @@ def read(file):
 def values(t) -> torch.Tensor:
     rows_cols = tuple(int(n) for n in reversed(t.shape))
     return torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).astype("float32")).reshape(rows_cols)
+
+
+def test_general_name_is_the_models_not_the_export_folders(exported, tmp_path):
+    path, _, _, files = exported
+    assert path.name == "hf"  # RUN/hf, as scripts/train.sh writes it: the name is the run's
+    for file in files.values():
+        assert read(file)[0]["general.name"] == path.parent.name
+    assert model_name(tmp_path / "sft" / "hf" / "merged") == model_name(tmp_path / "sft" / "hf") == "sft"
+    assert model_name(tmp_path / "llama-zh-7b") == "llama-zh-7b"
+    assert model_name(tmp_path / "runs" / "x" / "base_hf") == "x"
+    main(["--model", str(path), "--outtype", "f16", "--output", str(tmp_path / "named.gguf"), "--name", "my-model"])
+    assert read(tmp_path / "named.gguf")[0]["general.name"] == "my-model"
 
 
 def test_permutation_is_a_reordering_that_inverts():
