@@ -219,6 +219,27 @@ def test_train_sh_stops_before_launching_on_what_it_can_check(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_run_sh_runs_later_commands_in_the_scripts_environment(tmp_path):
+    """scripts/run.sh (the README's way to run `python -m ...` after the quick start): the interpreter scripts/env.sh
+    chooses, the repository importable from any folder, the command's exit status passed through."""
+    e = {k: v for k, v in run_env().items() if k != "PYTHONPATH"}  # the wrapper itself must make the repo importable
+    e["LLAMA_PYTHON"] = sys.executable
+
+    def run_sh(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", str(REPO / "scripts" / "run.sh"), *args], capture_output=True, text=True,
+                              cwd=tmp_path, env=e, timeout=limit(120))
+
+    result = run_sh("python", "-c", "import sys, common; print(sys.executable); print(common.__file__)")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [sys.executable, str(REPO / "common" / "__init__.py")]
+    result = run_sh("python", "-m", "inference.generate", "--help")
+    assert result.returncode == 0 and result.stdout.startswith("usage: python -m inference.generate"), result.stderr
+    assert run_sh("python3", "-c", "raise SystemExit(3)").returncode == 3
+    result = run_sh()
+    assert result.returncode == 2 and result.stderr.splitlines() == [
+        "error: no command given; e.g. scripts/run.sh python -m inference.chat --model DIR (see --help)"]
+
+
 def test_finetune_sh_shares_the_launcher_and_its_preflight(tmp_path):
     """scripts/finetune.sh goes through scripts/launch.sh: the same options and help, finetune.preflight's checks
     in one line with exit 2, before anything is launched or pretrained."""
