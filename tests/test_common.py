@@ -161,6 +161,7 @@ def run_preflight(*args: str) -> subprocess.CompletedProcess:
                           cwd=REPO, env=run_env(), timeout=limit(120))
 
 
+@pytest.mark.slow  # ~10 s: three preflight processes (scripts/test.sh --fast skips it)
 def test_preflight_batch_arithmetic_port_and_data(tmp_path):
     hostfile = tmp_path / "hosts"
     hostfile.write_text("localhost slots=1\n")
@@ -204,6 +205,7 @@ def run_train_sh(*args: str) -> subprocess.CompletedProcess:
                           env={**run_env(), "LLAMA_PYTHON": sys.executable}, timeout=limit(120))
 
 
+@pytest.mark.slow  # ~7 s: two launcher runs (scripts/test.sh --fast skips it)
 def test_train_sh_stops_before_launching_on_what_it_can_check(tmp_path):
     hostfile = tmp_path / "hosts"
     hostfile.write_text("localhost slots=abc\n")
@@ -240,6 +242,7 @@ def test_run_sh_runs_later_commands_in_the_scripts_environment(tmp_path):
         "error: no command given; e.g. scripts/run.sh python -m inference.chat --model DIR (see --help)"]
 
 
+@pytest.mark.slow  # ~15 s: several launcher runs (scripts/test.sh --fast skips it)
 def test_finetune_sh_shares_the_launcher_and_its_preflight(tmp_path):
     """scripts/finetune.sh goes through scripts/launch.sh: the same options and help, finetune.preflight's checks
     in one line with exit 2, before anything is launched or pretrained."""

@@ -294,6 +294,7 @@ def run_args(tmp_path: Path, base: Path, files: list[Path], *more: str) -> list[
             f"data_files=[{', '.join(map(str, files))}]", *more]
 
 
+@pytest.mark.slow  # ~50 s: two fine-tuning runs (scripts/test.sh --fast skips it)
 def test_accumulation_4x1_equals_1x4(base, tmp_path):
     """Rows with different numbers of targets: the step's loss and gradient are the mean over all its target tokens,
     so 4 accumulated micro batches of 1 train exactly like 1 micro batch of 4."""
@@ -337,6 +338,7 @@ def test_run_writes_template_and_exports_with_it(base, tmp_path):
         export_main(["--run_dir", str(run), "--output_dir", str(tmp_path / "hf")])  # exists: needs --overwrite
 
 
+@pytest.mark.slow  # ~17 s: several CLI processes (scripts/test.sh --fast skips it)
 def test_cli_errors_are_one_line(base, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"instruction": "a", "output": "b"}\n{"instruction": \n')
@@ -406,6 +408,7 @@ def test_generate_batches_prompts_of_different_lengths_like_one_at_a_time(base, 
     assert metas[3]["new_tokens"] == metas[1]["new_tokens"] > 0
 
 
+@pytest.mark.slow  # ~10 s: two fine-tuning runs (scripts/test.sh --fast skips it)
 def test_resuming_with_another_template_is_refused_before_anything_is_rewritten(base, tmp_path):
     files = write_sample_files(tmp_path)
     args = run_args(tmp_path, base, files, "max_steps=1", "eval_interval=0", "save_interval=1")

@@ -128,6 +128,7 @@ def test_export_writes_a_peft_adapter_and_a_merged_folder(exported, setup):
     assert tokenizer.chat_template == (exported.parent / "chat_template.jinja").read_text().strip()
 
 
+@pytest.mark.slow  # ~16 s: three fine-tuning runs (scripts/test.sh --fast skips it)
 def test_hot_start_begins_at_the_adapters_loss_with_a_fresh_optimizer(exported, setup, tmp_path):
     """init_adapter: step 1's loss (before any update) is the loss of base + adapter, i.e. of the merged folder
     tuned in full on the same data; a fresh adapter's is the base's. The run records the adapter it started from."""
@@ -155,6 +156,7 @@ def test_resume_with_other_lora_settings_is_refused(lora_run, setup):
     assert result.returncode == 2 and last.startswith("error: ") and "other settings (lora" in last, last
 
 
+@pytest.mark.slow  # ~8 s: two refused fine-tuning starts (scripts/test.sh --fast skips it)
 def test_hot_start_with_a_mismatched_adapter_is_one_line(exported, setup, tmp_path):
     result = run_finetune([*overrides(setup, tmp_path / "run", steps=1), f"init_adapter={exported / 'adapter'}",
                            "lora.r=8"])

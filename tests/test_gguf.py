@@ -180,6 +180,7 @@ def _cli(*args):
     return r.returncode, r.stderr.strip().splitlines()
 
 
+@pytest.mark.slow  # ~22 s: several CLI processes (scripts/test.sh --fast skips it)
 def test_bad_targets_and_inputs_are_one_line_errors(exported, tmp_path):
     path, _, _, files = exported
     blocker = tmp_path / "a_file"

@@ -183,6 +183,7 @@ def test_full_queue_answers_429_and_api_key_401(slow):
         assert http.get("/v1/models").status_code == 200
 
 
+@pytest.mark.slow  # ~8 s: a server process loading a model (scripts/test.sh --fast skips it)
 def test_server_cli_binds_localhost_with_api_key(folder):
     base = folder[0]
     port = free_port()

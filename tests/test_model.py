@@ -259,6 +259,7 @@ def test_cache_object_shape():
     assert isinstance(cache, KVCache) and cache.k.shape == (2, 3, 10, 2, 16) and cache.max_len == 10
 
 
+@pytest.mark.slow  # ~24 s: torch.compile (scripts/test.sh --fast skips it)
 def test_torch_compile_gives_same_loss_and_gradients():
     """The compile switch (fused kernels through Inductor) must not change the numbers."""
     model = make(attn_impl="sdpa").train()

@@ -192,6 +192,7 @@ def _cli(*args):
     return r.returncode, r.stderr.strip().splitlines()
 
 
+@pytest.mark.slow  # ~14 s: several CLI processes (scripts/test.sh --fast skips it)
 def test_cli_bad_input_is_one_line(folder, tmp_path):
     root, path, _, _ = folder
     rc, err = _cli("--model", str(path), "--scheme", "int2", "--output_dir", str(tmp_path / "o"))
