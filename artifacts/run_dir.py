@@ -16,6 +16,7 @@ from typing import Any, Iterator
 
 import torch
 
+from common.errors import MissingFileError, UserError
 from model import ModelConfig, Transformer
 
 LATEST = "latest"
@@ -131,20 +132,22 @@ def consolidated_state_dict(run_dir: str | Path, tag: str | None = None) -> dict
     return {k.removeprefix("module."): v.float() for k, v in state.items()}
 
 
-def load_checkpoint_model(run_dir: str | Path, tag: str | None = None) -> Transformer:
-    """Our Transformer (fp32, CPU, eval mode) with the weights of checkpoint `tag` (default: latest) of run_dir."""
+def load_checkpoint_model(run_dir: str | Path, tag: str | None = None,
+                          config_overrides: dict[str, Any] | None = None) -> Transformer:
+    """Our Transformer (fp32, CPU, eval mode) with the weights of checkpoint `tag` (default: latest) of run_dir,
+    built with `config_overrides` (runtime fields; activation checkpointing is off unless they turn it on)."""
     run_dir = Path(run_dir)
     config_path = run_dir / "model_config.json"
     if not config_path.is_file():
-        raise FileNotFoundError(f"{config_path} is missing; pass the run directory that pretrain/train.py wrote")
-    config = ModelConfig.from_dict(json.loads(config_path.read_text()))
-    config.activation_checkpointing = False
+        raise MissingFileError(f"{config_path} is missing; pass the run directory that pretrain/train.py wrote")
+    saved = json.loads(config_path.read_text())
+    config = ModelConfig.from_dict({**saved, "activation_checkpointing": False, **(config_overrides or {})})
     model = Transformer(config)
     state = consolidated_state_dict(run_dir, tag)
     if config.tie_embeddings:
         state.setdefault("output.weight", state.get("tok_embeddings.weight"))
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise ValueError(f"{run_dir}: checkpoint does not match model_config.json "
+        raise UserError(f"{run_dir}: checkpoint does not match model_config.json "
                          f"(missing {missing[:4]}, unexpected {unexpected[:4]})")
     return model.eval()

@@ -199,9 +199,9 @@ def agree(args: argparse.Namespace) -> None:
     generate, one prompt at a time."""
     import transformers
 
-    from artifacts.open import load_model, load_tokenizer
+    from artifacts import load_tokenizer, open_model
 
-    model = load_model(args.model, "cpu", "float32")
+    model = open_model(args.model, "cpu", "float32")
     model.config.attn_impl = "sdpa"
     tok = load_tokenizer(args.model, None, model)
     hf = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()

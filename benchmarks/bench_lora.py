@@ -4,7 +4,7 @@
     python benchmarks/bench_lora.py --preset 1b --seq_len 2048 --batch 4 --dtype bfloat16 --device cuda
 
 One training step is forward, backward and an AdamW step in plain PyTorch (one process, no DeepSpeed), identical in
-both modes except for what is trainable: every parameter (full) or only the adapters that model.lora.prepare_lora adds
+both modes except for what is trainable: every parameter (full) or only the adapters that finetune.lora.prepare_lora adds
 (lora). Each mode runs in its own fresh process, so its peak memory (the process's peak RSS on a CPU,
 torch.cuda.max_memory_allocated on a GPU) is its own; the processes alternate full, lora, full, lora ... so that load
 drifting on a shared machine hits both; on a CPU the process's CPU time per step is reported beside the wall time, as
@@ -32,7 +32,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from model import ModelConfig, Transformer  # noqa: E402
-from model.lora import LoRAConfig, prepare_lora  # noqa: E402
+from finetune.lora import prepare_lora  # noqa: E402
+from model.lora import LoRAConfig  # noqa: E402
 from model.lora_peft import save_adapter  # noqa: E402
 from pretrain.train import param_groups  # noqa: E402
 from common.tensors import DTYPES  # noqa: E402

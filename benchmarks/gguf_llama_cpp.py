@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from artifacts.open import load_model, load_tokenizer  # noqa: E402
+from artifacts import load_tokenizer, open_model  # noqa: E402
 from inference.gguf import main as export_gguf  # noqa: E402
 
 PROMPTS = ["On Monday morning, Olivia", "Early last spring, Leo went", "今天早上，小明去了", "344加874等于",
@@ -37,7 +37,7 @@ def main() -> None:
     import llama_cpp
 
     torch.set_num_threads(args.threads)
-    model = load_model(args.model, "cpu", "float32")
+    model = open_model(args.model, "cpu", "float32")
     tok = load_tokenizer(args.model, None, model)
     prompts = [tok.encode(text, bos=True) for text in PROMPTS]
     ours = []

@@ -1,5 +1,5 @@
 """One convention for every command: `error: ...` exits, defaults shown in --help, flags generated from config
-dataclasses (one docstring per field is the flag's help), and an optional-module probe.
+dataclasses (one docstring per field is the flag's help).
 
 Expected errors (bad input, missing files, impossible settings) are raised as `ValueError`, `FileNotFoundError`
 or another `OSError` deep inside the code, with a message that names the file, line, key or flag and what to do;
@@ -12,7 +12,6 @@ import argparse
 import ast
 import dataclasses
 import functools
-import importlib.util
 import inspect
 import sys
 import textwrap
@@ -106,14 +105,6 @@ def entry_point(fn: Callable[..., T]) -> Callable[..., T]:
     def wrapper(*args: Any, **kwargs: Any) -> T:
         return run_main(fn, *args, **kwargs)
     return wrapper
-
-
-def has_module(name: str) -> bool:
-    """Whether `import name` would find a module, without importing it (optional extras: flash-attn, xformers)."""
-    try:
-        return importlib.util.find_spec(name) is not None
-    except (ImportError, ValueError):
-        return False
 
 
 # --- flags from dataclass fields -------------------------------------------------------------------------------

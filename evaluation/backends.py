@@ -1,7 +1,7 @@
 """Opening the model to evaluate: our LLaMA loader (fast path) or transformers (any other causal LM).
 
 A folder whose config.json our `Transformer` can take (LLaMA family), or one of our training run directories, is
-loaded by `artifacts.load_model` and scored with the prefix cache. Any other Hugging Face causal-LM folder
+loaded by `artifacts.open_model` and scored with the prefix cache. Any other Hugging Face causal-LM folder
 (GPT-2, Qwen2, Mistral with sliding windows, LLaMA with rope scaling, ...) goes through transformers'
 AutoModelForCausalLM without remote code, scored one prompt at a time (the plain path); the run says so on the
 console and in results.json's settings.
@@ -11,8 +11,9 @@ its tokenizer.json / tokenizer_config.json through transformers' AutoTokenizer (
 `HFTokenizer` so that both give the evaluators the same interface. Either way the answer-letter ids are read in
 context (scoring.answer_letter_ids).
 
-This is the one place a model is opened for evaluation: a LoRA adapter (`--adapter`) and a quantized model
-(`--quantize`) are to be applied in `load()` once those modules exist; they are not implemented here yet.
+This is the one place a model is opened for evaluation: `load()` hands every folder our model code takes (Hugging
+Face LLaMA, training and LoRA run directories, quantized folders) to artifacts.open_model, with `--adapter` and
+`--quantize`.
 """
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ from typing import Any, Sequence
 import torch
 from tqdm import tqdm
 
-from artifacts.open import check_device, load_tokenizer
+from artifacts import check_device, load_tokenizer, open_model
+from artifacts.quantized import quantized_format
 from artifacts.run_dir import is_run_dir
 from common.tensors import DTYPES
 from model.hf import config_from_hf
@@ -163,18 +165,16 @@ def load(model_path: str | Path, tokenizer_path: str | Path | None, device: str,
     """Open the model and its tokenizer (see the module doc for which path a folder takes); `adapter` is a PEFT
     LoRA folder merged into a LLaMA-family model, `quantize` int8/int4 quantizes its linears on load (a folder
     written by inference.quantize is used as saved)."""
-    from inference.quantize import is_quantized_dir, load_for_inference  # the inference stage, only when asked
-
 
     path = Path(model_path)
     check_device(device)
     problem = None
-    if path.is_dir() and not is_run_dir(path) and (path / "config.json").is_file() and not is_quantized_dir(path):
+    if path.is_dir() and not is_run_dir(path) and (path / "config.json").is_file() and quantized_format(path) is None:
         problem = llama_config_problem(path)
     if problem is None:
         # also the errors for a missing or unknown folder
-        model = load_for_inference(path, device, dtype, quantize=quantize, group_size=group_size,
-                                   quantize_head=quantize_head, tag=tag, adapter=adapter)
+        model = open_model(path, device, dtype, tag=tag, adapter=adapter, quantize=quantize, group_size=group_size,
+                           quantize_head=quantize_head)
         hf_tok, sp_path = open_tokenizer(path, tokenizer_path)
         tokenizer = hf_tok or load_tokenizer(path, sp_path, model)
         backend, max_len = "ours", model.config.max_seq_len

@@ -16,12 +16,11 @@ from typing import Any, Callable
 import torch
 from tqdm import tqdm
 
-from artifacts import check_device, default_device, default_dtype
+from artifacts import add_quantize_args, check_device, default_device, default_dtype
 from common import cli
 from common.io import check_output_dir
 from common.tensors import DTYPES
 
-from inference.quantize import add_quantize_args
 
 from . import backends
 from .data import LETTERS, Question, split_file

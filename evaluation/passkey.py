@@ -123,13 +123,16 @@ def _check(lengths: list[int], depths: list[float], trials: int, digits: int) ->
 
 @entry_point
 def main(argv: list[str] | None = None) -> None:
-    from artifacts.open import check_device, default_device, default_dtype, load_model, load_tokenizer
+    from artifacts import add_quantize_args, default_device, load_tokenizer, open_model
+    from model.config import ROPE_TYPES
 
     p = parser("python -m evaluation.passkey", __doc__.splitlines()[0])
     p.add_argument("--model", "--model_name_or_path", dest="model", required=True,
-                   help="a Hugging Face LLaMA folder or a training run directory")
+                   help="a Hugging Face LLaMA folder, a training or LoRA run directory, or a quantized folder")
     p.add_argument("--tokenizer", help="tokenizer.model (default: the one beside the model)")
     p.add_argument("--tag", help="checkpoint tag of a training run directory (default: its latest)")
+    p.add_argument("--adapter", help="PEFT LoRA adapter folder applied (merged) on top of the model")
+    add_quantize_args(p)
     p.add_argument("--lengths", type=int, nargs="+", default=[256, 512, 1024, 2048, 4096],
                    help="prompt lengths in tokens")
     p.add_argument("--depths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0],
@@ -139,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the passkeys")
     p.add_argument("--max_seq_len", type=int, help="override the model's max_seq_len (with --rope_* to extend it)")
     p.add_argument("--rope_theta", type=float, help="override the rotary base (ABF without training)")
-    p.add_argument("--rope_type", choices=["default", "linear", "dynamic", "yarn", "llama3"],
+    p.add_argument("--rope_type", choices=ROPE_TYPES,
                    help="override the rotary scaling type")
     p.add_argument("--rope_factor", type=float, help="override the rotary scaling factor")
     p.add_argument("--rope_original_max_seq_len", type=int,
@@ -151,8 +154,8 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     _check(args.lengths, args.depths, args.trials, args.digits)
     device = args.device or default_device()
-    check_device(device)
-    model = load_model(args.model, device, args.dtype or default_dtype(device), args.tag)
+    model = open_model(args.model, device, args.dtype, tag=args.tag, adapter=args.adapter, quantize=args.quantize,
+                       group_size=args.group_size, quantize_head=args.quantize_head)
     tok = load_tokenizer(args.model, args.tokenizer, model)
     rope = {k: getattr(args, k) for k in ("max_seq_len", "rope_theta", "rope_type", "rope_factor",
                                           "rope_original_max_seq_len") if getattr(args, k) is not None}

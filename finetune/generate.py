@@ -27,7 +27,7 @@ import torch
 from jinja2 import TemplateError
 from tqdm import tqdm
 
-from artifacts.open import check_device, default_device, default_dtype, load_model, load_tokenizer
+from artifacts import add_quantize_args, check_device, default_device, default_dtype, load_tokenizer, open_model
 from common.cli import parser as cli_parser
 from common.cli import run_main
 from common.io import atomic_write, write_json
@@ -83,6 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--adapter", default=None,
                    help="PEFT LoRA adapter folder merged into --model (e.g. a LoRA run's adapter/)")
     p.add_argument("--tag", default=None, help="checkpoint tag of a training run (default: latest)")
+    add_quantize_args(p)
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bfloat16 on GPU, float32 on CPU")
     p.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
@@ -110,8 +111,8 @@ def generate(args: argparse.Namespace) -> None:
                          "tokenizer_config.json); pass --template NAME")
     device = args.device or default_device()
     check_device(device)
-    model = load_model(args.model, device, args.dtype or default_dtype(device), tag=args.tag,
-                       adapter=args.adapter)
+    model = open_model(args.model, device, args.dtype or default_dtype(device), tag=args.tag, adapter=args.adapter,
+                       quantize=args.quantize, group_size=args.group_size, quantize_head=args.quantize_head)
     tok = load_tokenizer(args.model, None, model)
     prompts = []
     for item in items:
@@ -147,7 +148,7 @@ def generate(args: argparse.Namespace) -> None:
             "chat_template": template, "inputs": list(args.input), "prompts": len(items), "batches": len(batches),
             "sampling": {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
                          "top_p": args.top_p, "seed": args.seed, "batch_size": args.batch_size},
-            "device": str(device), "dtype": args.dtype or default_dtype(device),
+            "device": str(device), "dtype": args.dtype or default_dtype(device), "quantize": args.quantize,
             "new_tokens": new_tokens, "seconds": round(seconds, 2)}
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(out) as f:

@@ -14,7 +14,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from artifacts.open import load_model
+from artifacts import open_model
 from common.cli import entry_point, parser
 from common.io import atomic_dir, check_output_dir
 from common.tensors import DTYPES, dtype_from_name
@@ -74,7 +74,8 @@ def merge(model_path: str | Path, adapters: list[str | Path], output_dir: str | 
     if out.resolve() == base.resolve() or any(out.resolve() == Path(a).resolve() for a in adapters):
         raise ValueError(f"--output_dir {out} is one of the inputs; write the merged model to a new folder")
     out_dtype = dtype_from_name(dtype or base_dtype(base))
-    model = load_model(base, "cpu", "float32", adapter=adapters, merge_adapter=True)
+    model = open_model(base, "cpu", "float32", adapter=adapters, merge_adapter=True,
+                       needs_float="python -m finetune.merge")
     tok = Path(tokenizer) if tokenizer else base / "tokenizer.model"
     tok = tok if tok.is_file() else None
     if tokenizer and tok is None:

@@ -19,7 +19,7 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from artifacts.open import load_model
+from artifacts import open_model
 from common.io import write_text
 from finetune.config import RUNTIME_MODEL_FIELDS, FinetuneConfig, load_finetune_config
 from finetune.data import DataOptions, Sample, load_samples
@@ -27,7 +27,7 @@ from finetune.loader import InstructionLoader, fingerprint
 from finetune.templates import get_template
 from tokenizer.chat_template import CHAT_TEMPLATE_FILE
 from model import Transformer
-from model.lora import prepare_lora
+from finetune.lora import prepare_lora
 from pretrain.train import Dist, Run, Task, launched_main, saved_model_config
 from pretrain.train import train as train_core
 from tokenizer import Tokenizer
@@ -140,11 +140,11 @@ class FinetuneTask(Task):
     def build_model(self, tokenizer: Tokenizer, resuming: bool, zero3_config: dict[str, Any] | None) -> Transformer:
         """The model at model_path (fp32 on CPU; DeepSpeed moves, casts and partitions it)."""
         cfg = self.cfg
-        model = load_model(cfg.model_path, "cpu", "float32", tag=cfg.model_tag).train()
-        for key in RUNTIME_MODEL_FIELDS:
-            if key in cfg.model:
-                setattr(model.config, key, cfg.model[key])
-        model.config.activation_checkpointing = cfg.activation_checkpointing
+        # The runtime settings go into the config the model is built with (fused_kernels is read at build time).
+        runtime = {key: cfg.model[key] for key in RUNTIME_MODEL_FIELDS if key in cfg.model}
+        runtime["activation_checkpointing"] = cfg.activation_checkpointing
+        model = open_model(cfg.model_path, "cpu", "float32", tag=cfg.model_tag, runtime=runtime,
+                           needs_float="fine-tuning (model_path)").train()
         if tokenizer.vocab_size > model.config.vocab_size:
             raise ValueError(f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} tokens but the model at "
                              f"{cfg.model_path} only {model.config.vocab_size}")

@@ -6,18 +6,17 @@ from __future__ import annotations
 
 import torch
 
-from artifacts import check_device, default_device, default_dtype, load_tokenizer
+from artifacts import add_quantize_args, default_device, load_tokenizer, open_model
 from common import cli
 from common.tensors import DTYPES
 from model.config import ATTN_IMPLS
-
-from .quantize import add_quantize_args, load_for_inference
 
 
 @cli.entry_point
 def main(argv: list[str] | None = None) -> None:
     p = cli.parser("python -m inference.generate", __doc__)
-    p.add_argument("--model", required=True, help="Hugging Face folder or training run directory")
+    p.add_argument("--model", required=True,
+                   help="Hugging Face folder, training or LoRA fine-tuning run directory, or quantized folder")
     p.add_argument("--prompt", required=True, help="text to continue")
     p.add_argument("--max_new_tokens", type=int, default=100, help="tokens to generate at most")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -33,14 +32,12 @@ def main(argv: list[str] | None = None) -> None:
     add_quantize_args(p)
     args = p.parse_args(argv)
     device = args.device or default_device()
-    check_device(device)
     try:
-        model = load_for_inference(args.model, device, args.dtype or default_dtype(device), quantize=args.quantize,
-                                   group_size=args.group_size, quantize_head=args.quantize_head, tag=args.tag,
-                                   adapter=args.adapter)
+        model = open_model(args.model, device, args.dtype, tag=args.tag, adapter=args.adapter, quantize=args.quantize,
+                           group_size=args.group_size, quantize_head=args.quantize_head,
+                           runtime={"attn_impl": args.attn_impl})
     except RuntimeError as e:  # torch/DeepSpeed reading a damaged or foreign checkpoint
         raise ValueError(f"{args.model}: cannot load the model ({e})") from None
-    model.config.attn_impl = args.attn_impl
     tok = load_tokenizer(args.model, args.tokenizer, model)
     ids = tok.encode(args.prompt, bos=True)
     if len(ids) >= model.config.max_seq_len:

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from artifacts.open import load_model, load_tokenizer
+from artifacts import load_tokenizer, open_model
 from common.cli import entry_point, parser as make_parser
 from common.io import replace_file, tmp_path_for
 from model import ModelConfig, Transformer
@@ -305,12 +305,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.outtype not in OUTTYPES:
         raise ValueError(f"unknown --outtype {args.outtype!r}; choose one of: {', '.join(OUTTYPES)}")
     model_dir = Path(args.model)
-    if (model_dir / "quantization_config.json").is_file():
-        raise ValueError(f"{model_dir} is a quantized folder (inference.quantize); export GGUF from the float "
-                         "model and pick --outtype q8_0 or q4_0")
     output = Path(args.output)
     check_output_file(output, args.overwrite)
-    model = load_model(model_dir, "cpu", "float32", tag=args.tag)
+    model = open_model(model_dir, "cpu", "float32", tag=args.tag,
+                       needs_float="python -m inference.gguf (pick --outtype q8_0 or q4_0 for a quantized file)")
     tokenizer = load_tokenizer(model_dir, args.tokenizer, model)
     notes = export_gguf(model, tokenizer.path, output, args.outtype, args.name or model_name(model_dir),
                         chat_template(model_dir), args.overwrite)

@@ -5,17 +5,17 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
-from artifacts.open import check_device, default_device, default_dtype, load_tokenizer
+from artifacts import add_quantize_args, load_tokenizer, open_model
 from common.tensors import DTYPES
 from model import Transformer
 from tokenizer import Tokenizer
 
 from .engine import Engine
-from .quantize import add_quantize_args, load_for_inference
 from .templates import ChatTemplate, load_chat_template
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="Hugging Face folder or training run directory")
+    p.add_argument("--model", required=True,
+                   help="Hugging Face folder, training or LoRA fine-tuning run directory, or quantized folder")
     p.add_argument("--tag", default=None, help="checkpoint tag of a training run (default: latest)")
     p.add_argument("--tokenizer", default=None, help="tokenizer.model (default: the one in --model)")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
@@ -36,12 +36,9 @@ class Loaded:
 
 
 def load(args: argparse.Namespace) -> Loaded:
-    device = args.device or default_device()
-    check_device(device)
-    model = load_for_inference(args.model, device, args.dtype or default_dtype(device), quantize=args.quantize,
-                               group_size=args.group_size, quantize_head=args.quantize_head, tag=args.tag,
-                               adapter=args.adapter)
-    model.config.attn_impl = args.attn_impl
+    model = open_model(args.model, args.device, args.dtype, tag=args.tag, adapter=args.adapter,
+                       quantize=args.quantize, group_size=args.group_size, quantize_head=args.quantize_head,
+                       runtime={"attn_impl": args.attn_impl})
     tok = load_tokenizer(args.model, args.tokenizer, model)
     return Loaded(model, tok, load_chat_template(args.model, tok))
 

@@ -9,6 +9,12 @@ from pathlib import Path
 from typing import Any
 
 ATTN_IMPLS = ("auto", "eager", "sdpa", "flash", "xformers", "flex")
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
+"""The rope_type values model/rope.py implements (transformers' names)."""
+RUNTIME_MODEL_FIELDS = ("attn_impl", "activation_checkpointing", "fused_kernels")
+"""Fields that change how the model runs, not its weights: a checkpoint may be opened with other values. They are
+given when the model is built (dataclasses.replace on the config, or the openers' overrides), never set on a
+built model."""
 
 
 @dataclass
@@ -97,8 +103,6 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.attn_impl must be one of {', '.join(ATTN_IMPLS)}, got {self.attn_impl!r}")
 
     def _check_rope(self) -> None:
-        from .rope import ROPE_TYPES
-
         kind = self.rope_type
         if kind not in ROPE_TYPES:
             raise ValueError(f"ModelConfig.rope_type must be one of {', '.join(ROPE_TYPES)}, got {kind!r}")

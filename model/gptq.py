@@ -6,7 +6,7 @@ llm-compressor needs transformers 5.17), and the algorithm is a few dozen lines 
 The grid (scales, zeros) is an input, fixed per group before rounding ("static groups"): with act-order the columns are
 visited in decreasing Hessian-diagonal order, but each column keeps the grid of the group it sits in, so the result is
 the same contiguous group layout as round-to-nearest (no g_idx) and every INT4 kernel and reader takes it unchanged.
-Grid convention (the one of inference.quantize.quantize_int4): w ~= (q - 8) * scale + zero, q in [0, 15].
+Grid convention (the one of model.quant.quantize_int4): w ~= (q - 8) * scale + zero, q in [0, 15].
 """
 from __future__ import annotations
 

@@ -5,17 +5,19 @@ import json
 import re
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, TypeVar
 
 import torch
+import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from common.io import atomic_dir
 
 from .config import ModelConfig
 
-if TYPE_CHECKING:
-    from .model import Transformer
+# This module is below model.py (which calls load_hf/save_hf from Transformer.from_hf/to_hf), so it names the model
+# class only through the `cls` it is given: no import back into model.py.
+M = TypeVar("M", bound=nn.Module)
 
 # ours -> transformers, for tensors that are a pure renaming; {i} is the layer index.
 _LAYER_NAMES = {
@@ -200,7 +202,9 @@ def _load_bin(file: str) -> dict[str, torch.Tensor]:
     return torch.load(file, map_location="cpu", weights_only=True)
 
 
-def load_hf(cls: type["Transformer"], path: str | Path, **overrides: Any) -> "Transformer":
+def load_hf(cls: type[M], path: str | Path, **overrides: Any) -> M:
+    """`cls(config)` (our Transformer) with the weights of the Hugging Face LLaMA folder `path`; `overrides`
+    are ModelConfig fields (runtime ones) the model is built with."""
     path = Path(path)
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{path}: no config.json; expected a Hugging Face LLaMA folder")
@@ -228,7 +232,7 @@ def load_hf(cls: type["Transformer"], path: str | Path, **overrides: Any) -> "Tr
     return model
 
 
-def save_hf(model: "Transformer", out_dir: str | Path, tokenizer_path: str | Path | None = None,
+def save_hf(model: nn.Module, out_dir: str | Path, tokenizer_path: str | Path | None = None,
             dtype: torch.dtype | None = None) -> Path:
     """Write a transformers-loadable folder atomically (a temp dir renamed into place, replacing `out_dir`)."""
     out_dir = Path(out_dir)

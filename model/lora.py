@@ -7,7 +7,7 @@ the stacked output, so a PEFT adapter maps onto ours tensor for tensor (model/lo
 
 The training loop needs three calls:
 
-    model = prepare_lora(model, LoRAConfig(r=8, alpha=16, target_modules=["all"]))  # adapters in, base frozen
+    model = prepare_lora(model, LoRAConfig(r=8, alpha=16, target_modules=["all"]))  # finetune/lora.py
     ...                                                                               # train as usual
     state = gather_lora_state_dict(engine)       # on every rank (collective under ZeRO-3); full tensors
     save_adapter(state, cfg, out_dir, base_path) # on rank 0 (model/lora_peft.py)
@@ -21,7 +21,6 @@ import contextlib
 import math
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Iterable
 
 import torch
@@ -204,33 +203,8 @@ def mark_only_lora_trainable(model: nn.Module) -> tuple[int, int]:
         total += n
         trainable += n if p.requires_grad else 0
     if trainable == 0:
-        raise ValueError("the model has no LoRA adapters to train; call inject_lora (or prepare_lora) first")
+        raise ValueError("the model has no LoRA adapters to train; call inject_lora (or finetune.lora.prepare_lora) first")
     return trainable, total
-
-
-def prepare_lora(model: Transformer, cfg: LoRAConfig, init_adapter: str | Path | None = None) -> Transformer:
-    """What the training loop calls before building its optimizer: adapters in, everything else frozen.
-
-    init_adapter: a PEFT adapter folder to start from (a hot start or an incremental round: its weights, a fresh
-    optimizer). Its r, alpha, target_modules and use_rslora must equal cfg's (model.lora_peft.read_adapter_config
-    gives them); the training dropout is cfg's. Every rank calls this, also under ZeRO-3.
-    """
-    if init_adapter is None:
-        inject_lora(model, cfg)
-    else:
-        from .lora_peft import apply_adapter  # lora_peft builds on this module
-
-        found = apply_adapter(model, init_adapter)
-        differ = [f"{k}={getattr(found, k)!r} (config: {getattr(cfg, k)!r})"
-                  for k in ("r", "alpha", "target_modules", "use_rslora") if getattr(found, k) != getattr(cfg, k)]
-        if differ:
-            raise ValueError(f"init_adapter {init_adapter} does not match the LoRA config: {', '.join(differ)}; "
-                             "set the LoRA fields to the adapter's")
-        for m in model.modules():
-            if isinstance(m, LoRAAdapter):
-                m.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
-    mark_only_lora_trainable(model)
-    return model
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

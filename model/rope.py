@@ -12,29 +12,23 @@ order), so a folder exported with a scaling type gives transformers' logits. The
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
-
 import torch
 
-if TYPE_CHECKING:
-    from .config import ModelConfig
-
-ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
-"""The rope_type values this model implements (transformers' names)."""
+from .config import ROPE_TYPES, ModelConfig
 
 
 def _base_inv_freq(base: float, dim: int, device: torch.device | None) -> torch.Tensor:
     return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).to(device=device, dtype=torch.float) / dim))
 
 
-def yarn_attention_factor(config: "ModelConfig") -> float:
+def yarn_attention_factor(config: ModelConfig) -> float:
     """YaRN's temperature: cos and sin are multiplied by it (so attention logits by its square)."""
     if config.rope_attention_factor is not None:
         return config.rope_attention_factor
     return 1.0 if config.rope_factor <= 1 else 0.1 * math.log(config.rope_factor) + 1.0
 
 
-def dynamic_length(config: "ModelConfig", seq_len: int | None) -> int | None:
+def dynamic_length(config: ModelConfig, seq_len: int | None) -> int | None:
     """The sequence length the frequencies depend on: None for every type but dynamic, which uses
     max(seq_len, original context) as transformers does."""
     if config.rope_type != "dynamic":
@@ -42,7 +36,7 @@ def dynamic_length(config: "ModelConfig", seq_len: int | None) -> int | None:
     return max(seq_len or 0, config.rope_original_max_seq_len)
 
 
-def inv_freq(config: "ModelConfig", device: torch.device | None = None,
+def inv_freq(config: ModelConfig, device: torch.device | None = None,
              seq_len: int | None = None) -> tuple[torch.Tensor, float]:
     """fp32 inverse frequencies [head_dim / 2] and the factor applied to cos and sin.
 
@@ -65,7 +59,7 @@ def inv_freq(config: "ModelConfig", device: torch.device | None = None,
     raise ValueError(f"unknown rope_type {kind!r}; choose one of: {', '.join(ROPE_TYPES)}")
 
 
-def _yarn_inv_freq(config: "ModelConfig", device: torch.device | None) -> torch.Tensor:
+def _yarn_inv_freq(config: ModelConfig, device: torch.device | None) -> torch.Tensor:
     dim, base, factor = config.head_dim, config.rope_theta, config.rope_factor
     original = config.rope_original_max_seq_len
 
@@ -86,7 +80,7 @@ def _yarn_inv_freq(config: "ModelConfig", device: torch.device | None) -> torch.
     return interpolation * (1 - keep) + extrapolation * keep
 
 
-def _llama3_inv_freq(config: "ModelConfig", device: torch.device | None) -> torch.Tensor:
+def _llama3_inv_freq(config: ModelConfig, device: torch.device | None) -> torch.Tensor:
     inv = _base_inv_freq(config.rope_theta, config.head_dim, device)
     factor, low, high = config.rope_factor, config.rope_low_freq_factor, config.rope_high_freq_factor
     original = config.rope_original_max_seq_len
@@ -99,7 +93,7 @@ def _llama3_inv_freq(config: "ModelConfig", device: torch.device | None) -> torc
     return torch.where(is_medium, smoothed, scaled)
 
 
-def rope_table(config: "ModelConfig", device: torch.device | None,
+def rope_table(config: ModelConfig, device: torch.device | None,
                seq_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 cos/sin [max_seq_len, head_dim], each frequency repeated for both halves (rotate-half layout)."""
     freq, scale = inv_freq(config, device, seq_len)

@@ -39,6 +39,7 @@ from common.io import replace_file, tmp_path_for
 from common.distributed import init_deepspeed_distributed
 from common.tensors import IGNORE_INDEX
 from model import ModelConfig, Transformer
+from model.config import RUNTIME_MODEL_FIELDS  # may differ when resuming
 from pretrain import checkpoint
 from pretrain.config import (TrainConfig, deepspeed_config, grad_accum_steps, load_config, lr_at,
                              resolve_precision, save_config)
@@ -46,8 +47,6 @@ from pretrain.data import Batch, DataLoader, load_manifest
 from pretrain.metrics import MetricsLogger, memory_gib, peak_flops
 from tokenizer import Tokenizer
 
-# Fields that change how the model runs, not its weights: they may differ when resuming.
-RUNTIME_MODEL_FIELDS = ("attn_impl", "activation_checkpointing", "fused_kernels")
 
 
 class TrainingStopped(RuntimeError):

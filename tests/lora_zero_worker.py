@@ -18,7 +18,8 @@ import torch.distributed as dist
 
 from common.distributed import init_deepspeed_distributed
 from model import ModelConfig, Transformer
-from model.lora import LoRAConfig, gather_lora_state_dict, prepare_lora
+from finetune.lora import prepare_lora
+from model.lora import LoRAConfig, gather_lora_state_dict
 from model.lora_peft import save_adapter
 from pretrain.train import AdamW, param_groups
 

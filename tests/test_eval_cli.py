@@ -209,7 +209,7 @@ def test_training_run_directory_loads_through_the_run_dir_reader(eval_assets, tm
     shutil.copyfile(eval_assets["tokenizer"], run_dir / "tokenizer.model")
     calls = []
 
-    def load_checkpoint_model(path, tag=None):
+    def load_checkpoint_model(path, tag=None, config_overrides=None):
         calls.append((Path(path), tag))
         return Transformer.from_hf(eval_assets["model"])
 

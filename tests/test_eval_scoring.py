@@ -5,14 +5,14 @@ import torch
 
 from evaluation import evaluate_mmlu, evaluate_zh
 from evaluation.common import load_data
-from artifacts.open import load_model, load_tokenizer
+from artifacts import load_tokenizer, open_model
 from evaluation.scoring import Request, SubjectPrompts, answer_letter_ids, build_requests, score_cached, score_plain
 from tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module")
 def model_and_tokenizer(eval_assets):
-    model = load_model(eval_assets["model"], "cpu", "float32")
+    model = open_model(eval_assets["model"], "cpu", "float32")
     return model, load_tokenizer(eval_assets["model"], None, model)
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from artifacts.open import load_model
+from artifacts import open_model
 from artifacts.run_dir import weights_only_loading
 from fixtures_finetune import (TINY_SFT, kill_after_step3_and_resume,
                                run_finetune, tiny_hf_model, train_tokenizer, write_sample_files)
@@ -81,7 +81,7 @@ def test_only_the_adapter_trains(lora_run, setup):
     run_dir, dump = lora_run
     base, _ = setup
     state = torch.load(dump, map_location="cpu", weights_only=True)
-    original = load_model(base, "cpu", "float32").state_dict()
+    original = open_model(base, "cpu", "float32").state_dict()
     frozen = {k: v for k, v in state.items() if not is_lora_name(k)}
     assert frozen.keys() == original.keys()
     for name, tensor in frozen.items():
@@ -102,7 +102,7 @@ def test_checkpoint_holds_only_the_adapter_and_its_optimizer_state(lora_run, set
     adapter_numel = sum(v.numel() for v in saved["module"].values())
     moments = [t for s in saved["optimizer"]["state"].values() for t in s.values() if torch.is_tensor(t) and t.dim()]
     assert sum(t.numel() for t in moments) == 2 * adapter_numel  # AdamW's two moments of the adapter, nothing else
-    full_numel = sum(v.numel() for v in load_model(base, "cpu", "float32").state_dict().values())
+    full_numel = sum(v.numel() for v in open_model(base, "cpu", "float32").state_dict().values())
     assert adapter_numel < full_numel / 5
     assert sum(f.stat().st_size for f in files) < 4 * full_numel  # smaller than the fp32 base alone
 

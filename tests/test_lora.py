@@ -9,8 +9,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from model import ModelConfig, Transformer
+from finetune.lora import prepare_lora
 from model.lora import (LoRAConfig, LoRALinear, gather_lora_state_dict, lora_state_dict, mark_only_lora_trainable,
-                        merge_lora, prepare_lora)
+                        merge_lora)
 from model.lora_peft import CONFIG_FILE, WEIGHTS_FILE, apply_adapter, read_adapter, save_adapter
 
 transformers = pytest.importorskip("transformers")

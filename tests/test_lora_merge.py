@@ -1,4 +1,4 @@
-"""Merging adapters into a base (finetune.merge), `--adapter` on load_model and the CLIs, and delta weights
+"""Merging adapters into a base (finetune.merge), `--adapter` on open_model and the CLIs, and delta weights
 (finetune.delta): parity within fp32 rounding, provenance checks, one-line errors."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from artifacts.open import load_model
+from artifacts import open_model
 from finetune import delta as delta_cli
 from finetune import merge as merge_cli
 from fixtures_eval import eval_assets  # noqa: F401 (a fixture)
@@ -18,7 +18,8 @@ from fixtures_tokenizer import train_small, write_corpus
 from fixtures_train import REPO, env
 from model import ModelConfig, Transformer
 from inference.generate import main as generate_main
-from model.lora import LoRAConfig, prepare_lora
+from finetune.lora import prepare_lora
+from model.lora import LoRAConfig
 from model.lora_peft import save_adapter
 from tokenizer import Tokenizer
 
@@ -64,10 +65,10 @@ def test_merge_cli_matches_base_plus_adapters_and_keeps_the_chat_template(setup,
                     "--adapter", str(root / "adapter1"), "--output_dir", str(tmp_path / "merged")])
     x = tokens(tok.vocab_size)
     # Reference: the adapters applied one after the other as separate branches, never merged.
-    ref_model = load_model(root / "base", "cpu", "float32", adapter=root / "adapter0", merge_adapter=False)
+    ref_model = open_model(root / "base", "cpu", "float32", adapter=root / "adapter0", merge_adapter=False)
     with torch.no_grad():
         after_first = ref_model(x)
-        ref_model = load_model(root / "base", "cpu", "float32", adapter=[root / "adapter0", root / "adapter1"],
+        ref_model = open_model(root / "base", "cpu", "float32", adapter=[root / "adapter0", root / "adapter1"],
                                merge_adapter=False)
         ref = ref_model(x)
     assert (after_first - ref).abs().max() > 1e-3  # the second adapter matters
@@ -105,7 +106,7 @@ def test_generate_cli_takes_an_adapter(setup, capsys):
     generate_main(["--model", str(root / "base"), "--adapter", str(root / "adapter0"), "--prompt", "Order 12",
                    "--max_new_tokens", "6"])
     printed = capsys.readouterr().out.removesuffix("\n")
-    model = load_model(root / "base", "cpu", "float32", adapter=root / "adapter0", merge_adapter=False)
+    model = open_model(root / "base", "cpu", "float32", adapter=root / "adapter0", merge_adapter=False)
     ids = tok.encode("Order 12", bos=True)
     expected = model.generate(torch.tensor([ids]), 6, eos_id=tok.eos_id)[0].tolist()
     assert printed == tok.decode([i for i in expected if i not in (tok.bos_id, tok.eos_id)])

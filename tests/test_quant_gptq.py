@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from inference.quantize import dequantize_int4, quantize_int4
+from model.quant import dequantize_int4, quantize_int4
 from model.gptq import HessianAccumulator, gptq_int4
 
 

@@ -12,10 +12,11 @@ import torch.nn as nn
 from fixtures_quant import tiny_model_dir, tiny_tokenizer
 from fixtures_time import limit
 from fixtures_train import REPO, env
-from artifacts.open import load_model
-from inference.quantize import (Int4Linear, Int8Linear, auto_group_size, dequantize_int4, dequantize_int8,
-                                linear_weight_bytes, load_for_inference, load_quantized, main, pack_int4,
-                                quantize_int4, quantize_int8, quantize_model, save_quantized, unpack_int4)
+from artifacts import open_model
+from artifacts.quantized import load_quantized, save_quantized
+from inference.quantize import main
+from model.quant import (Int4Linear, Int8Linear, auto_group_size, dequantize_int4, dequantize_int8, linear_weight_bytes,
+                         pack_for_kernels, pack_int4, quantize_int4, quantize_int8, quantize_model, unpack_int4)
 
 # Whole-model tolerance on the tiny random model (init_std 0.02): max |logit difference| relative to the largest
 # |logit|. Measured 0.45% (int8) and 7.5% (int4) when written; the bounds leave room for other seeds. (Random
@@ -93,10 +94,11 @@ def test_int4_linear_kernel_and_reference_path_agree_within_the_bound():
     lin = _linear(64, 128)
     x = torch.randn(3, 2, 128)
     ql = Int4Linear.from_linear(lin, 32)
-    w_q = ql.dequantized()
+    w_q = ql.dequantized()  # the portable layout, before pack() converts it for the kernel
     steps = ql.scales.repeat_interleave(32, dim=1)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
+        ql.pack()
         y = ql(x)
     assert ql.path == "kernel" and ql.layout == "cpu_kernel" and y.shape == (3, 2, 64)
     x2, y2 = x.reshape(6, 128), y.reshape(6, 64)
@@ -105,6 +107,7 @@ def test_int4_linear_kernel_and_reference_path_agree_within_the_bound():
     # group size 16 has no kernel: one warning, then the reference path (fp32 throughout) gives the scheme's numbers
     ref_layer = Int4Linear.from_linear(lin, 16)
     with pytest.warns(RuntimeWarning, match="group size 16.*reference path"):
+        ref_layer.pack()
         y16 = ref_layer(x)
     assert ref_layer.path == "reference"
     assert torch.allclose(y16, x @ ref_layer.dequantized().t(), atol=1e-5)
@@ -117,9 +120,9 @@ def test_group_size_default_and_errors(folder):
     _, path, _, _ = folder
     with pytest.raises(ValueError, match=r"--group_size 128 does not divide in_features 64 of layer "
                                          r"layers\.0\.attention\.wqkv"):
-        quantize_model(load_model(path, "cpu", "float32"), "int4", 128)
+        quantize_model(open_model(path, "cpu", "float32"), "int4", 128)
     with pytest.raises(ValueError, match="unknown quantization scheme 'int3'"):
-        quantize_model(load_model(path, "cpu", "float32"), "int3")
+        quantize_model(open_model(path, "cpu", "float32"), "int3")
 
 
 @pytest.mark.parametrize("scheme,tol", [("int8", INT8_REL_TOL), ("int4", INT4_REL_TOL)])
@@ -127,7 +130,7 @@ def test_quantized_model_logits_close_to_fp32_and_weights_smaller(folder, scheme
     _, path, model, tok = folder
     ids = torch.tensor([tok.encode("the city of music 床前明月光 and people", bos=True)])
     ref = model(ids)
-    q = quantize_model(load_model(path, "cpu", "float32"), scheme)
+    q = quantize_model(open_model(path, "cpu", "float32"), scheme)
     assert not any(isinstance(m, nn.Linear) for n, m in q.named_modules() if n != "output")
     assert isinstance(q.output, nn.Linear)  # the head stays float by default
     out = q(ids)
@@ -140,10 +143,10 @@ def test_quantized_model_logits_close_to_fp32_and_weights_smaller(folder, scheme
 @pytest.mark.parametrize("scheme,head", [("int8", False), ("int4", True)])
 def test_save_load_round_trip_gives_identical_logits(folder, tmp_path, scheme, head):
     root, path, _, tok = folder
-    q = quantize_model(load_model(path, "cpu", "float32"), scheme, quantize_head=head)
+    q = quantize_model(open_model(path, "cpu", "float32"), scheme, quantize_head=head, pack=False)
     save_quantized(q, tmp_path / "q", path, tok.path)
     ids = torch.tensor([tok.encode("shipped on 1990 for dollars", bos=True)])
-    before = q(ids)
+    before = pack_for_kernels(q)(ids)
     loaded = load_quantized(tmp_path / "q")
     # safetensors' views sit at arbitrary file offsets; the CPU int8 kernel crashed on an unaligned weight
     assert all(b.data_ptr() % 64 == 0 for b in loaded.buffers())
@@ -153,9 +156,9 @@ def test_save_load_round_trip_gives_identical_logits(folder, tmp_path, scheme, h
     assert cfg["scheme"] == scheme and cfg["quantize_head"] == head and len(cfg["layers"]) == 8 + head
     assert (tmp_path / "q" / "tokenizer.model").read_bytes() == tok.path.read_bytes()
     # the same model through the one entry point the other commands use
-    assert torch.equal(load_for_inference(tmp_path / "q", "cpu")(ids), before)
-    assert torch.equal(load_for_inference(path, "cpu", quantize=scheme, quantize_head=head)(ids), before)
-    if scheme == "int4":  # the forward pass moved the codes into the kernel's layout: no way back
+    assert torch.equal(open_model(tmp_path / "q", "cpu")(ids), before)
+    assert torch.equal(open_model(path, "cpu", quantize=scheme, quantize_head=head)(ids), before)
+    if scheme == "int4":  # packing moved the codes into the kernel's layout: no way back
         with pytest.raises(ValueError, match="already converted"):
             save_quantized(q, tmp_path / "again", path, tok.path)
         assert not (tmp_path / "again").exists()
@@ -165,7 +168,7 @@ def test_save_load_round_trip_gives_identical_logits(folder, tmp_path, scheme, h
 def test_tied_embeddings_round_trip(folder, tmp_path, head):
     root, _, _, tok = folder
     path, model = tiny_model_dir(root, tok, name="tied", tie_embeddings=True)
-    q = quantize_model(load_model(path, "cpu", "float32"), "int8", quantize_head=head)
+    q = quantize_model(open_model(path, "cpu", "float32"), "int8", quantize_head=head)
     save_quantized(q, tmp_path / "q", path, tok.path)
     loaded = load_quantized(tmp_path / "q")
     if head:  # the head has its own int8 copy; the embedding stays float

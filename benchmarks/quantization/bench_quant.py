@@ -36,8 +36,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from artifacts.open import load_model, load_tokenizer  # noqa: E402
-from inference.quantize import linear_weight_bytes, load_for_inference, quantize_model, save_quantized  # noqa: E402
+from artifacts import load_tokenizer, open_model  # noqa: E402
+from artifacts.quantized import save_quantized  # noqa: E402
+from model.quant import linear_weight_bytes, quantize_model  # noqa: E402
 
 
 def variant_args(name: str) -> tuple[str | None, bool]:
@@ -61,7 +62,7 @@ def peak_rss_mib(key: str = "VmHWM") -> float:
 
 def worker(path: str, new_tokens: int, prompt_len: int, dtype: str) -> None:
     base_rss = peak_rss_mib()
-    model = load_for_inference(path, "cpu", dtype)
+    model = open_model(path, "cpu", dtype)
     torch.manual_seed(0)
     prompt = torch.randint(3, model.config.vocab_size, (1, prompt_len))
     with torch.inference_mode():
@@ -204,7 +205,7 @@ def main() -> None:
         random_model = Transformer(ModelConfig.from_dict(json.loads(args.random_config)))
         args.model = str(random_model.to_hf(out / "fp32", tokenizer_path=args.random_tokenizer))
         del random_model
-    ref_model = load_model(args.model, "cpu", "float32")
+    ref_model = open_model(args.model, "cpu", "float32")
     tokenizer = load_tokenizer(args.model, None, ref_model)
     heldout = heldout_tokens(Path(args.data_dir), args.heldout_tokens) if quality else np.zeros(0, np.int64)
     window = min(ref_model.config.max_seq_len, 256)
@@ -225,11 +226,11 @@ def main() -> None:
         print(f"== {name}", flush=True)
         scheme, head = variant_args(name)
         if name == "bf16":
-            model, path = load_model(args.model, "cpu", "bfloat16"), Path(args.model)
+            model, path = open_model(args.model, "cpu", "bfloat16"), Path(args.model)
         elif scheme is None:
             model, path = ref_model, Path(args.model)
         else:
-            model = quantize_model(load_model(args.model, "cpu", "float32"), scheme, args.group_size, head)
+            model = quantize_model(open_model(args.model, "cpu", "float32"), scheme, args.group_size, head, pack=False)
             path = out / name.replace("+", "_")
             save_quantized(model, path, args.model, tokenizer.path, overwrite=True)
         row = {"linear_bytes": linear_weight_bytes(model, include_head=head),

@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from artifacts.open import load_model  # noqa: E402
+from artifacts import open_model  # noqa: E402
 from benchmarks.quantization.bench_quant import heldout_tokens, identical_prefix  # noqa: E402
 from inference.gguf import read_tensors, reference_logits  # noqa: E402
 
@@ -30,7 +30,7 @@ def main() -> None:
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--new_tokens", type=int, default=32)
     args = p.parse_args()
-    model = load_model(args.model, "cpu", "float32")
+    model = open_model(args.model, "cpu", "float32")
     held = heldout_tokens(Path(args.data_dir), 10_000)
     prompts = [held[i * 97:i * 97 + 16].tolist() for i in range(args.prompts)]
     with torch.inference_mode():

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch  # noqa: E402
 
-from inference.quantize import _QuantizedLinear, linear_weight_bytes, quantize_model  # noqa: E402
+from model.quant import QuantizedLinear, linear_weight_bytes, quantize_model  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
 
 
@@ -58,7 +58,7 @@ def main():
         m = quantize_model(copy.deepcopy(base), scheme)
         with torch.no_grad():
             out = m(ids)
-        paths = Counter(l.path for l in m.modules() if isinstance(l, _QuantizedLinear))
+        paths = Counter(l.path for l in m.modules() if isinstance(l, QuantizedLinear))
         rel = ((out - ref).abs().max() / ref.abs().max()).item()
         nbytes = linear_weight_bytes(m)
         torch.cuda.reset_peak_memory_stats()
