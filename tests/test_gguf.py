@@ -13,8 +13,8 @@ import torch
 from fixtures_quant import tiny_model_dir, tiny_tokenizer
 from fixtures_time import limit
 from fixtures_train import REPO, env
-from inference.gguf import (gguf_tensors, interleaved_to_rotate_half, main, model_name, read_tensors,
-                            reference_logits, rotate_half_to_interleaved)
+from inference.gguf import gguf_tensors, interleaved_to_rotate_half, main, model_name, rotate_half_to_interleaved
+from reference_gguf import read_tensors, reference_logits
 from tokenizer.hf import load_model_proto
 
 gguf = pytest.importorskip("gguf")

@@ -1,5 +1,5 @@
 """Greedy tokens of GGUF files against our fp32 model, without llama.cpp (no llama-cpp-python wheel here):
-the files' tensors, dequantized by gguf's reader, run through inference.gguf.reference_logits (a forward pass in
+the files' tensors, dequantized by gguf's reader, run through tests/reference_gguf.py's reference_logits (a forward pass in
 llama.cpp's conventions, adjacent-pair rotary), and each prompt's greedy continuation is compared with
 Transformer.generate on the original model.
 
@@ -19,7 +19,8 @@ import torch  # noqa: E402
 
 from artifacts import open_model  # noqa: E402
 from benchmarks.quantization.bench_quant import heldout_tokens, identical_prefix  # noqa: E402
-from inference.gguf import read_tensors, reference_logits  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))  # the reference forward is test code
+from reference_gguf import read_tensors, reference_logits  # noqa: E402
 
 
 def main() -> None:
