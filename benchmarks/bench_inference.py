@@ -201,8 +201,7 @@ def agree(args: argparse.Namespace) -> None:
 
     from artifacts import load_tokenizer, open_model
 
-    model = open_model(args.model, "cpu", "float32")
-    model.config.attn_impl = "sdpa"
+    model = open_model(args.model, "cpu", "float32", runtime={"attn_impl": "sdpa"})
     tok = load_tokenizer(args.model, None, model)
     hf = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
     engine = Engine(model, tok, slots=3)

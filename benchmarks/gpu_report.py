@@ -79,8 +79,8 @@ def cmd_export_parity(args: argparse.Namespace) -> dict[str, Any]:
     from artifacts.run_dir import load_checkpoint_model
 
     device = torch.device(args.device)
-    ours = load_checkpoint_model(args.run).to(device=device, dtype=torch.float32).eval()
-    ours.config.attn_impl = "sdpa"
+    ours = load_checkpoint_model(args.run, config_overrides={"attn_impl": "sdpa"})
+    ours = ours.to(device=device, dtype=torch.float32).eval()
     theirs = AutoModelForCausalLM.from_pretrained(args.hf, dtype=torch.float32,
                                                   attn_implementation="sdpa").to(device).eval()
     torch.manual_seed(0)

@@ -194,3 +194,40 @@ def test_a_new_quantized_format_plugs_in_with_one_table_entry(folders, tmp_path,
     assert calls == [(folder, "cpu", "float32", {})]
     with pytest.raises(UserError, match="is a test-format folder; python -m inference.gguf needs the float"):
         open_model(folder, "cpu", needs_float="python -m inference.gguf")
+
+
+@pytest.mark.slow  # ~10 s: eight command runs (scripts/test.sh --fast skips it)
+def test_finetune_generate_and_passkey_take_adapter_and_quantize(folders, tmp_path, capsys):
+    """The commands that lacked them: finetune.generate --quantize, evaluation.passkey --adapter and --quantize. The
+    flag on the float model gives what the prepared folder (quantized, or merged) gives."""
+    from evaluation.passkey import main as passkey_main
+    from finetune.generate import main as generate_main
+    from finetune.merge import main as merge_main
+    from inference.quantize import main as quantize_main
+
+    f = folders
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps(["hello there", "the city of music"]))
+    answers = []
+    for model, extra in ((f["hf"], ["--quantize", "int8"]), (f["q8"], [])):
+        out = tmp_path / f"answers{len(answers)}.jsonl"
+        generate_main(["--model", str(model), "--input", str(prompts), "--output", str(out), "--template", "alpaca",
+                       "--max_new_tokens", "5", *extra])
+        answers.append([json.loads(line)["answer"] for line in out.read_text().splitlines()])
+    assert answers[0] == answers[1] and len(answers[0]) == 2
+    assert json.loads((tmp_path / "answers0.jsonl.meta.json").read_text())["quantize"] == "int8"
+
+    # passkey prompts need a longer context than the fixture's 128 positions: the same shapes at 256
+    long, _ = tiny_model_dir(tmp_path, f["tok"], name="long", seed=2, max_seq_len=256)
+    merge_main(["--model", str(long), "--adapter", str(f["adapter"]), "--output_dir", str(tmp_path / "merged")])
+    quantize_main(["--model", str(long), "--scheme", "int8", "--output_dir", str(tmp_path / "q8")])
+    runs = {}
+    for name, model, extra in (("adapter", long, ["--adapter", str(f["adapter"])]),
+                               ("merged", tmp_path / "merged", []),
+                               ("quantize", long, ["--quantize", "int8"]), ("q8", tmp_path / "q8", [])):
+        passkey_main(["--model", str(model), "--lengths", "256", "--depths", "0", "1", "--trials", "2", "--quiet",
+                      "--output_json", str(tmp_path / f"{name}.json"), *extra])
+        runs[name] = [r["predicted_ids"] for r in json.loads((tmp_path / f"{name}.json").read_text())["records"]]
+    capsys.readouterr()
+    assert runs["adapter"] == runs["merged"] and runs["quantize"] == runs["q8"] and len(runs["q8"]) == 4
+    assert runs["adapter"] != runs["q8"]  # different models: the comparison can fail
