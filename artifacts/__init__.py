@@ -5,8 +5,8 @@ Above model/ and tokenizer/ (and DeepSpeed, imported only to read ZeRO-partition
 stage that runs a trained model (evaluation, inference, fine-tuning's starting point).
 """
 from .devices import check_device, default_device, default_dtype
-from .open import add_quantize_args, describe_folder, load_tokenizer, open_model
+from .open import add_quantize_args, load_tokenizer, open_model
 from .run_dir import is_run_dir, load_checkpoint_model
 
-__all__ = ["add_quantize_args", "check_device", "default_device", "default_dtype", "describe_folder",
-           "load_tokenizer", "open_model", "is_run_dir", "load_checkpoint_model"]
+__all__ = ["add_quantize_args", "check_device", "default_device", "default_dtype", "load_tokenizer", "open_model",
+           "is_run_dir", "load_checkpoint_model"]

@@ -44,19 +44,6 @@ def lora_run_meta(path: str | Path) -> dict[str, Any] | None:
     return meta if meta.get("finetuning_type") == "lora" else None
 
 
-def describe_folder(path: str | Path) -> str:
-    """What kind of model folder `path` is, in a phrase (for messages)."""
-    path = Path(path)
-    fmt = quantized_format(path)
-    if fmt is not None:
-        return fmt.describe(path)
-    if is_run_dir(path):
-        return "a LoRA fine-tuning run directory" if lora_run_meta(path) else "a training run directory"
-    if (path / "config.json").is_file():
-        return "a Hugging Face model folder"
-    return "not a model folder"
-
-
 def _not_a_model(path: Path) -> UserError:
     """The one-line refusal for a folder that holds no model, pointing at what it probably meant."""
     what = "pass a Hugging Face folder, a training run directory or a quantized folder"
