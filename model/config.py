@@ -9,12 +9,8 @@ from pathlib import Path
 from typing import Any
 
 ATTN_IMPLS = ("auto", "eager", "sdpa", "flash", "xformers", "flex")
-ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
-"""The rope_type values model/rope.py implements (transformers' names)."""
 RUNTIME_MODEL_FIELDS = ("attn_impl", "activation_checkpointing", "fused_kernels")
-"""Fields that change how the model runs, not its weights: a checkpoint may be opened with other values. They are
-given when the model is built (dataclasses.replace on the config, or the openers' overrides), never set on a
-built model."""
+"""ModelConfig fields that change how the model runs, not its weights: they may differ when resuming or loading."""
 
 
 @dataclass
@@ -178,6 +174,9 @@ class ModelConfig:
         n = self.num_params(include_embeddings=False) + self.vocab_size * self.dim
         return 6 * n + 6 * self.n_layers * self.dim * seq_len
 
+
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
+"""The rope_type values model/rope.py implements (transformers' names); here so that rope.py builds on config.py."""
 
 PRESETS: dict[str, dict[str, Any]] = {
     # Tiny model for tests and the CPU quick start: a few hundred thousand parameters.

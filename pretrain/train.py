@@ -39,15 +39,13 @@ from common.io import replace_file, tmp_path_for
 from common.distributed import init_deepspeed_distributed
 from common.tensors import IGNORE_INDEX
 from model import ModelConfig, Transformer
-from model.config import RUNTIME_MODEL_FIELDS  # may differ when resuming
+from model.config import RUNTIME_MODEL_FIELDS
 from pretrain import checkpoint
 from pretrain.config import (TrainConfig, deepspeed_config, grad_accum_steps, load_config, lr_at,
                              resolve_precision, save_config)
 from pretrain.data import Batch, DataLoader, load_manifest
 from pretrain.metrics import MetricsLogger, memory_gib, peak_flops
 from tokenizer import Tokenizer
-
-
 
 class TrainingStopped(RuntimeError):
     """The run cannot go on (non-finite loss with nan_policy=stop, diverged); the message says why."""

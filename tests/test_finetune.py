@@ -419,18 +419,3 @@ def test_resuming_with_another_template_is_refused_before_anything_is_rewritten(
     assert "started with other settings (template 'alpaca' -> 'vicuna')" in result.stderr.strip().splitlines()[-1]
     assert (tmp_path / "run" / "chat_template.jinja").read_text() == template
     assert (tmp_path / "run" / "latest").read_text() == "step_000001"
-
-
-def test_runtime_model_settings_are_built_into_the_model(base, tok, tmp_path):
-    """model.fused_kernels / model.attn_impl and activation_checkpointing reach the model through the config it is
-    built with (fused_kernels is read by the blocks' constructors), not by changing the config afterwards."""
-    from finetune.train import FinetuneTask
-
-    for fused, checkpointing in ((False, True), (True, False)):
-        cfg = load_finetune_config(None, [f"model_path={base}", f"run_dir={tmp_path / 'run'}", "data_files=[x.json]",
-                                          f"model.fused_kernels={str(fused).lower()}", "model.attn_impl=eager",
-                                          f"activation_checkpointing={str(checkpointing).lower()}"])
-        model = FinetuneTask(cfg).build_model(tok, resuming=False, zero3_config=None)
-        assert model.config.fused_kernels is fused and model.config.attn_impl == "eager"
-        assert model.config.activation_checkpointing is checkpointing
-        assert {layer.attention_norm.use_fused for layer in model.layers} == {fused}

@@ -91,6 +91,21 @@ def test_only_the_adapter_trains(lora_run, setup):
     assert all(v.abs().max() > 0 for k, v in adapters.items() if k.endswith(".B"))  # B left zero: it trained
 
 
+def test_the_run_directory_opens_as_its_merged_export(lora_run, exported, setup):
+    """--model RUN_DIR of a LoRA run: the opener merges the checkpoint's adapter into the base named in
+    finetune.json, the same model finetune.export writes to hf/merged (and a tokenizer is found for it)."""
+    from artifacts import load_tokenizer
+
+    run_dir, _ = lora_run
+    base, _ = setup
+    tokens = torch.tensor([[1, 57, 300, 9, 812, 44, 5, 600]])
+    opened = open_model(run_dir, "cpu", "float32")
+    torch.testing.assert_close(opened(tokens), open_model(exported / "merged", "cpu", "float32")(tokens),
+                               rtol=0, atol=1e-5)
+    assert (opened(tokens) - open_model(base, "cpu", "float32")(tokens)).abs().max() > 1e-4
+    assert load_tokenizer(run_dir, None, opened).vocab_size <= opened.config.vocab_size
+
+
 def test_checkpoint_holds_only_the_adapter_and_its_optimizer_state(lora_run, setup):
     run_dir, dump = lora_run
     base, _ = setup
@@ -128,20 +143,6 @@ def test_export_writes_a_peft_adapter_and_a_merged_folder(exported, setup):
     assert tokenizer.chat_template == (exported.parent / "chat_template.jinja").read_text().strip()
 
 
-
-def test_the_run_directory_opens_as_its_merged_export(lora_run, exported, setup):
-    """--model RUN_DIR of a LoRA run: the opener merges the checkpoint's adapter into the base named in
-    finetune.json, the same model finetune.export writes to hf/merged (and a tokenizer is found for it)."""
-    from artifacts import load_tokenizer
-
-    run_dir, _ = lora_run
-    base, _ = setup
-    tokens = torch.tensor([[1, 57, 300, 9, 812, 44, 5, 600]])
-    opened = open_model(run_dir, "cpu", "float32")
-    torch.testing.assert_close(opened(tokens), open_model(exported / "merged", "cpu", "float32")(tokens),
-                               rtol=0, atol=1e-5)
-    assert (opened(tokens) - open_model(base, "cpu", "float32")(tokens)).abs().max() > 1e-4
-    assert load_tokenizer(run_dir, None, opened).vocab_size <= opened.config.vocab_size
 
 @pytest.mark.slow  # ~16 s: three fine-tuning runs (scripts/test.sh --fast skips it)
 def test_hot_start_begins_at_the_adapters_loss_with_a_fresh_optimizer(exported, setup, tmp_path):
