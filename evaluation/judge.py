@@ -42,11 +42,12 @@ from typing import Any, Callable
 import httpx
 from tqdm import tqdm
 
-from artifacts import add_quantize_args, check_device, default_device, default_dtype
+from artifacts.open import check_device, default_device, default_dtype
 from common.cli import parser as make_parser
 from common.cli import add_dataclass_args, dataclass_from_args, run_main
 from common.io import check_output_dir, write_json, write_text
 from common.tensors import DTYPES
+from artifacts import add_quantize_args
 
 from . import backends
 from .generation import ChatTemplate, GenerationConfig, generate_answers
