@@ -70,10 +70,13 @@ def _open_lora_run(path: Path, meta: dict[str, Any], tag: str | None, runtime: d
     """The base of a LoRA run with the checkpoint's adapter merged in (fp32 arithmetic, CPU)."""
     base = meta.get("model_path")
     if not base or not Path(base).exists():
+        # The adapter alone is not a model: point to the merged export, or to --adapter with the base moved.
+        merged = path / "hf" / "merged"
+        exported = "" if (merged / "config.json").is_file() else " (written by python -m finetune.export)"
         raise MissingFileError(
-            f"{path} is a LoRA fine-tuning run whose base model {base!r} is gone; export the run (python -m "
-            f"finetune.export --model {path} --output_dir {path}/hf) and pass {path}/hf/merged as --model, or pass "
-            f"the base as --model and {path}/hf/adapter as --adapter")
+            f"{path} is a LoRA fine-tuning run whose base model {base!r} (finetune.json's model_path) is not there; "
+            f"pass {merged} as --model{exported}, or the base where it is now as --model with --adapter "
+            f"{path / 'hf' / 'adapter'}")
     model = _open_float(Path(base), meta.get("model_tag"), runtime)
     tag = resolve_tag(path, tag)
     state = {k: v for k, v in consolidated_state_dict(path, tag).items() if is_lora_name(k)}

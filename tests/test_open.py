@@ -154,7 +154,8 @@ def test_a_lora_run_whose_base_is_gone_points_to_the_export_and_adapter(folders,
         open_model(moved, "cpu")
     message = one_line(e)
     assert f"{moved} is a LoRA fine-tuning run whose base model" in message
-    assert f"pass {moved}/hf/merged as --model" in message and f"{moved}/hf/adapter as --adapter" in message
+    assert f"pass {moved}/hf/merged as --model (written by python -m finetune.export)" in message
+    assert f"as --model with --adapter {moved}/hf/adapter" in message
 
 
 def test_merge_refuses_a_quantized_base_in_one_line(folders, tmp_path, capsys):
