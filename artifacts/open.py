@@ -145,10 +145,12 @@ def open_model(path: str | Path, device: str | None = None, dtype: str | None = 
             raise UserError(f"{path} is already quantized to {scheme}; --quantize {quantize} needs the original "
                             "float model")
         return model
+    adapters = [] if adapter is None else [adapter] if isinstance(adapter, (str, Path)) else list(adapter)
     if quantize is not None:
         check_scheme(quantize)
+        if adapters and not merge_adapter:
+            raise ValueError("quantize needs the adapter merged into the weights (merge_adapter=True)")
     model = _open_float(path, tag, values)
-    adapters = [] if adapter is None else [adapter] if isinstance(adapter, (str, Path)) else list(adapter)
     for n, folder in enumerate(adapters):
         apply_adapter(model, folder)
         if merge_adapter or n < len(adapters) - 1:
