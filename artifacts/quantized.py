@@ -97,7 +97,8 @@ def read_quantization_config(path: str | Path) -> QuantizationConfig:
         values = json.loads(file.read_text())
         qconfig = QuantizationConfig(**values)
     except (json.JSONDecodeError, TypeError) as e:
-        raise UserError(f"{file}: not a valid quantization config ({e}); write the folder again with python -m inference.quantize") from None
+        raise UserError(f"{file}: not a valid quantization config ({e}); write the folder again with python -m "
+                        "inference.quantize") from None
     check_scheme(qconfig.scheme)
     if qconfig.format_version != FORMAT_VERSION:
         raise UserError(f"{file}: format_version {qconfig.format_version}, this code reads {FORMAT_VERSION}")
@@ -117,7 +118,8 @@ def load_quantized(path: str | Path, device: str = "cpu", dtype: str | None = No
         raise MissingFileError(f"{path}: model directory not found")
     qconfig = read_quantization_config(path)
     if not (path / WEIGHTS).is_file():
-        raise MissingFileError(f"{path}: no {WEIGHTS}; a quantized folder is written by python -m inference.quantize")
+        raise MissingFileError(f"{path}: no {WEIGHTS}; a quantized folder is written by python -m "
+                               "inference.quantize")
     if not (path / "config.json").is_file():
         raise MissingFileError(f"{path}: no config.json; a quantized folder is written by python -m inference.quantize")
     config: ModelConfig = config_from_hf(json.loads((path / "config.json").read_text()), **(config_overrides or {}))
