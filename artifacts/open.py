@@ -135,8 +135,8 @@ def open_model(path: str | Path, device: str | None = None, dtype: str | None = 
             raise UserError(f"{path} is {what}; {needs_float} needs the float weights: pass the float model it was "
                             "quantized from")
         if adapter is not None:
-            raise UserError(f"{path} is already quantized ({what}): merge --adapter {adapter} into the float model "
-                            "first (python -m finetune.merge), then quantize")
+            raise UserError(f"{path} is {what}, whose weights are already quantized: merge --adapter {adapter} into "
+                            "the float model first (python -m finetune.merge), then quantize")
         if tag is not None:
             raise UserError(f"{path} is {what}; --tag selects a checkpoint of a training run directory")
         model = fmt.load(path, device, dtype, values)

@@ -262,7 +262,7 @@ def main(argv: list[str] | None = None) -> None:
     output = Path(args.output)
     check_output_file(output, args.overwrite)
     model = open_model(model_dir, "cpu", "float32", tag=args.tag,
-                       needs_float="python -m inference.gguf (pick --outtype q8_0 or q4_0 for a quantized file)")
+                       needs_float="python -m inference.gguf (which quantizes with --outtype q8_0 or q4_0)")
     tokenizer = load_tokenizer(model_dir, args.tokenizer, model)
     notes = export_gguf(model, tokenizer.path, output, args.outtype, args.name or model_name(model_dir),
                         chat_template(model_dir), args.overwrite)

@@ -123,7 +123,7 @@ def test_refusals_say_what_the_folder_is_and_what_to_pass(folders, tmp_path):
         open_model(f["q8"], "cpu", needs_float="python -m finetune.merge")
     message = one_line(e)
     assert message.startswith(f"{f['q8']} is a quantized folder (int8") and "needs the float weights" in message
-    with pytest.raises(UserError, match="already quantized .*merge --adapter .* into the float model first"):
+    with pytest.raises(UserError, match="already quantized: merge --adapter .* into the float model first"):
         open_model(f["q8"], "cpu", adapter=f["adapter"])
     with pytest.raises(UserError, match="already quantized to int8; --quantize int4 needs the original float"):
         open_model(f["q8"], "cpu", quantize="int4")
