@@ -7,43 +7,59 @@
     client.chat.completions.create(model="hf", messages=[{"role": "user", "content": "你好"}], stream=True)
 
 Endpoints: GET /v1/models, POST /v1/chat/completions, POST /v1/completions, GET /health. Supported request
-fields: max_tokens (or max_completion_tokens), temperature, top_p, stop (a string or up to 4), seed, n=1, stream
-(with stream_options.include_usage), and three extensions, top_k, repetition_penalty
-and ignore_eos (vLLM's: generate max_tokens tokens whatever comes, for benchmarks). Other OpenAI fields are
-accepted and ignored; the penalties other than 0 are refused. Streams are server-sent `chat.completion.chunk`
-(or `text_completion`) events ending in `data: [DONE]`.
+fields: max_tokens (or max_completion_tokens), temperature, top_p, stop (a string or up to 4), seed, stream
+(with stream_options.include_usage), and three extensions, top_k, repetition_penalty and ignore_eos (vLLM's:
+generate max_tokens tokens whatever comes, for benchmarks). Completions also take prompts as a string, a list of
+token ids or a list of either (one choice per prompt), n (choices per prompt; with a seed, choice j uses seed + j),
+best_of equal to n, echo, logprobs (0-20: OpenAI's legacy logprobs object, scored by a forward pass of the model,
+inference/scoring.py) and max_tokens 0 (with echo and logprobs: scoring the prompt, lm-evaluation-harness's
+loglikelihood requests). Fields the server cannot honour are refused with 400 naming them, never ignored: chat
+n > 1, logprobs and top_logprobs, tools, tool_choice, functions, response_format other than text, penalties other
+than 0, logprobs with stream. Other OpenAI fields (user, metadata, ...) are accepted and ignored. Streams are
+server-sent `chat.completion.chunk` (or `text_completion`) events ending in `data: [DONE]`.
 
-Errors use OpenAI's body ({"error": {"message", "type", "param", "code"}}): 400 for malformed JSON, bad parameters
-or a prompt that does not fit the context, 401 for a missing or wrong API key (when --api_key is set), 429 when
---max_queue requests already wait for a slot. A client that disconnects frees its slot at the next engine step.
-The server binds 127.0.0.1 unless told otherwise.
+Errors use OpenAI's body ({"error": {"message", "type", "param", "code"}}): 400 for malformed JSON, text that is not
+valid Unicode (a lone UTF-16 surrogate), bad parameters or a prompt that does not fit the context, 401 for a missing
+or wrong API key (when --api_key is set), 404 for a `model` other than the served one, 413 for a body over
+--max_body_bytes (refused from its Content-Length, or as soon as that many bytes have come), 429 when --max_queue
+requests already wait for a slot. JSON parsing, template rendering, tokenization and scoring run in worker threads,
+so a large request does not stall the streams being served. A client that disconnects frees its slot at the next
+engine step; one that disconnects while sending its body is logged in one line. The server binds 127.0.0.1 unless
+told otherwise.
 """
 from __future__ import annotations
 
 import asyncio
 import errno
 import json
+import logging
 import math
 import secrets
 import socket
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
+import anyio
 from fastapi import Depends, FastAPI, Request as HttpRequest
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from common.cli import entry_point, parser
 from common.errors import UserError
 
 from .engine import Engine, Event, QueueFull, Request, SamplingParams
 from .loader import add_model_args, load, make_engine
+from .scoring import MAX_TOP_LOGPROBS, TokenScores, logprobs_object, score, token_offsets
 from .templates import ChatTemplate, check_messages
 
 MAX_STOP = 4
+MAX_BODY_BYTES = 4 << 20  # --max_body_bytes default: ~600k token ids as JSON, or 4 MB of prompt text
+log = logging.getLogger("inference.server")
 
 
 class ApiError(Exception):
@@ -53,9 +69,90 @@ class ApiError(Exception):
         self.status, self.message, self.param, self.kind, self.code = status, message, param, kind, code
 
 
+class ClientGone(Exception):
+    """The client disconnected before its request was read: there is nobody to answer."""
+
+
 def error_body(message: str, param: str | None = None, kind: str = "invalid_request_error",
                code: str | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def body_too_large(limit: int) -> ApiError:
+    return ApiError(413, f"the request body is over --max_body_bytes={limit} bytes; send a smaller request (or "
+                    "start the server with a larger --max_body_bytes)", code="request_too_large")
+
+
+class BodyLimit:
+    """ASGI middleware: a request whose Content-Length is over `limit` bytes gets 413 before its body is read;
+    one without (chunked) fails with 413 as soon as `limit` bytes have come, the rest unread."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.limit):
+            e = body_too_large(self.limit) if length.isdigit() else ApiError(400, "bad Content-Length header")
+            payload = json.dumps(error_body(e.message, e.param, e.kind, e.code)).encode()
+            # Connection: close, as the unread body would otherwise be taken for the next request.
+            await send({"type": "http.response.start", "status": e.status,
+                        "headers": [(b"content-type", b"application/json"), (b"connection", b"close"),
+                                    (b"content-length", str(len(payload)).encode())]})
+            await send({"type": "http.response.body", "body": payload})
+            return
+        received = 0
+
+        async def counting_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    raise body_too_large(self.limit)  # answered by the app's ApiError handler
+            return message
+
+        return await self.app(scope, counting_receive, send)
+
+
+def _bad_unicode(value: Any, path: str) -> str | None:
+    """The path of the first string in `value` that is not valid Unicode (JSON lets a lone UTF-16 surrogate such
+    as \\ud800 through; no tokenizer can take it), or None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            bad = _bad_unicode(k, path) or _bad_unicode(v, f"{path}.{k}" if path else str(k))
+            if bad:
+                return bad
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            bad = _bad_unicode(v, f"{path}[{i}]")
+            if bad:
+                return bad
+    return None
+
+
+def parse_body(raw: bytes) -> dict:
+    """The request's JSON object; ApiError(400) for bad JSON or text that is not valid Unicode, naming the field."""
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ApiError(400, f"the request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise ApiError(400, "the request body is nested too deeply") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    bad = _bad_unicode(body, "")
+    if bad:
+        raise ApiError(400, f"{bad} is not valid Unicode (it holds a lone UTF-16 surrogate such as \\ud800); send "
+                       "well-formed text", bad)
+    return body
 
 
 def _number(body: dict, key: str, default: float | None, lo: float, hi: float) -> float | None:
@@ -82,25 +179,26 @@ def _int(body: dict, key: str, lo: int, hi: int | None = None) -> int | None:
 
 def _flag(body: dict, key: str) -> bool:
     value = body.get(key, False)
+    if value is None:
+        return False
     if not isinstance(value, bool):
         raise ApiError(400, f"{key} must be true or false", key)
     return value
 
 
-def parse_sampling(body: dict, prompt_len: int, context: int, extra_stop: tuple[str, ...] = ()) -> SamplingParams:
-    """SamplingParams from an OpenAI request body; ApiError(400) naming the first bad field."""
-    n = _int(body, "n", 1)
-    if n not in (None, 1):
-        raise ApiError(400, "only n=1 is supported", "n")
+def parse_sampling(body: dict, prompt_len: int, context: int, extra_stop: tuple[str, ...] = (),
+                   allow_zero: bool = False, param: str = "prompt") -> SamplingParams | None:
+    """SamplingParams from an OpenAI request body; ApiError(400) naming the first bad field. None when max_tokens
+    is 0 (allowed with allow_zero: completions that only echo or score the prompt)."""
     for key in ("presence_penalty", "frequency_penalty"):
         if _number(body, key, 0.0, -2.0, 2.0) != 0.0:
             raise ApiError(400, f"{key} is not supported (use repetition_penalty)", key)
     key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    max_tokens = _int(body, key, 1)
+    max_tokens = _int(body, key, 0 if allow_zero else 1)
     room = context - prompt_len
-    if room < 1:
+    if room < (0 if max_tokens == 0 else 1):
         raise ApiError(400, f"the prompt is {prompt_len} tokens but the model's context is {context} tokens; "
-                       "shorten it", "messages" if "messages" in body else "prompt", code="context_length_exceeded")
+                       "shorten it", param, code="context_length_exceeded")
     if max_tokens is not None and max_tokens > room:
         raise ApiError(400, f"this model's context is {context} tokens: the prompt's {prompt_len} tokens leave "
                        f"room for at most {room} new tokens, {key}={max_tokens} asked for", key,
@@ -115,12 +213,55 @@ def parse_sampling(body: dict, prompt_len: int, context: int, extra_stop: tuple[
     seed = _int(body, "seed", -2**63, 2**63 - 1)
     top_p = _number(body, "top_p", 1.0, 0.0, 1.0)
     top_k = _int(body, "top_k", 1)
-    return SamplingParams(
-        max_tokens=max_tokens, temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
+    params = SamplingParams(
+        max_tokens=max_tokens or None, temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
         top_k=top_k, top_p=None if top_p >= 1.0 else max(top_p, 1e-6),
         repetition_penalty=_number(body, "repetition_penalty", 1.0, 0.01, 10.0),
         stop=tuple(stop) + tuple(s for s in extra_stop if s not in stop),
         seed=None if seed is None else seed % 2**63, ignore_eos=_flag(body, "ignore_eos")).check()
+    return None if max_tokens == 0 else params
+
+
+def refuse_unsupported_chat_fields(body: dict) -> None:
+    """400 naming a chat field this server cannot honour yet, rather than ignoring it (a client asking for tool
+    calls, JSON output or log-probabilities must not get a plain reply that looks like success)."""
+    if _flag(body, "logprobs"):
+        raise ApiError(400, "logprobs is not supported for chat completions yet (the completions API has it)",
+                       "logprobs")
+    if body.get("top_logprobs") not in (None, 0):
+        raise ApiError(400, "top_logprobs is not supported for chat completions yet", "top_logprobs")
+    for key in ("tools", "functions"):
+        if body.get(key):
+            raise ApiError(400, f"{key} is not supported by this server yet (no tool calling)", key)
+    for key in ("tool_choice", "function_call"):
+        if body.get(key) not in (None, "none"):
+            raise ApiError(400, f"{key} is not supported by this server yet (no tool calling)", key)
+    fmt = body.get("response_format")
+    if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
+        raise ApiError(400, "response_format is not supported by this server yet (only {\"type\": \"text\"}); "
+                       "no constrained decoding", "response_format")
+
+
+def parse_prompts(prompt: Any, vocab_size: int) -> list[str | list[int]]:
+    """The completions API's prompt: a string, a list of token ids, or a list of either (a batch)."""
+    def one(p: Any) -> str | list[int] | None:
+        if isinstance(p, str):
+            return p or None
+        if isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
+            if not all(0 <= t < vocab_size for t in p):
+                raise ApiError(400, f"prompt token ids must be in [0, {vocab_size})", "prompt")
+            return p
+        return None
+
+    single = one(prompt)
+    if single is not None:
+        return [single]
+    if isinstance(prompt, list) and prompt:
+        batch = [one(p) for p in prompt]
+        if all(p is not None for p in batch):
+            return batch
+    raise ApiError(400, "prompt must be a non-empty string, a non-empty list of token ids, or a non-empty list of "
+                   "either", "prompt")
 
 
 class EventBridge:
@@ -131,14 +272,14 @@ class EventBridge:
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop = loop
-        self.pending: list[tuple[asyncio.Queue, Event]] = []
+        self.pending: list[tuple[asyncio.Queue, tuple[int, Event]]] = []
         self.lock = threading.Lock()
 
-    def sink(self, events: asyncio.Queue) -> Callable[[Event], None]:
-        """The engine-side callback that delivers into `events`."""
+    def sink(self, events: asyncio.Queue, index: int = 0) -> Callable[[Event], None]:
+        """The engine-side callback that delivers (index, event) into `events` (index: the choice's)."""
         def put(event: Event) -> None:
             with self.lock:
-                self.pending.append((events, event))
+                self.pending.append((events, (index, event)))
                 wake = len(self.pending) == 1  # the first event since the last drain schedules one
             if wake:
                 self.loop.call_soon_threadsafe(self._drain)
@@ -147,15 +288,30 @@ class EventBridge:
     def _drain(self) -> None:
         with self.lock:
             batch, self.pending = self.pending, []
-        for events, event in batch:
-            events.put_nowait(event)
+        for events, item in batch:
+            events.put_nowait(item)
 
 
-def create_app(engine: Engine, template: ChatTemplate, model_name: str, api_key: str | None = None):
-    """The FastAPI application serving `engine` under the id `model_name`."""
+@dataclass
+class Job:
+    """One choice: the prompt it continues and how (params None: max_tokens 0, nothing to generate)."""
+
+    index: int
+    ids: list[int]
+    params: SamplingParams | None
+    anchor: list[int]
+    req: Request | None = None
+
+
+def create_app(engine: Engine, template: ChatTemplate, model_name: str, api_key: str | None = None,
+               max_body_bytes: int = MAX_BODY_BYTES):
+    """The FastAPI application serving `engine` under the id `model_name`; bodies over max_body_bytes get 413."""
     app = FastAPI(title="llama-pretrain inference server")
+    if max_body_bytes:
+        app.add_middleware(BodyLimit, limit=max_body_bytes)
     tokenizer = engine.tokenizer
     created = int(time.time())
+    scoring = anyio.CapacityLimiter(1)  # one scoring pass at a time: each takes all cores, and memory
 
     def error_response(e: ApiError) -> JSONResponse:
         return JSONResponse(error_body(e.message, e.param, e.kind, e.code), status_code=e.status)
@@ -163,6 +319,10 @@ def create_app(engine: Engine, template: ChatTemplate, model_name: str, api_key:
     @app.exception_handler(ApiError)
     async def _api_error(_, e: ApiError):
         return error_response(e)
+
+    @app.exception_handler(ClientGone)
+    async def _client_gone(_, e: ClientGone):
+        return Response(status_code=499)  # nobody reads it; uvicorn drops it
 
     @app.exception_handler(HTTPException)
     async def _http_error(_, e: HTTPException):
@@ -189,79 +349,73 @@ def create_app(engine: Engine, template: ChatTemplate, model_name: str, api_key:
 
     async def read_json(request: HttpRequest) -> dict:
         try:
-            body = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ApiError(400, f"the request body is not valid JSON: {e}") from None
-        if not isinstance(body, dict):
-            raise ApiError(400, "the request body must be a JSON object")
+            raw = await request.body()
+        except ClientDisconnect:
+            log.warning("client %s disconnected while sending its request to %s; nothing to answer",
+                        f"{request.client.host}:{request.client.port}" if request.client else "?", request.url.path)
+            raise ClientGone() from None
+        body = await anyio.to_thread.run_sync(parse_body, raw)  # 1 MB of JSON: ~10 ms off the event loop
+        model = body.get("model")
+        if model is not None and model != model_name:
+            # vLLM's answer to an unknown model: 404 "The model `x` does not exist."
+            shown = model if isinstance(model, str) and len(model) <= 200 else type(model).__name__
+            raise ApiError(404, f"The model `{shown}` does not exist; this server serves `{model_name}`", "model",
+                           code="model_not_found")
         return body
 
     bridges: dict[asyncio.AbstractEventLoop, EventBridge] = {}
 
-    def submit(ids: list[int], params: SamplingParams, anchor: list[int]) -> tuple[Request, asyncio.Queue]:
+    def submit(jobs: list[Job]) -> asyncio.Queue:
+        """Submit every job that generates; all or none (a full queue cancels those already in)."""
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
         bridge = bridges.get(loop) or bridges.setdefault(loop, EventBridge(loop))
         try:
-            req = engine.submit(ids, params, bridge.sink(events), anchor)
-        except QueueFull as e:
-            raise ApiError(429, str(e), kind="rate_limit_error", code="queue_full") from None
-        except ValueError as e:
-            raise ApiError(400, str(e)) from None
-        except RuntimeError as e:
+            for job in jobs:
+                if job.params is not None:
+                    job.req = engine.submit(job.ids, job.params, bridge.sink(events, job.index), job.anchor)
+        except (QueueFull, ValueError, RuntimeError) as e:
+            for job in jobs:
+                if job.req is not None:
+                    job.req.cancel()
+            if isinstance(e, QueueFull):
+                raise ApiError(429, str(e), kind="rate_limit_error", code="queue_full") from None
+            if isinstance(e, ValueError):
+                raise ApiError(400, str(e)) from None
             raise ApiError(503, str(e), kind="server_error") from None
-        return req, events
+        return events
 
-    def usage(req: Request) -> dict[str, int]:
-        p, c = len(req.prompt_ids), len(req.output_ids)
+    def usage(jobs: list[Job]) -> dict[str, int]:
+        prompts = {id(job.ids): len(job.ids) for job in jobs}  # n choices of one prompt count it once
+        p, c = sum(prompts.values()), sum(len(job.req.output_ids) for job in jobs if job.req is not None)
         return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
-    async def respond(http: HttpRequest, body: dict, ids: list[int], params: SamplingParams, anchor: list[int],
-                      chat: bool):
-        streaming = _flag(body, "stream")
-        req, events = submit(ids, params, anchor)
-        rid = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
-        obj = "chat.completion" if chat else "text_completion"
-        head = {"id": rid, "created": int(time.time()), "model": model_name}
+    def finish_reason(job: Job) -> str:
+        return job.req.finish_reason if job.req is not None else "length"
 
-        def choice(text: str, finish: str | None, first: bool = False) -> dict:
-            if not chat:
-                return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
-            delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
-            return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+    def choice_logprobs(job: Job, echo: bool, top_k: int) -> tuple[str, dict]:
+        """(the choice's text with the echoed prompt, its logprobs object); runs in a worker thread."""
+        req_text = job.req.text if job.req is not None else ""
+        out = list(job.req.output_ids) if job.req is not None else []
+        offsets, decoded = token_offsets(tokenizer, out, job.anchor)
+        if len(decoded) > len(req_text):  # a stop string cut the reply: the tokens after the cut are not in it
+            out = [t for t, o in zip(out, offsets) if o < len(req_text)]
+            offsets = offsets[:len(out)]
+        prefix, ids, shown = "", out, offsets
+        if echo:
+            prompt_offsets, prefix = token_offsets(tokenizer, job.ids)
+            ids, shown = job.ids + out, prompt_offsets + [len(prefix) + o for o in offsets]
+        scores = score(engine.model, job.ids + out, top_k, start=1 if echo else len(job.ids))
+        if not echo:  # only the reply's positions
+            scores = TokenScores(scores.logprobs[len(job.ids):], scores.top[len(job.ids):])
+        return prefix + req_text, logprobs_object(tokenizer, ids, scores, shown, top_k)
 
-        if streaming:
-            options = body.get("stream_options") or {}
-            include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
-
-            async def sse() -> AsyncIterator[str]:
-                chunk = {**head, "object": obj + (".chunk" if chat else "")}
-                try:
-                    if chat:
-                        yield f"data: {json.dumps({**chunk, 'choices': [choice('', None, True)]})}\n\n"
-                    while True:
-                        ev: Event = await events.get()
-                        text, finish = ev.text, ev.finish_reason
-                        while not finish and not events.empty():  # a client slower than the engine gets the
-                            ev = events.get_nowait()  # tokens that piled up in one chunk
-                            text, finish = text + ev.text, ev.finish_reason
-                        if finish == "error":
-                            raise RuntimeError("the engine failed")
-                        if text or finish:
-                            yield f"data: {json.dumps({**chunk, 'choices': [choice(text, finish)]})}\n\n"
-                        if finish:
-                            break
-                    if include_usage:
-                        yield f"data: {json.dumps({**chunk, 'choices': [], 'usage': usage(req)})}\n\n"
-                    yield "data: [DONE]\n\n"
-                finally:
-                    req.cancel()  # a no-op once finished; frees the slot when the client went away
-
-            return StreamingResponse(sse(), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
+    async def wait_all(http: HttpRequest, jobs: list[Job], events: asyncio.Queue) -> JSONResponse | None:
+        """Wait until every submitted job has finished; a 499 response when the client went away first."""
         async def collect() -> None:
-            while not (await events.get()).finish_reason:
-                pass
+            left = sum(job.req is not None for job in jobs)
+            while left:
+                if (await events.get())[1].finish_reason:
+                    left -= 1
 
         task = asyncio.ensure_future(collect())
         try:
@@ -271,15 +425,102 @@ def create_app(engine: Engine, template: ChatTemplate, model_name: str, api_key:
                     task.cancel()
                     return JSONResponse(error_body("client disconnected"), status_code=499)
         finally:
-            req.cancel()
-        if req.finish_reason == "error":
+            for job in jobs:
+                if job.req is not None:
+                    job.req.cancel()
+        if any(job.req is not None and job.req.finish_reason == "error" for job in jobs):
             raise ApiError(500, "the engine failed", kind="server_error")
-        if chat:
-            out = {"index": 0, "message": {"role": "assistant", "content": req.text}, "logprobs": None,
-                   "finish_reason": req.finish_reason}
+        return None
+
+    async def respond(http: HttpRequest, body: dict, jobs: list[Job], chat: bool, echo: bool = False,
+                      top_k: int | None = None):
+        streaming = _flag(body, "stream")
+        if streaming and top_k is not None:
+            raise ApiError(400, "logprobs cannot be streamed yet; send stream: false", "logprobs")
+        events = submit(jobs)
+        rid = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
+        obj = "chat.completion" if chat else "text_completion"
+        head = {"id": rid, "created": int(time.time()), "model": model_name}
+
+        def choice(index: int, text: str, finish: str | None, first: bool = False) -> dict:
+            if not chat:
+                return {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
+            delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
+            return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+
+        if streaming:
+            options = body.get("stream_options") or {}
+            include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
+            prompt_texts = {}
+            if echo:
+                prompt_texts = await anyio.to_thread.run_sync(
+                    lambda: {job.index: token_offsets(tokenizer, job.ids)[1] for job in jobs})
+
+            async def sse() -> AsyncIterator[str]:
+                chunk = {**head, "object": obj + (".chunk" if chat else "")}
+
+                def data(choices: list[dict], **extra) -> str:
+                    return f"data: {json.dumps({**chunk, 'choices': choices, **extra})}\n\n"
+
+                try:
+                    if chat:
+                        yield data([choice(0, "", None, True)])
+                    for job in jobs:
+                        if echo or job.req is None:  # the echoed prompt first; max_tokens 0 ends here
+                            yield data([choice(job.index, prompt_texts.get(job.index, ""),
+                                               None if job.req is not None else "length")])
+                    left = sum(job.req is not None for job in jobs)
+                    while left:
+                        index, ev = await events.get()
+                        pieces: dict[int, list] = {index: [ev.text, ev.finish_reason]}
+                        while not events.empty():  # a client slower than the engine gets the tokens that
+                            index, ev = events.get_nowait()  # piled up in one chunk per choice
+                            piece = pieces.setdefault(index, ["", None])
+                            piece[0], piece[1] = piece[0] + ev.text, ev.finish_reason
+                        for index, (text, finish) in pieces.items():
+                            if finish == "error":
+                                raise RuntimeError("the engine failed")
+                            if text or finish:
+                                yield data([choice(index, text, finish)])
+                            if finish:
+                                left -= 1
+                    if include_usage:
+                        yield data([], usage=usage(jobs))
+                    yield "data: [DONE]\n\n"
+                finally:
+                    for job in jobs:  # a no-op once finished; frees the slots when the client went away
+                        if job.req is not None:
+                            job.req.cancel()
+
+            return StreamingResponse(sse(), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+        gone = await wait_all(http, jobs, events)
+        if gone is not None:
+            return gone
+        choices = []
+        if top_k is not None:
+            async with scoring:
+                scored = await anyio.to_thread.run_sync(lambda: [choice_logprobs(job, echo, top_k) for job in jobs])
+            for job, (text, logprobs) in zip(jobs, scored):
+                choices.append({"index": job.index, "text": text, "logprobs": logprobs,
+                                "finish_reason": finish_reason(job)})
+        elif echo:
+            prefixes = await anyio.to_thread.run_sync(
+                lambda: [token_offsets(tokenizer, job.ids)[1] for job in jobs])
+            for job, prefix in zip(jobs, prefixes):
+                text = prefix + (job.req.text if job.req is not None else "")
+                choices.append({"index": job.index, "text": text, "logprobs": None,
+                                "finish_reason": finish_reason(job)})
         else:
-            out = {"index": 0, "text": req.text, "logprobs": None, "finish_reason": req.finish_reason}
-        return {**head, "object": obj, "choices": [out], "usage": usage(req)}
+            for job in jobs:
+                if chat:
+                    choices.append({"index": job.index, "message": {"role": "assistant", "content": job.req.text},
+                                    "logprobs": None, "finish_reason": finish_reason(job)})
+                else:
+                    choices.append({"index": job.index, "text": job.req.text if job.req is not None else "",
+                                    "logprobs": None, "finish_reason": finish_reason(job)})
+        return {**head, "object": obj, "choices": choices, "usage": usage(jobs)}
 
     @app.get("/health")
     async def health():
@@ -294,27 +535,48 @@ def create_app(engine: Engine, template: ChatTemplate, model_name: str, api_key:
     @app.post("/v1/chat/completions", dependencies=authorized)
     async def chat_completions(http: HttpRequest):
         body = await read_json(http)
-        try:
-            messages = check_messages(body.get("messages"))
-            ids = template.encode(messages, add_generation_prompt=True)
-        except ValueError as e:
-            raise ApiError(400, str(e), "messages") from None
-        params = parse_sampling(body, len(ids), engine.max_len, template.stop)
-        return await respond(http, body, ids, params, [], chat=True)
+        if _int(body, "n", 1) not in (None, 1):
+            raise ApiError(400, "only n=1 is supported for chat completions", "n")
+        refuse_unsupported_chat_fields(body)
+
+        def render() -> list[int]:  # jinja and the tokenizer: worker-thread work
+            try:
+                return template.encode(check_messages(body.get("messages")), add_generation_prompt=True)
+            except ValueError as e:
+                raise ApiError(400, str(e), "messages") from None
+
+        ids = await anyio.to_thread.run_sync(render)
+        params = parse_sampling(body, len(ids), engine.max_len, template.stop, param="messages")
+        return await respond(http, body, [Job(0, ids, params, [])], chat=True)
 
     @app.post("/v1/completions", dependencies=authorized)
     async def completions(http: HttpRequest):
         body = await read_json(http)
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-            prompt = prompt[0]
-        if not isinstance(prompt, str) or not prompt:
-            raise ApiError(400, "prompt must be a non-empty string (one prompt per request)", "prompt")
-        if body.get("echo") or body.get("logprobs") or (body.get("best_of") or 1) != 1 or body.get("suffix"):
-            raise ApiError(400, "echo, logprobs, best_of and suffix are not supported")
-        ids = tokenizer.encode(prompt, bos=tokenizer.bos_id >= 0)
-        params = parse_sampling(body, len(ids), engine.max_len)
-        return await respond(http, body, ids, params, ids[-1:], chat=False)
+        prompts = parse_prompts(body.get("prompt"), engine.model.config.vocab_size)
+        n = _int(body, "n", 1) or 1
+        best_of = _int(body, "best_of", 1)
+        if best_of is not None and best_of != n:
+            raise ApiError(400, "best_of must equal n (candidates are not ranked)", "best_of")
+        if body.get("suffix"):
+            raise ApiError(400, "suffix is not supported (no fill-in-the-middle)", "suffix")
+        if n * len(prompts) > len(engine.slots) + engine.max_queue:
+            raise ApiError(400, f"{len(prompts)} prompt(s) x n={n} choices is more than this server's "
+                           f"{len(engine.slots)} slots and {engine.max_queue} queue places hold", "n")
+        echo = _flag(body, "echo")
+        top_k = _int(body, "logprobs", 0, MAX_TOP_LOGPROBS)
+        bos = tokenizer.bos_id >= 0
+        # Token-id prompts are used as given (no BOS added), strings are encoded with BOS, as vLLM does.
+        encoded = await anyio.to_thread.run_sync(
+            lambda: [p if isinstance(p, list) else tokenizer.encode(p, bos=bos) for p in prompts])
+        jobs = []
+        seed = _int(body, "seed", -2**63, 2**63 - 1)
+        for i, ids in enumerate(encoded):
+            for j in range(n):
+                # Choice j of a seeded request uses seed + j: n equal seeds would give n equal samples.
+                params = parse_sampling({**body, "seed": None if seed is None else seed + j}, len(ids),
+                                        engine.max_len, allow_zero=True)
+                jobs.append(Job(i * n + j, ids, params, ids[-1:]))
+        return await respond(http, body, jobs, chat=False, echo=echo, top_k=top_k)
 
     return app
 
@@ -328,8 +590,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--api_key", default=None, help="require `Authorization: Bearer KEY` on /v1 requests")
     p.add_argument("--slots", type=int, default=8, help="sequences decoded together (KV-cache slots)")
     p.add_argument("--max_queue", type=int, default=64, help="requests waiting for a slot before 429")
+    p.add_argument("--max_body_bytes", type=int, default=MAX_BODY_BYTES,
+                   help="larger request bodies get 413 before they are read (0: no limit)")
     p.add_argument("--served_model_name", default=None, help="the model id in the API (default: folder name)")
     args = p.parse_args(argv)
+    if args.max_body_bytes < 0:
+        raise UserError(f"--max_body_bytes must be >= 0 (0: no limit), got {args.max_body_bytes}")
     import uvicorn
 
     # The port is taken now, before the model loads (tens of seconds), and handed to uvicorn: a port in use is
@@ -338,7 +604,7 @@ def main(argv: list[str] | None = None) -> None:
     loaded = load(args)
     engine = make_engine(loaded, args.slots, args.max_len, args.max_queue)
     name = args.served_model_name or Path(args.model).resolve().name
-    app = create_app(engine, loaded.template, name, args.api_key)
+    app = create_app(engine, loaded.template, name, args.api_key, args.max_body_bytes)
     server = uvicorn.Server(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=5))
     # (uvicorn announces the address only for sockets it binds itself.)
     print(f"serving {name} on http://{args.host}:{args.port} (Ctrl-C stops it)", flush=True)
