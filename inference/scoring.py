@@ -69,8 +69,16 @@ def score(model: Transformer, ids: Sequence[int], top_k: int = 0, start: int = 1
 
 def token_string(tokenizer: Tokenizer, token: int) -> str:
     """How a token is named in `tokens` and `top_logprobs`: its SentencePiece piece with the word-boundary mark
-    as a space ("▁world" -> " world"); control and byte-fallback pieces keep their names ("</s>", "<0xE5>")."""
-    return tokenizer.id_to_piece(token).replace("\u2581", " ")
+    as a space ("▁world" -> " world"); a byte-fallback piece is its character when it is ASCII ("<0x71>" -> "q")
+    and OpenAI's "bytes:\\xe5" for a byte of a longer UTF-8 character; control pieces keep their names ("</s>")."""
+    piece = tokenizer.id_to_piece(token)
+    if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+        try:
+            byte = int(piece[3:5], 16)
+        except ValueError:
+            return piece
+        return chr(byte) if byte < 0x80 else f"bytes:\\x{byte:02x}"
+    return piece.replace("\u2581", " ")
 
 
 def token_offsets(tokenizer: Tokenizer, ids: Sequence[int], context: Sequence[int] = ()) -> tuple[list[int], str]:
