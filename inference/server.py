@@ -51,6 +51,7 @@ from starlette.requests import ClientDisconnect
 
 from common.cli import entry_point, parser
 from common.errors import UserError
+from tokenizer import Tokenizer
 
 from .engine import Engine, Event, QueueFull, Request, SamplingParams
 from .loader import add_model_args, load, make_engine
@@ -240,6 +241,27 @@ def refuse_unsupported_chat_fields(body: dict) -> None:
     if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
         raise ApiError(400, "response_format is not supported by this server yet (only {\"type\": \"text\"}); "
                        "no constrained decoding", "response_format")
+
+
+CHARS_PER_TOKEN_BOUND = 8  # see clearly_too_long
+
+
+def clearly_too_long(text: str, context: int, tokenizer: Tokenizer) -> int | None:
+    """The token count of a prefix of `text` when that prefix alone is over `context` tokens (then the whole text
+    cannot fit, and is not tokenized: a 10 MB prompt costs seconds of CPU that the running streams need), else
+    None. The prefix is context x CHARS_PER_TOKEN_BOUND characters; a text whose first that many characters make
+    fewer tokens (long runs of spaces, say) is tokenized in full as before. The margin covers tokens merged across
+    the cut."""
+    cut = context * CHARS_PER_TOKEN_BOUND + 1024
+    if len(text) <= cut:
+        return None
+    n = len(tokenizer.encode(text[:cut]))
+    return n if n > context + 8 else None
+
+
+def too_long_error(what: str, n: int, context: int, param: str) -> ApiError:
+    return ApiError(400, f"{what} is over {n} tokens (counting only its first part) but the model's context is "
+                    f"{context} tokens; shorten it", param, code="context_length_exceeded")
 
 
 def parse_prompts(prompt: Any, vocab_size: int) -> list[str | list[int]]:
@@ -541,7 +563,12 @@ def create_app(engine: Engine, template: ChatTemplate, model_name: str, api_key:
 
         def render() -> list[int]:  # jinja and the tokenizer: worker-thread work
             try:
-                return template.encode(check_messages(body.get("messages")), add_generation_prompt=True)
+                messages = check_messages(body.get("messages"))
+                for i, m in enumerate(messages):
+                    n = clearly_too_long(m["content"], engine.max_len, tokenizer)
+                    if n is not None:
+                        raise too_long_error(f"messages[{i}].content", n, engine.max_len, "messages")
+                return template.encode(messages, add_generation_prompt=True)
             except ValueError as e:
                 raise ApiError(400, str(e), "messages") from None
 
@@ -565,9 +592,18 @@ def create_app(engine: Engine, template: ChatTemplate, model_name: str, api_key:
         echo = _flag(body, "echo")
         top_k = _int(body, "logprobs", 0, MAX_TOP_LOGPROBS)
         bos = tokenizer.bos_id >= 0
-        # Token-id prompts are used as given (no BOS added), strings are encoded with BOS, as vLLM does.
-        encoded = await anyio.to_thread.run_sync(
-            lambda: [p if isinstance(p, list) else tokenizer.encode(p, bos=bos) for p in prompts])
+
+        def encode(i: int, p: str | list[int]) -> list[int]:
+            # Token-id prompts are used as given (no BOS added), strings are encoded with BOS, as vLLM does.
+            if isinstance(p, list):
+                return p
+            n = clearly_too_long(p, engine.max_len, tokenizer)
+            if n is not None:
+                raise too_long_error("the prompt" if len(prompts) == 1 else f"prompt[{i}]", n, engine.max_len,
+                                     "prompt")
+            return tokenizer.encode(p, bos=bos)
+
+        encoded = await anyio.to_thread.run_sync(lambda: [encode(i, p) for i, p in enumerate(prompts)])
         jobs = []
         seed = _int(body, "seed", -2**63, 2**63 - 1)
         for i, ids in enumerate(encoded):

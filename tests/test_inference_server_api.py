@@ -227,3 +227,31 @@ def test_disconnect_during_the_body_read_logs_one_line(server, caplog):
     assert len(mine) == 1 and mine[0].exc_info is None and "\n" not in mine[0].getMessage()
     assert not [r for r in records if r.levelno >= logging.ERROR], [r.getMessage() for r in records]
     assert httpx.get(server.url + "/health", timeout=limit(30)).json()["status"] == "ok"
+
+
+def test_a_huge_prompt_is_refused_without_tokenizing_all_of_it(folder, monkeypatch):
+    """A prompt whose first context x 8 characters are already over the context gets 400 from that prefix alone."""
+    _, chat_dir, model, tok = folder
+    engine = Engine(model, tok, slots=1, max_len=64).start()
+    calls = []
+    encode = tok.encode
+
+    def counting(text, *args, **kwargs):
+        calls.append(len(text))
+        return encode(text, *args, **kwargs)
+
+    monkeypatch.setattr(tok, "encode", counting)
+    text = "Order 12 the city of " * 20000  # 420,000 characters
+    try:
+        with ServerThread(create_app(engine, load_chat_template(chat_dir, tok), "tiny")) as srv:
+            for path, body in [("/v1/completions", {"prompt": text}),
+                               ("/v1/chat/completions", {"messages": [{"role": "user", "content": text}]})]:
+                calls.clear()
+                r = post(srv, path, body)
+                assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+                assert "context is 64 tokens" in r.json()["error"]["message"]
+                assert calls and max(calls) <= 64 * 8 + 1024
+            # A prompt that fits is tokenized as before.
+            assert post(srv, "/v1/completions", {"prompt": "Order 12", "max_tokens": 2}).status_code == 200
+    finally:
+        engine.stop()
