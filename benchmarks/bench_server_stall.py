@@ -47,9 +47,11 @@ def stream(client, url: str, body: dict, arrivals: list[float]) -> None:
                     arrivals.append(time.perf_counter())
 
 
-def largest_gap(arrivals: list[list[float]], lo: float, hi: float) -> float:
-    """The largest time between consecutive chunks of one stream, over the gaps that overlap [lo, hi]."""
-    gaps = [b - a for times in arrivals for a, b in zip(times, times[1:]) if b >= lo and a <= hi]
+def largest_gap(arrivals: list[list[float]], lo: float, hi: float, inside: bool = False) -> float:
+    """The largest time between consecutive chunks of one stream, over the gaps that overlap [lo, hi] (inside:
+    that lie within it)."""
+    gaps = [b - a for times in arrivals for a, b in zip(times, times[1:])
+            if (a >= lo and b <= hi if inside else b >= lo and a <= hi)]
     return max(gaps, default=float("nan"))
 
 
@@ -71,7 +73,7 @@ def one_round(client, port: int, big: dict, path: str, new_tokens: int) -> tuple
     end = time.perf_counter()
     time.sleep(0.2)
     stalled = largest_gap(arrivals, start, end)
-    before = largest_gap(arrivals, start - (end - start) - 0.2, start - 0.01)
+    before = largest_gap(arrivals, start - max(end - start, 0.4), start, inside=True)
     for t in threads:
         t.join()
     return before, stalled, end - start, r.status_code
@@ -100,8 +102,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = model.to_hf(Path(tmp) / "hf", tokenizer_path=tok.path, dtype=torch.float32)
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": args.root}
+        # A server without a body limit (an older checkout) takes no --max_body_bytes.
+        limit = (["--max_body_bytes", str(64 << 20)]
+                 if "max_body_bytes" in (Path(args.root) / "inference" / "server.py").read_text() else [])
         server = subprocess.Popen([sys.executable, "-m", "inference.server", "--model", str(folder), "--port",
-                                   str(args.port), "--slots", str(STREAMS), "--max_body_bytes", str(64 << 20)],
+                                   str(args.port), "--slots", str(STREAMS), *limit],
                                   env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=args.root)
         try:
             deadline = time.time() + 180
