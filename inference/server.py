@@ -459,6 +459,10 @@ def create_app(engine: Engine, template: ChatTemplate, model_name: str, api_key:
         streaming = _flag(body, "stream")
         if streaming and top_k is not None:
             raise ApiError(400, "logprobs cannot be streamed yet; send stream: false", "logprobs")
+        prompt_texts = {}
+        if streaming and echo:  # before submitting: nothing may be left running if this is interrupted
+            prompt_texts = await anyio.to_thread.run_sync(
+                lambda: {job.index: token_offsets(tokenizer, job.ids)[1] for job in jobs})
         events = submit(jobs)
         rid = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
         obj = "chat.completion" if chat else "text_completion"
@@ -473,10 +477,6 @@ def create_app(engine: Engine, template: ChatTemplate, model_name: str, api_key:
         if streaming:
             options = body.get("stream_options") or {}
             include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
-            prompt_texts = {}
-            if echo:
-                prompt_texts = await anyio.to_thread.run_sync(
-                    lambda: {job.index: token_offsets(tokenizer, job.ids)[1] for job in jobs})
 
             async def sse() -> AsyncIterator[str]:
                 chunk = {**head, "object": obj + (".chunk" if chat else "")}
@@ -579,7 +579,8 @@ def create_app(engine: Engine, template: ChatTemplate, model_name: str, api_key:
     @app.post("/v1/completions", dependencies=authorized)
     async def completions(http: HttpRequest):
         body = await read_json(http)
-        prompts = parse_prompts(body.get("prompt"), engine.model.config.vocab_size)
+        # (a 1 MB list of token ids is ~150k items to check: worker-thread work)
+        prompts = await anyio.to_thread.run_sync(parse_prompts, body.get("prompt"), engine.model.config.vocab_size)
         n = _int(body, "n", 1) or 1
         best_of = _int(body, "best_of", 1)
         if best_of is not None and best_of != n:

@@ -255,3 +255,30 @@ def test_a_huge_prompt_is_refused_without_tokenizing_all_of_it(folder, monkeypat
             assert post(srv, "/v1/completions", {"prompt": "Order 12", "max_tokens": 2}).status_code == 200
     finally:
         engine.stop()
+
+
+def test_scoring_in_chunks_equals_one_pass_and_leaves_the_engine_cache_alone(server, client, folder):
+    from inference.scoring import score
+
+    _, _, model, tok = folder
+    ids = tok.encode("the city of Order 12 床前明月 def f(x):", bos=True)
+    whole = score(model, ids, top_k=3)
+    chunked = score(model, ids, top_k=3, chunk=4)  # through a KV cache of its own, 4 positions at a time
+    assert whole.logprobs[0] is None and chunked.logprobs[0] is None
+    assert chunked.logprobs[1:] == pytest.approx(whole.logprobs[1:], abs=1e-5)
+    assert [[t for t, _ in top] for top in chunked.top[1:]] == [[t for t, _ in top] for top in whole.top[1:]]
+    late = score(model, ids, start=len(ids) - 2, chunk=4)
+    assert late.logprobs[:-2] == [None] * (len(ids) - 2) and late.logprobs[-2:] == pytest.approx(whole.logprobs[-2:])
+    # Scoring a prompt (max_tokens 0) runs no engine request and writes nothing into its KV-cache slots.
+    k, v = server.engine.cache.k.clone(), server.engine.cache.v.clone()
+    client.completions.create(model="tiny", prompt=ids, echo=True, logprobs=2, max_tokens=0)
+    assert torch.equal(server.engine.cache.k, k) and torch.equal(server.engine.cache.v, v)
+
+
+def test_streamed_echo_and_max_tokens_0(client):
+    reply = client.completions.create(model="tiny", prompt="Order 12", max_tokens=4, temperature=0).choices[0].text
+    for max_tokens, expected in ((4, "Order 12" + reply), (0, "Order 12")):
+        chunks = list(client.completions.create(model="tiny", prompt="Order 12", max_tokens=max_tokens,
+                                                temperature=0, echo=True, stream=True))
+        assert "".join(c.choices[0].text for c in chunks if c.choices) == expected
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length" or max_tokens
