@@ -1,5 +1,5 @@
 """Log-probabilities of given tokens under the model: the completions API's `logprobs` (with `echo`, of the
-prompt too: lm-evaluation-harness's loglikelihood requests) and OpenAI's legacy `logprobs` object built from them.
+prompt too: lm-evaluation-harness's loglikelihood requests) and chat's, and OpenAI's objects built from them.
 
 Scoring is a teacher-forced forward pass of the model's own `Transformer.forward` over the sequence, apart from the
 engine: its KV-cache slots are never touched. The server runs it in a worker thread on the engine's model object
@@ -108,3 +108,21 @@ def logprobs_object(tokenizer: Tokenizer, ids: Sequence[int], scores: TokenScore
         tops.append(entry)
     return {"tokens": [token_string(tokenizer, t) for t in ids], "token_logprobs": list(scores.logprobs),
             "top_logprobs": tops, "text_offset": list(offsets)}
+
+
+def token_bytes(name: str) -> list[int]:
+    """The UTF-8 bytes of a token named by token_string (a "bytes:\\xNN" name is that one byte)."""
+    if name.startswith("bytes:\\x") and len(name) == 10:
+        return [int(name[8:], 16)]
+    return list(name.encode("utf-8"))
+
+
+def chat_logprobs_object(tokenizer: Tokenizer, ids: Sequence[int], scores: TokenScores, top_k: int) -> dict:
+    """OpenAI's chat `logprobs`: {"content": [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}]}
+    for the reply's tokens (every one has a context, so no null)."""
+    def entry(token: int, p: float) -> dict:
+        name = token_string(tokenizer, token)
+        return {"token": name, "logprob": p, "bytes": token_bytes(name)}
+
+    return {"content": [{**entry(t, p), "top_logprobs": [entry(a, v) for a, v in (best or [])[:top_k]]}
+                        for t, p, best in zip(ids, scores.logprobs, scores.top)]}

@@ -13,9 +13,9 @@ generate max_tokens tokens whatever comes, for benchmarks). Completions also tak
 token ids or a list of either (one choice per prompt), n (choices per prompt; with a seed, choice j uses seed + j),
 best_of equal to n, echo, logprobs (0-20: OpenAI's legacy logprobs object, scored by a forward pass of the model,
 inference/scoring.py) and max_tokens 0 (with echo and logprobs: scoring the prompt, lm-evaluation-harness's
-loglikelihood requests). Fields the server cannot honour are refused with 400 naming them, never ignored: chat
-n > 1, logprobs and top_logprobs, tools, tool_choice, functions, response_format other than text, penalties other
-than 0, logprobs with stream. Other OpenAI fields (user, metadata, ...) are accepted and ignored. Streams are
+loglikelihood requests); chat takes logprobs and top_logprobs (0-20). Fields the server cannot honour are refused
+with 400 naming them, never ignored: chat n > 1, tools, tool_choice, functions, response_format other than text,
+penalties other than 0, logprobs with stream. Other OpenAI fields (user, metadata, ...) are accepted and ignored. Streams are
 server-sent `chat.completion.chunk` (or `text_completion`) events ending in `data: [DONE]`.
 
 Errors use OpenAI's body ({"error": {"message", "type", "param", "code"}}): 400 for malformed JSON, text that is not
@@ -55,7 +55,8 @@ from tokenizer import Tokenizer
 
 from .engine import Engine, Event, QueueFull, Request, SamplingParams
 from .loader import add_model_args, load, make_engine
-from .scoring import MAX_TOP_LOGPROBS, TokenScores, logprobs_object, score, token_offsets
+from .scoring import (MAX_TOP_LOGPROBS, TokenScores, chat_logprobs_object, logprobs_object, score,
+                      token_offsets)
 from .templates import ChatTemplate, check_messages
 
 MAX_STOP = 4
@@ -225,12 +226,7 @@ def parse_sampling(body: dict, prompt_len: int, context: int, extra_stop: tuple[
 
 def refuse_unsupported_chat_fields(body: dict) -> None:
     """400 naming a chat field this server cannot honour yet, rather than ignoring it (a client asking for tool
-    calls, JSON output or log-probabilities must not get a plain reply that looks like success)."""
-    if _flag(body, "logprobs"):
-        raise ApiError(400, "logprobs is not supported for chat completions yet (the completions API has it)",
-                       "logprobs")
-    if body.get("top_logprobs") not in (None, 0):
-        raise ApiError(400, "top_logprobs is not supported for chat completions yet", "top_logprobs")
+    calls or JSON output must not get a plain reply that looks like success)."""
     for key in ("tools", "functions"):
         if body.get(key):
             raise ApiError(400, f"{key} is not supported by this server yet (no tool calling)", key)
@@ -414,22 +410,36 @@ def create_app(engine: Engine, template: ChatTemplate, model_name: str, api_key:
     def finish_reason(job: Job) -> str:
         return job.req.finish_reason if job.req is not None else "length"
 
-    def choice_logprobs(job: Job, echo: bool, top_k: int) -> tuple[str, dict]:
-        """(the choice's text with the echoed prompt, its logprobs object); runs in a worker thread."""
-        req_text = job.req.text if job.req is not None else ""
+    def reply_tokens(job: Job, chat: bool) -> tuple[list[int], list[int]]:
+        """The reply's token ids as far as its text goes, and where each one's text starts in it: tokens after a
+        stop string's cut are not in the reply, nor (chat, as OpenAI shows it) the end-of-turn token."""
+        text = job.req.text if job.req is not None else ""
         out = list(job.req.output_ids) if job.req is not None else []
         offsets, decoded = token_offsets(tokenizer, out, job.anchor)
-        if len(decoded) > len(req_text):  # a stop string cut the reply: the tokens after the cut are not in it
-            out = [t for t, o in zip(out, offsets) if o < len(req_text)]
-            offsets = offsets[:len(out)]
+        if chat or len(decoded) > len(text):
+            keep = sum(o < len(text) for o in offsets)  # offsets only grow: the kept ones are a prefix
+            out, offsets = out[:keep], offsets[:keep]
+        return out, offsets
+
+    def choice_logprobs(job: Job, echo: bool, n_logprobs: int) -> tuple[str, dict]:
+        """(the choice's text with the echoed prompt, its legacy logprobs object); runs in a worker thread."""
+        out, offsets = reply_tokens(job, chat=False)
         prefix, ids, shown = "", out, offsets
         if echo:
             prompt_offsets, prefix = token_offsets(tokenizer, job.ids)
             ids, shown = job.ids + out, prompt_offsets + [len(prefix) + o for o in offsets]
-        scores = score(engine.model, job.ids + out, top_k, start=1 if echo else len(job.ids))
+        scores = score(engine.model, job.ids + out, n_logprobs, start=1 if echo else len(job.ids))
         if not echo:  # only the reply's positions
             scores = TokenScores(scores.logprobs[len(job.ids):], scores.top[len(job.ids):])
-        return prefix + req_text, logprobs_object(tokenizer, ids, scores, shown, top_k)
+        return prefix + (job.req.text if job.req is not None else ""), logprobs_object(
+            tokenizer, ids, scores, shown, n_logprobs)
+
+    def chat_choice_logprobs(job: Job, n_logprobs: int) -> dict:
+        """The chat `logprobs` object of the reply; runs in a worker thread."""
+        out, _ = reply_tokens(job, chat=True)
+        scores = score(engine.model, job.ids + out, n_logprobs, start=len(job.ids))
+        tail = TokenScores(scores.logprobs[len(job.ids):], scores.top[len(job.ids):])
+        return chat_logprobs_object(tokenizer, out, tail, n_logprobs)
 
     async def wait_all(http: HttpRequest, jobs: list[Job], events: asyncio.Queue) -> JSONResponse | None:
         """Wait until every submitted job has finished; a 499 response when the client went away first."""
@@ -455,9 +465,10 @@ def create_app(engine: Engine, template: ChatTemplate, model_name: str, api_key:
         return None
 
     async def respond(http: HttpRequest, body: dict, jobs: list[Job], chat: bool, echo: bool = False,
-                      top_k: int | None = None):
+                      n_logprobs: int | None = None):
+        """n_logprobs: None for no log-probabilities, else how many of the most likely tokens to list."""
         streaming = _flag(body, "stream")
-        if streaming and top_k is not None:
+        if streaming and n_logprobs is not None:
             raise ApiError(400, "logprobs cannot be streamed yet; send stream: false", "logprobs")
         prompt_texts = {}
         if streaming and echo:  # before submitting: nothing may be left running if this is interrupted
@@ -521,9 +532,15 @@ def create_app(engine: Engine, template: ChatTemplate, model_name: str, api_key:
         if gone is not None:
             return gone
         choices = []
-        if top_k is not None:
+        if chat and n_logprobs is not None:
             async with scoring:
-                scored = await anyio.to_thread.run_sync(lambda: [choice_logprobs(job, echo, top_k) for job in jobs])
+                logprobs = await anyio.to_thread.run_sync(chat_choice_logprobs, jobs[0], n_logprobs)
+            choices.append({"index": 0, "message": {"role": "assistant", "content": jobs[0].req.text},
+                            "logprobs": logprobs, "finish_reason": finish_reason(jobs[0])})
+        elif n_logprobs is not None:
+            async with scoring:
+                scored = await anyio.to_thread.run_sync(
+                    lambda: [choice_logprobs(job, echo, n_logprobs) for job in jobs])
             for job, (text, logprobs) in zip(jobs, scored):
                 choices.append({"index": job.index, "text": text, "logprobs": logprobs,
                                 "finish_reason": finish_reason(job)})
@@ -574,7 +591,11 @@ def create_app(engine: Engine, template: ChatTemplate, model_name: str, api_key:
 
         ids = await anyio.to_thread.run_sync(render)
         params = parse_sampling(body, len(ids), engine.max_len, template.stop, param="messages")
-        return await respond(http, body, [Job(0, ids, params, [])], chat=True)
+        n_logprobs = _int(body, "top_logprobs", 0, MAX_TOP_LOGPROBS)
+        if n_logprobs and not _flag(body, "logprobs"):
+            raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+        n_logprobs = (n_logprobs or 0) if _flag(body, "logprobs") else None
+        return await respond(http, body, [Job(0, ids, params, [])], chat=True, n_logprobs=n_logprobs)
 
     @app.post("/v1/completions", dependencies=authorized)
     async def completions(http: HttpRequest):
@@ -591,7 +612,7 @@ def create_app(engine: Engine, template: ChatTemplate, model_name: str, api_key:
             raise ApiError(400, f"{len(prompts)} prompt(s) x n={n} choices is more than this server's "
                            f"{len(engine.slots)} slots and {engine.max_queue} queue places hold", "n")
         echo = _flag(body, "echo")
-        top_k = _int(body, "logprobs", 0, MAX_TOP_LOGPROBS)
+        n_logprobs = _int(body, "logprobs", 0, MAX_TOP_LOGPROBS)
         bos = tokenizer.bos_id >= 0
 
         def encode(i: int, p: str | list[int]) -> list[int]:
@@ -613,7 +634,7 @@ def create_app(engine: Engine, template: ChatTemplate, model_name: str, api_key:
                 params = parse_sampling({**body, "seed": None if seed is None else seed + j}, len(ids),
                                         engine.max_len, allow_zero=True)
                 jobs.append(Job(i * n + j, ids, params, ids[-1:]))
-        return await respond(http, body, jobs, chat=False, echo=echo, top_k=top_k)
+        return await respond(http, body, jobs, chat=False, echo=echo, n_logprobs=n_logprobs)
 
     return app
 

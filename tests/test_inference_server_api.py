@@ -140,9 +140,12 @@ def test_token_and_batched_prompts_and_n(client, folder):
     ("/v1/completions", {"prompt": "a\ud800b"}, 400, "prompt"),
     ("/v1/completions", {"prompt": ["ok", "a\udfffb"]}, 400, "prompt[1]"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a\ud800b"}]}, 400, "messages[0].content"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logprobs": True}, 400, "logprobs"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logprobs": True, "stream": True},
+     400, "logprobs"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, 400,
      "top_logprobs"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logprobs": True,
+                              "top_logprobs": 21}, 400, "top_logprobs"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
                               "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tool_choice": "auto"}, 400,
@@ -282,3 +285,22 @@ def test_streamed_echo_and_max_tokens_0(client):
                                                 temperature=0, echo=True, stream=True))
         assert "".join(c.choices[0].text for c in chunks if c.choices) == expected
         assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length" or max_tokens
+
+
+def test_chat_logprobs_score_the_reply(client, folder):
+    _, chat_dir, model, tok = folder
+    messages = [{"role": "user", "content": "Hello there"}]
+    r = client.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0,
+                                       logprobs=True, top_logprobs=3)
+    ids = load_chat_template(chat_dir, tok).encode(messages)
+    out = model.generate(torch.tensor([ids]), 10, eos_id=tok.eos_id)[0, len(ids):].tolist()
+    out = [t for t in out if t != tok.eos_id]  # the end of the turn is not shown, as OpenAI does
+    expected, _ = reference_logprobs(model, ids + out)
+    content = r.choices[0].logprobs.content
+    assert len(content) == len(out) and [c.logprob for c in content] == pytest.approx(expected[len(ids) - 1:],
+                                                                                       abs=1e-4)
+    for c in content:  # greedy: the chosen token is the most likely one
+        assert len(c.top_logprobs) == 3 and c.top_logprobs[0].logprob == pytest.approx(c.logprob, abs=1e-5)
+        assert c.bytes and c.top_logprobs[0].bytes == c.bytes
+    plain = client.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0)
+    assert plain.choices[0].logprobs is None and plain.choices[0].message.content == r.choices[0].message.content
