@@ -15,8 +15,9 @@ best_of equal to n, echo, logprobs (0-20: OpenAI's legacy logprobs object, score
 inference/scoring.py) and max_tokens 0 (with echo and logprobs: scoring the prompt, lm-evaluation-harness's
 loglikelihood requests); chat takes logprobs and top_logprobs (0-20). Fields the server cannot honour are refused
 with 400 naming them, never ignored: chat n > 1, tools, tool_choice, functions, response_format other than text,
-penalties other than 0, logprobs with stream. Other OpenAI fields (user, metadata, ...) are accepted and ignored. Streams are
-server-sent `chat.completion.chunk` (or `text_completion`) events ending in `data: [DONE]`.
+penalties other than 0, a non-empty logit_bias, logprobs with stream. Fields that do not change the reply (user,
+metadata, ...) are accepted and ignored. Streams are server-sent `chat.completion.chunk` (or `text_completion`)
+events ending in `data: [DONE]`.
 
 Errors use OpenAI's body ({"error": {"message", "type", "param", "code"}}): 400 for malformed JSON, text that is not
 valid Unicode (a lone UTF-16 surrogate), bad parameters or a prompt that does not fit the context, 401 for a missing
@@ -195,6 +196,8 @@ def parse_sampling(body: dict, prompt_len: int, context: int, extra_stop: tuple[
     for key in ("presence_penalty", "frequency_penalty"):
         if _number(body, key, 0.0, -2.0, 2.0) != 0.0:
             raise ApiError(400, f"{key} is not supported (use repetition_penalty)", key)
+    if body.get("logit_bias"):
+        raise ApiError(400, "logit_bias is not supported by this server", "logit_bias")
     key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     max_tokens = _int(body, key, 0 if allow_zero else 1)
     room = context - prompt_len
@@ -631,7 +634,7 @@ def create_app(engine: Engine, template: ChatTemplate, model_name: str, api_key:
         for i, ids in enumerate(encoded):
             for j in range(n):
                 # Choice j of a seeded request uses seed + j: n equal seeds would give n equal samples.
-                params = parse_sampling({**body, "seed": None if seed is None else seed + j}, len(ids),
+                params = parse_sampling({**body, "seed": None if seed is None else (seed + j) % 2**63}, len(ids),
                                         engine.max_len, allow_zero=True)
                 jobs.append(Job(i * n + j, ids, params, ids[-1:]))
         return await respond(http, body, jobs, chat=False, echo=echo, n_logprobs=n_logprobs)

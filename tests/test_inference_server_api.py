@@ -112,6 +112,8 @@ def test_token_and_batched_prompts_and_n(client, folder):
     kwargs = dict(model="tiny", prompt="the city of", max_tokens=12, temperature=1.0, n=3, seed=7)
     a, b = (client.completions.create(**kwargs) for _ in range(2))
     assert [c.text for c in a.choices] == [c.text for c in b.choices] and len({c.text for c in a.choices}) > 1
+    top_seed = client.completions.create(**{**kwargs, "seed": 2**63 - 1, "n": 2})  # seed + j wraps around
+    assert len(top_seed.choices) == 2
     # Streaming several choices: each index's chunks join into that choice's text.
     joined = {}
     for chunk in client.completions.create(model="tiny", prompt=texts[:2], max_tokens=6, temperature=0, n=2,
@@ -154,6 +156,10 @@ def test_token_and_batched_prompts_and_n(client, folder):
                               "response_format": {"type": "json_object"}}, 400, "response_format"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "presence_penalty": 0.5}, 400,
      "presence_penalty"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logit_bias": {"5": 100}}, 400,
+     "logit_bias"),
+    ("/v1/completions", {"prompt": "x", "n": 2, "seed": 2**63 - 1, "max_tokens": 2, "logit_bias": {"5": 1}}, 400,
+     "logit_bias"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "model": "gpt-4"}, 404, "model"),
     ("/v1/completions", {"prompt": "x", "model": "other"}, 404, "model"),
 ])
