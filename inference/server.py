@@ -61,6 +61,7 @@ from .scoring import (MAX_TOP_LOGPROBS, TokenScores, chat_logprobs_object, logpr
 from .templates import ChatTemplate, check_messages
 
 MAX_STOP = 4
+INLINE_BYTES = 64 << 10  # bodies up to this size are parsed and tokenized on the event loop (see off_loop)
 MAX_BODY_BYTES = 4 << 20  # --max_body_bytes default: ~600k token ids as JSON, or 4 MB of prompt text
 log = logging.getLogger("inference.server")
 
@@ -368,6 +369,14 @@ def create_app(engine: Engine, template: ChatTemplate, model_name: str, api_key:
 
     authorized = [Depends(check_key)]
 
+    async def off_loop(http: HttpRequest, fn: Callable, *args: Any) -> Any:
+        """fn(*args) in a worker thread when the request's body is large (parsing, rendering and tokenizing it take
+        milliseconds to seconds, during which the event loop could not serve the running streams), else here (a
+        thread hop costs more than a small request's work)."""
+        if getattr(http.state, "large", True):
+            return await anyio.to_thread.run_sync(fn, *args)
+        return fn(*args)
+
     async def read_json(request: HttpRequest) -> dict:
         try:
             raw = await request.body()
@@ -375,7 +384,8 @@ def create_app(engine: Engine, template: ChatTemplate, model_name: str, api_key:
             log.warning("client %s disconnected while sending its request to %s; nothing to answer",
                         f"{request.client.host}:{request.client.port}" if request.client else "?", request.url.path)
             raise ClientGone() from None
-        body = await anyio.to_thread.run_sync(parse_body, raw)  # 1 MB of JSON: ~10 ms off the event loop
+        request.state.large = len(raw) > INLINE_BYTES
+        body = await off_loop(request, parse_body, raw)  # 1 MB of JSON: ~10 ms
         model = body.get("model")
         if model is not None and model != model_name:
             # vLLM's answer to an unknown model: 404 "The model `x` does not exist."
@@ -475,8 +485,8 @@ def create_app(engine: Engine, template: ChatTemplate, model_name: str, api_key:
             raise ApiError(400, "logprobs cannot be streamed yet; send stream: false", "logprobs")
         prompt_texts = {}
         if streaming and echo:  # before submitting: nothing may be left running if this is interrupted
-            prompt_texts = await anyio.to_thread.run_sync(
-                lambda: {job.index: token_offsets(tokenizer, job.ids)[1] for job in jobs})
+            prompt_texts = await off_loop(
+                http, lambda: {job.index: token_offsets(tokenizer, job.ids)[1] for job in jobs})
         events = submit(jobs)
         rid = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
         obj = "chat.completion" if chat else "text_completion"
@@ -548,8 +558,8 @@ def create_app(engine: Engine, template: ChatTemplate, model_name: str, api_key:
                 choices.append({"index": job.index, "text": text, "logprobs": logprobs,
                                 "finish_reason": finish_reason(job)})
         elif echo:
-            prefixes = await anyio.to_thread.run_sync(
-                lambda: [token_offsets(tokenizer, job.ids)[1] for job in jobs])
+            prefixes = await off_loop(
+                http, lambda: [token_offsets(tokenizer, job.ids)[1] for job in jobs])
             for job, prefix in zip(jobs, prefixes):
                 text = prefix + (job.req.text if job.req is not None else "")
                 choices.append({"index": job.index, "text": text, "logprobs": None,
@@ -592,7 +602,7 @@ def create_app(engine: Engine, template: ChatTemplate, model_name: str, api_key:
             except ValueError as e:
                 raise ApiError(400, str(e), "messages") from None
 
-        ids = await anyio.to_thread.run_sync(render)
+        ids = await off_loop(http, render)
         params = parse_sampling(body, len(ids), engine.max_len, template.stop, param="messages")
         n_logprobs = _int(body, "top_logprobs", 0, MAX_TOP_LOGPROBS)
         if n_logprobs and not _flag(body, "logprobs"):
@@ -604,7 +614,7 @@ def create_app(engine: Engine, template: ChatTemplate, model_name: str, api_key:
     async def completions(http: HttpRequest):
         body = await read_json(http)
         # (a 1 MB list of token ids is ~150k items to check: worker-thread work)
-        prompts = await anyio.to_thread.run_sync(parse_prompts, body.get("prompt"), engine.model.config.vocab_size)
+        prompts = await off_loop(http, parse_prompts, body.get("prompt"), engine.model.config.vocab_size)
         n = _int(body, "n", 1) or 1
         best_of = _int(body, "best_of", 1)
         if best_of is not None and best_of != n:
@@ -628,7 +638,7 @@ def create_app(engine: Engine, template: ChatTemplate, model_name: str, api_key:
                                      "prompt")
             return tokenizer.encode(p, bos=bos)
 
-        encoded = await anyio.to_thread.run_sync(lambda: [encode(i, p) for i, p in enumerate(prompts)])
+        encoded = await off_loop(http, lambda: [encode(i, p) for i, p in enumerate(prompts)])
         jobs = []
         seed = _int(body, "seed", -2**63, 2**63 - 1)
         for i, ids in enumerate(encoded):
