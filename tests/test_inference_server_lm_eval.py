@@ -89,6 +89,8 @@ def test_lm_eval_local_completions_equals_hf_backend(tmp_path, monkeypatch):
     docs = [json.loads(line) for line in DATA.read_text().splitlines()]
     assert sum(len(p) for p in prompts) == sum(len(d["choices"]) for d in docs)  # one request per choice
     assert len(served) == len(reference) == 5
+    lls = [float(a[0][0]) for s in served for a in s["resps"]]
+    assert all(ll < 0 for ll in lls) and len({round(ll, 3) for ll in lls}) > 10  # real, distinct scores
     for s, r in zip(served, reference):
         assert s["doc_id"] == r["doc_id"] and len(s["resps"]) == len(r["resps"]) == 3
         for (ll_s, greedy_s), (ll_r, greedy_r) in ([a[0], b[0]] for a, b in zip(s["resps"], r["resps"])):
