@@ -310,3 +310,14 @@ def test_chat_logprobs_score_the_reply(client, folder):
         assert c.bytes and c.top_logprobs[0].bytes == c.bytes
     plain = client.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0)
     assert plain.choices[0].logprobs is None and plain.choices[0].message.content == r.choices[0].message.content
+
+
+@pytest.mark.slow  # ~10 s on the loaded machine: a process importing torch
+def test_server_cli_refuses_a_negative_body_limit_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "inference.server", "--model", str(tmp_path / "absent"),
+                           "--max_body_bytes", "-1"], capture_output=True, text=True, timeout=limit(120))
+    assert proc.returncode == 1 and proc.stderr.splitlines() == [
+        "error: --max_body_bytes must be >= 0 (0: no limit), got -1"], proc.stderr
