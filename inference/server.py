@@ -11,12 +11,13 @@ fields: max_tokens (or max_completion_tokens), temperature, top_p, stop (a strin
 (with stream_options.include_usage), and three extensions, top_k, repetition_penalty and ignore_eos (vLLM's:
 generate max_tokens tokens whatever comes, for benchmarks). Completions also take prompts as a string, a list of
 token ids or a list of either (one choice per prompt), n (choices per prompt; with a seed, choice j uses seed + j),
-best_of equal to n, echo, logprobs (0-20: OpenAI's legacy logprobs object, scored by a forward pass of the model,
-inference/scoring.py) and max_tokens 0 (with echo and logprobs: scoring the prompt, lm-evaluation-harness's
-loglikelihood requests); chat takes logprobs and top_logprobs (0-20). Fields the server cannot honour are refused
-with 400 naming them, never ignored: chat n > 1, tools, tool_choice, functions, response_format other than text,
-penalties other than 0, a non-empty logit_bias, logprobs with stream. Fields that do not change the reply (user,
-metadata, ...) are accepted and ignored. Streams are server-sent `chat.completion.chunk` (or `text_completion`)
+best_of (candidates per prompt, of which the n with the highest log-probability per token are returned), echo,
+logprobs (0-20: OpenAI's legacy logprobs object, scored by a forward pass of the model, inference/scoring.py) and
+max_tokens 0 (with echo and logprobs: scoring the prompt, lm-evaluation-harness's loglikelihood requests); chat
+takes logprobs and top_logprobs (0-20). Fields the server cannot honour are refused with 400 naming them, never
+ignored: chat n > 1, tools, tool_choice, functions, response_format other than text, penalties other than 0, a
+non-empty logit_bias, logprobs or best_of > n with stream. Fields that do not change the reply (user, metadata,
+...) are accepted and ignored. Streams are server-sent `chat.completion.chunk` (or `text_completion`)
 events ending in `data: [DONE]`.
 
 Errors use OpenAI's body ({"error": {"message", "type", "param", "code"}}): 400 for malformed JSON, text that is not
@@ -39,7 +40,7 @@ import secrets
 import socket
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
@@ -477,9 +478,29 @@ def create_app(engine: Engine, template: ChatTemplate, model_name: str, api_key:
             raise ApiError(500, "the engine failed", kind="server_error")
         return None
 
+    def best_candidates(jobs: list[Job], keep: int) -> list[Job]:
+        """best_of: of each prompt's candidates (consecutive jobs), the `keep` with the highest log-probability per
+        token of their reply (OpenAI's definition), best first, renumbered prompt x keep + k; a worker-thread job."""
+        def per_token(job: Job) -> float:
+            out, _ = reply_tokens(job, chat=False)
+            if not out:
+                return -math.inf
+            logprobs = score(engine.model, job.ids + out, start=len(job.ids)).logprobs[len(job.ids):]
+            return sum(logprobs) / len(logprobs)
+
+        groups: dict[int, list[Job]] = {}
+        for job in jobs:
+            groups.setdefault(id(job.ids), []).append(job)
+        chosen = []
+        for g, group in enumerate(groups.values()):
+            ranked = sorted(group, key=per_token, reverse=True) if group[0].req is not None else group
+            chosen += [replace(job, index=g * keep + k) for k, job in enumerate(ranked[:keep])]
+        return chosen
+
     async def respond(http: HttpRequest, body: dict, jobs: list[Job], chat: bool, echo: bool = False,
-                      n_logprobs: int | None = None):
-        """n_logprobs: None for no log-probabilities, else how many of the most likely tokens to list."""
+                      n_logprobs: int | None = None, keep: int | None = None):
+        """n_logprobs: None for no log-probabilities, else how many of the most likely tokens to list. keep: return
+        only the best `keep` candidates of each prompt (best_of > n; not streamed)."""
         streaming = _flag(body, "stream")
         if streaming and n_logprobs is not None:
             raise ApiError(400, "logprobs cannot be streamed yet; send stream: false", "logprobs")
@@ -544,6 +565,10 @@ def create_app(engine: Engine, template: ChatTemplate, model_name: str, api_key:
         gone = await wait_all(http, jobs, events)
         if gone is not None:
             return gone
+        billed = jobs  # usage counts every candidate generated
+        if keep is not None:
+            async with scoring:
+                jobs = await anyio.to_thread.run_sync(best_candidates, jobs, keep)
         choices = []
         if chat and n_logprobs is not None:
             async with scoring:
@@ -572,7 +597,7 @@ def create_app(engine: Engine, template: ChatTemplate, model_name: str, api_key:
                 else:
                     choices.append({"index": job.index, "text": job.req.text if job.req is not None else "",
                                     "logprobs": None, "finish_reason": finish_reason(job)})
-        return {**head, "object": obj, "choices": choices, "usage": usage(jobs)}
+        return {**head, "object": obj, "choices": choices, "usage": usage(billed)}
 
     @app.get("/health")
     async def health():
@@ -616,14 +641,17 @@ def create_app(engine: Engine, template: ChatTemplate, model_name: str, api_key:
         # (a 1 MB list of token ids is ~150k items to check: worker-thread work)
         prompts = await off_loop(http, parse_prompts, body.get("prompt"), engine.model.config.vocab_size)
         n = _int(body, "n", 1) or 1
-        best_of = _int(body, "best_of", 1)
-        if best_of is not None and best_of != n:
-            raise ApiError(400, "best_of must equal n (candidates are not ranked)", "best_of")
+        best_of = _int(body, "best_of", 1) or n
+        if best_of < n:
+            raise ApiError(400, f"best_of must be at least n ({n}), got {best_of}", "best_of")
+        if best_of > n and _flag(body, "stream"):
+            raise ApiError(400, "best_of > n cannot be streamed (the best are known at the end)", "best_of")
         if body.get("suffix"):
             raise ApiError(400, "suffix is not supported (no fill-in-the-middle)", "suffix")
-        if n * len(prompts) > len(engine.slots) + engine.max_queue:
-            raise ApiError(400, f"{len(prompts)} prompt(s) x n={n} choices is more than this server's "
-                           f"{len(engine.slots)} slots and {engine.max_queue} queue places hold", "n")
+        if best_of * len(prompts) > len(engine.slots) + engine.max_queue:
+            raise ApiError(400, f"{len(prompts)} prompt(s) x {best_of} candidates is more than this server's "
+                           f"{len(engine.slots)} slots and {engine.max_queue} queue places hold",
+                           "best_of" if best_of > n else "n")
         echo = _flag(body, "echo")
         n_logprobs = _int(body, "logprobs", 0, MAX_TOP_LOGPROBS)
         bos = tokenizer.bos_id >= 0
@@ -642,12 +670,13 @@ def create_app(engine: Engine, template: ChatTemplate, model_name: str, api_key:
         jobs = []
         seed = _int(body, "seed", -2**63, 2**63 - 1)
         for i, ids in enumerate(encoded):
-            for j in range(n):
-                # Choice j of a seeded request uses seed + j: n equal seeds would give n equal samples.
+            for j in range(best_of):
+                # Candidate j of a seeded request uses seed + j: equal seeds would give equal samples.
                 params = parse_sampling({**body, "seed": None if seed is None else (seed + j) % 2**63}, len(ids),
                                         engine.max_len, allow_zero=True)
-                jobs.append(Job(i * n + j, ids, params, ids[-1:]))
-        return await respond(http, body, jobs, chat=False, echo=echo, n_logprobs=n_logprobs)
+                jobs.append(Job(i * best_of + j, ids, params, ids[-1:]))
+        return await respond(http, body, jobs, chat=False, echo=echo, n_logprobs=n_logprobs,
+                             keep=n if best_of > n else None)
 
     return app
 

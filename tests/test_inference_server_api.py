@@ -136,7 +136,9 @@ def test_token_and_batched_prompts_and_n(client, folder):
     ("/v1/completions", {"prompt": [10**9], "max_tokens": 2}, 400, "prompt"),
     ("/v1/completions", {"prompt": "x", "logprobs": 21}, 400, "logprobs"),
     ("/v1/completions", {"prompt": "x", "logprobs": 1, "stream": True}, 400, "logprobs"),
-    ("/v1/completions", {"prompt": "x", "n": 2, "best_of": 3}, 400, "best_of"),
+    ("/v1/completions", {"prompt": "x", "n": 3, "best_of": 2}, 400, "best_of"),
+    ("/v1/completions", {"prompt": "x", "n": 1, "best_of": 2, "stream": True}, 400, "best_of"),
+    ("/v1/completions", {"prompt": "x", "best_of": 1000}, 400, "best_of"),
     ("/v1/completions", {"prompt": "x", "n": 1000}, 400, "n"),
     ("/v1/completions", {"prompt": "x", "suffix": "y"}, 400, "suffix"),
     ("/v1/completions", {"prompt": "a\ud800b"}, 400, "prompt"),
@@ -321,3 +323,21 @@ def test_server_cli_refuses_a_negative_body_limit_in_one_line(tmp_path):
                            "--max_body_bytes", "-1"], capture_output=True, text=True, timeout=limit(120))
     assert proc.returncode == 1 and proc.stderr.splitlines() == [
         "error: --max_body_bytes must be >= 0 (0: no limit), got -1"], proc.stderr
+
+
+def test_best_of_returns_the_candidates_with_the_best_logprob_per_token(client, folder):
+    _, _, model, tok = folder
+    kwargs = dict(model="tiny", prompt=["the city of", "Order 12"], max_tokens=6, temperature=1.0, seed=11)
+    candidates = client.completions.create(n=4, logprobs=0, **kwargs)
+    best = client.completions.create(n=2, best_of=4, logprobs=0, **kwargs)
+    assert [c.index for c in best.choices] == [0, 1, 2, 3]
+    assert best.usage.completion_tokens == candidates.usage.completion_tokens  # every candidate is generated
+
+    def per_token(c):
+        return sum(c.logprobs.token_logprobs) / len(c.logprobs.token_logprobs)
+
+    for p in range(2):
+        ranked = sorted(candidates.choices[4 * p:4 * p + 4], key=per_token, reverse=True)[:2]
+        chosen = best.choices[2 * p:2 * p + 2]
+        assert [c.text for c in chosen] == [c.text for c in ranked]
+        assert per_token(chosen[0]) >= per_token(chosen[1])
