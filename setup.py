@@ -44,7 +44,7 @@ setup(
         "web": ["gradio>=5.0"],
         "test": ["pytest>=7.4", "pytest-timeout>=2.2", "peft>=0.10", "openai>=1.30", "httpx>=0.27",
                  "selenium>=4.20", "gradio>=5.0"],  # peft: the LoRA reference; openai: the server's client
-        "bench": ["lm_eval>=0.4"],
+        "bench": ["lm_eval[api]>=0.4"],  # [api]: local-completions (tenacity), the server test
         # llama.cpp itself, for checking GGUF exports (tests/test_gguf.py, benchmarks/gguf_llama_cpp.py); pip builds
         # it from source (a C++ compiler and cmake, ~8 min on 2 cores; on a VM whose CPU flags advertise AMX, build
         # with CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON")
