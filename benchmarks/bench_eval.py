@@ -37,7 +37,7 @@ if __name__ == "__main__" and not __package__:  # run as a file: make the reposi
     sys.path[0] = str(REPO)
 
 from evaluation import evaluate_cmmlu, evaluate_mmlu, evaluate_zh  # noqa: E402
-from evaluation.common import Benchmark, load_data  # noqa: E402
+from evaluation.runner import Benchmark, load_data  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 
