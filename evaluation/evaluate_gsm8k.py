@@ -33,7 +33,10 @@ from typing import Any
 from common import cli
 from common.io import check_output_dir
 from evaluation.data import field, read_jsonl
-from evaluation.gen_runner import build_parser, check_args, write_outputs
+from evaluation.decoding import generate_until
+from evaluation.gen_runner import build_parser, check_args
+from evaluation.report import write_outputs
+from evaluation.runner import model_settings, open_model
 
 STOPS = ("Question:", "\n\n\n")
 NUMBER = r"-?\$?\s?\d[\d,]*(?:\.\d+)?"
@@ -134,8 +137,6 @@ def build_prompts(tokenizer, bos: bool, shots: list[str], items: list[str], room
 
 def run(args: argparse.Namespace, model=None) -> dict[str, Any]:
     """Evaluate (generate or read --samples), write the outputs, print the score; returns results.json's content."""
-    from evaluation.runner import model_settings, open_model  # the one model-opening site
-
     start = time.perf_counter()
     check_args(args)
     if args.shots < 0:
@@ -146,7 +147,8 @@ def run(args: argparse.Namespace, model=None) -> dict[str, Any]:
     if not test_path.is_file():
         raise FileNotFoundError(f"{test_path}: GSM8K test file not found; --data_dir must hold test.jsonl "
                                 "(and train.jsonl for the shots)")
-    test = read_gsm8k(test_path)[:args.limit]
+    all_test = read_gsm8k(test_path)
+    test = all_test[:args.limit]
     settings: dict[str, Any] = {"seed": args.seed}
     shot_ids: list[int] = []
     if args.samples:
@@ -175,8 +177,6 @@ def run(args: argparse.Namespace, model=None) -> dict[str, Any]:
             print(f"warning: gsm8k: {dropped} of {len(test)} prompts dropped shots to fit {room} tokens (as few as "
                   f"{min(kept)} of {len(shots)})", file=sys.stderr)
         gen_start = time.perf_counter()
-        from evaluation.decoding import generate_until
-
         outs = generate_until(loaded, prompts, max_new, STOPS, args.batch_size, desc="gsm8k")
         replies = [o["text"] for o in outs]
         settings.update(model_settings(args, loaded, device, dtype), max_new_tokens=max_new, max_length=max_length,
@@ -192,7 +192,7 @@ def run(args: argparse.Namespace, model=None) -> dict[str, Any]:
         "benchmark": "gsm8k", "split": "test", "shots": args.shots if not args.samples else None,
         "shots_dropped": sum(1 for k in kept if k is not None and k < args.shots),
         "accuracy": 100.0 * correct / len(test), "correct": correct, "count": len(test),
-        "complete": args.limit is None or args.limit >= len(read_gsm8k(test_path)),
+        "complete": len(test) == len(all_test),
         "settings": {**settings, "total_seconds": round(time.perf_counter() - start, 3)},
     }
     write_outputs(Path(args.output_dir), results, predictions)

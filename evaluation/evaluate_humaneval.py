@@ -27,8 +27,11 @@ from tqdm import tqdm
 from common import cli
 from common.io import check_output_dir
 from evaluation.data import field, read_jsonl
+from evaluation.decoding import generate_until
 from evaluation.execution import Limits, pass_at_k, program_text, run_programs
-from evaluation.gen_runner import build_parser, check_args, write_outputs
+from evaluation.gen_runner import build_parser, check_args
+from evaluation.report import write_outputs
+from evaluation.runner import model_settings, open_model
 
 STOPS = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
 FILES = ("HumanEval.jsonl.gz", "HumanEval.jsonl")
@@ -105,8 +108,6 @@ def score(problems: dict[str, dict[str, str]], samples: list[tuple[str, str]], k
 
 
 def run(args: argparse.Namespace, model=None) -> dict[str, Any]:
-    from evaluation.runner import model_settings, open_model  # the one model-opening site
-
     start = time.perf_counter()
     check_args(args)
     ks = parse_ks(args.k)
@@ -138,8 +139,6 @@ def run(args: argparse.Namespace, model=None) -> dict[str, Any]:
             print(f"warning: humaneval: {cut} prompts are longer than {room} tokens and keep their end",
                   file=sys.stderr)
         prompts = [p[-room:] for p in prompts]
-        from evaluation.decoding import generate_until
-
         gen_start = time.perf_counter()
         outs = generate_until(loaded, prompts, max_new, STOPS, args.batch_size, args.temperature,
                               args.top_p if args.temperature > 0 else None, args.seed, desc="humaneval")

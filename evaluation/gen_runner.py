@@ -1,12 +1,9 @@
-"""What the generative evaluators (GSM8K, HumanEval) share: arguments, reading --samples files, the outputs."""
+"""What the generative evaluators (GSM8K, HumanEval) share: their arguments and the checks on them."""
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
-from typing import Any
 
 from common import cli
-from common.io import write_json, write_text
 from common.tensors import DTYPES
 from inference.quantize import add_quantize_args
 
@@ -40,12 +37,3 @@ def check_args(args: argparse.Namespace) -> None:
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise ValueError(f"--{flag} must be >= 1, got {value}")
-
-
-def write_outputs(out_dir: Path, results: dict[str, Any], predictions: list[dict[str, Any]]) -> None:
-    """predictions.jsonl first, results.json last (atomic writes), so a results.json means a finished run."""
-    import json
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_text(out_dir / "predictions.jsonl", "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions))
-    write_json(out_dir / "results.json", results)
