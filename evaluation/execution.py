@@ -2,7 +2,7 @@
 time limit and memory limit, never in the evaluator's process.
 
 The child starts from a small runner that reads a random token on stdin, sets its limits (resource.setrlimit:
-address space, CPU seconds, no core files, a bounded number of processes and of file size), disables the
+address space, CPU seconds, no core files, file size), disables the
 destructive functions the official human-eval harness disables (reliability_guard: removing files, killing
 processes, shell commands, ...), then executes `prompt + completion + test + check(entry_point)`. It passes only
 when the runner prints the token after the program finished: a crash, a hang (killed at the time limit, with its

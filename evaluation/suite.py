@@ -7,7 +7,7 @@ D holds one folder per benchmark (ceval/, mmlu/, cmmlu/, gaokao/, agieval/, gsm8
 evaluator reads). Each benchmark's outputs go to O/{benchmark}/ as its own evaluator writes them; O/results.md
 and O/results.json hold the table in XVERSE-13B's layout (benchmark, setting, score). A benchmark whose
 O/{benchmark}/results.json was written by an earlier run with the same settings (model, adapter, quantization,
-data, options) is not run again; its scores are read back.
+data, options, and the model files' sizes and times) is not run again; its scores are read back.
 """
 from __future__ import annotations
 
@@ -59,6 +59,19 @@ def _benchmark_argv(name: str, args: argparse.Namespace, out: Path) -> list[str]
     if name == "ceval":
         argv += ["--split", "val"]
     return argv
+
+
+def fingerprint(*paths: str | None) -> list[list[Any]]:
+    """[name, size, mtime_ns] of the files of each given model/adapter/tokenizer path (a folder's top level), so that
+    a model rewritten in place counts as a different setting."""
+    out: list[list[Any]] = []
+    for given in paths:
+        if not given:
+            continue
+        path = Path(given)
+        files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path] if path.exists() else []
+        out += [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+    return out
 
 
 def _runner(name: str) -> tuple[Callable[[list[str]], argparse.Namespace], Callable[..., dict[str, Any]]]:
@@ -122,13 +135,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                 + (f" (nor {len(absent) - 1} more)" if len(absent) > 1 else "")
                                 + "; --data_root must hold one folder per benchmark")
     out = Path(args.output_dir)
+    files = fingerprint(args.model, args.adapter, args.tokenizer)
     plans = []
     for name in names:
         argv = _benchmark_argv(name, args, out / name)
         parse, run_one = _runner(name)
         done = out / name / "results.json"
         state = out / name / STATE
-        same = done.is_file() and state.is_file() and json.loads(state.read_text()).get("argv") == argv
+        same = done.is_file() and state.is_file() and json.loads(state.read_text()) == {"argv": argv, "files": files}
         plans.append((name, argv, parse(argv), run_one, same))
     model = None
     table: list[dict[str, Any]] = []
@@ -141,7 +155,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 model = open_model(bench_args)  # once, for every benchmark that runs
             (out / name / STATE).unlink(missing_ok=True)
             results = run_one(bench_args, model=model)
-            write_json(out / name / STATE, {"argv": argv})
+            write_json(out / name / STATE, {"argv": argv, "files": files})
         table += rows_of(name, results)
     summary = {"model": str(Path(args.model).resolve()), "rows": table,
                "benchmarks": {n: str(out / n / "results.json") for n in names}}

@@ -120,3 +120,10 @@ def test_gaokao_wrong_shape_names_field(eval_assets, tmp_path, capsys):
     with pytest.raises(SystemExit):
         run_gaokao(eval_assets, data, tmp_path / "o")
     assert "'example' list" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_gaokao_quantize_flag_reaches_the_model(eval_assets, tmp_path):
+    """The new evaluators open the model through the same function as the others, so --quantize applies."""
+    data = write_gaokao_dir(tmp_path / "g")
+    r = run_gaokao(eval_assets, data, tmp_path / "q", "--quantize", "int8", "--subjects", "2010-2013_English_MCQs")
+    assert r["settings"]["quantize"] == "int8" and r["subjects"]["2010-2013_English_MCQs"]["count"] == 4

@@ -112,6 +112,12 @@ def test_suite_runs_once_and_skips_finished(eval_assets, tmp_path, monkeypatch, 
     assert json.loads((out / "gsm8k" / "results.json").read_text())["count"] == 2
     assert (out / "mmlu" / "results.json").stat().st_mtime_ns == mtimes["mmlu"]
 
+    # A model rewritten in place is a different setting: everything runs again.
+    config = eval_assets["model"] / "config.json"
+    os.utime(config, ns=(config.stat().st_atime_ns, config.stat().st_mtime_ns + 1_000_000))
+    suite.main(argv + ["--limit", "2", "--benchmarks", "mmlu"])
+    assert len(opened) == 3 and (out / "mmlu" / "results.json").stat().st_mtime_ns != mtimes["mmlu"]
+
 
 def test_suite_bad_input(tmp_path, capsys):
     with pytest.raises(SystemExit):
