@@ -70,6 +70,7 @@ def test_a_real_run_by_file_path_from_inside_evaluation(tmp_path):
     assert "nowhere" in bad.stderr.strip().splitlines()[-1]
 
 
+@pytest.mark.slow
 def test_suite_runs_once_and_skips_finished(eval_assets, tmp_path, monkeypatch, capsys):
     root = write_suite_root(tmp_path / "data")
     out = tmp_path / "out"
