@@ -238,3 +238,34 @@ def test_same_pass_fail_as_the_official_package(tmp_path):
     n, c = zip(*counts.values())
     official = evaluation.estimate_pass_at_k(list(n), list(c), 1)
     assert [pass_at_k(a, b, 1) for a, b in zip(n, c)] == pytest.approx(list(official))
+
+
+@pytest.mark.slow
+def test_generate_until_through_transformers_equals_its_own_greedy(eval_assets, tmp_path):
+    """A non-LLaMA folder decodes through transformers: batched (left-padded) replies equal transformers' own
+    greedy generate of each prompt alone, cut at the stop."""
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    from tokenizer.hf import save_hf_tokenizer
+
+    folder = tmp_path / "qwen2"
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=640, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512))
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0.0, 0.5)
+    model.save_pretrained(folder)
+    save_hf_tokenizer(eval_assets["tokenizer"], tmp_path / "tok")
+    AutoTokenizer.from_pretrained(tmp_path / "tok").save_pretrained(folder)
+    loaded = load(folder, None, "cpu", "float32")
+    assert loaded.backend == "transformers"
+    tok = loaded.tokenizer
+    prompts = [tok.encode(t, bos=loaded.bos) for t in ("The answer is", "以下是中国关于考试", "A")]
+    got = generate_until(loaded, prompts, 24, ["Question:", "ab"], batch_size=3)
+    for p, g in zip(prompts, got):
+        alone = loaded.model.generate(input_ids=torch.tensor([p]), max_new_tokens=24, do_sample=False,
+                                      suppress_tokens=list(range(tok.vocab_size, 640)) or None,
+                                      eos_token_id=tok.eos_id, pad_token_id=tok.eos_id)[0, len(p):].tolist()
+        if tok.eos_id in alone:
+            alone = alone[:alone.index(tok.eos_id)]
+        assert g["text"] == cut_at_stop(tok.decode(alone), ["Question:", "ab"])[0]
