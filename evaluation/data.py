@@ -8,9 +8,13 @@ Every problem is reported as a ValueError/FileNotFoundError naming the file, the
 from __future__ import annotations
 
 import csv
+import gzip
+import json
+import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 LETTERS = ("A", "B", "C", "D")
 MMLU_COLUMNS = ("question", "A", "B", "C", "D", "answer")
@@ -148,3 +152,155 @@ def read_cmmlu_csv(path: Path) -> list[Question]:
     if not questions:
         raise ValueError(f"{path}: no questions in file (only a header)")
     return questions
+
+
+# ---- JSON benchmark files (GAOKAO-Bench, AGIEval, GSM8K, HumanEval) ----
+
+def read_json(path: Path) -> Any:
+    """A whole JSON file, with the file (and line) named when it does not parse."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}, line {e.lineno}: malformed JSON ({e.msg})") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+
+
+def read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, object) of each non-blank line of a JSON Lines file (a .gz file is decompressed)."""
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    rows = []
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            for line_no, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}, line {line_no}: malformed JSON ({e.msg}, column {e.colno})") from None
+                if not isinstance(obj, dict):
+                    raise ValueError(f"{path}, line {line_no}: expected a JSON object, found {type(obj).__name__}")
+                rows.append((line_no, obj))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+    except (OSError, EOFError) as e:
+        raise ValueError(f"{path}: unreadable ({e})") from None
+    return rows
+
+
+def field(path: Path, where: str, obj: dict[str, Any], key: str, kinds: type | tuple[type, ...],
+          optional: bool = False) -> Any:
+    """obj[key] checked to be of `kinds` (None allowed when optional), else an error naming file, place and key."""
+    if key not in obj:
+        if optional:
+            return None
+        raise ValueError(f"{path}, {where}: missing field {key!r}")
+    value = obj[key]
+    if value is None and optional:
+        return None
+    if not isinstance(value, kinds):
+        names = "/".join(k.__name__ for k in (kinds if isinstance(kinds, tuple) else (kinds,)))
+        raise ValueError(f"{path}, {where}: field {key!r} must be {names}, found {type(value).__name__}")
+    return value
+
+
+# "A．" / "A." / "A、" option markers inside GAOKAO-Bench question texts.
+_GAOKAO_OPTION = re.compile(r"(?<![A-Za-z])([A-D])\s*[．.、]")
+
+
+def gaokao_options(text: str) -> tuple[str, str, str, str] | None:
+    """The texts of options A-D written inside a GAOKAO-Bench question, or None unless all four appear in order."""
+    marks: list[re.Match[str]] = []
+    for m in _GAOKAO_OPTION.finditer(text):
+        if m.group(1) == LETTERS[len(marks)]:
+            marks.append(m)
+            if len(marks) == 4:
+                break
+    if len(marks) < 4:
+        return None
+    ends = [m.start() for m in marks[1:]] + [len(text)]
+    return tuple(text[m.end():end].strip() for m, end in zip(marks, ends))  # type: ignore[return-value]
+
+
+def read_gaokao_json(path: Path) -> tuple[list[Question], dict[str, int]]:
+    """Single-answer four-option items of a GAOKAO-Bench objective file {"example": [{"question", "answer": [..]}]},
+    and the count of each kind of excluded item (multi_answer: several letters or blanks; no_options: A-D not
+    found in the question; answer_outside_options: a letter other than A-D)."""
+    data = read_json(path)
+    if not isinstance(data, dict) or not isinstance(data.get("example"), list):
+        raise ValueError(f"{path}: expected an object with an 'example' list (GAOKAO-Bench objective file), found "
+                         f"{'keys ' + ', '.join(map(str, data)) if isinstance(data, dict) else type(data).__name__}")
+    questions: list[Question] = []
+    excluded: dict[str, int] = {}
+    for n, item in enumerate(data["example"]):
+        where = f"example {n}"
+        if not isinstance(item, dict):
+            raise ValueError(f"{path}, {where}: expected an object, found {type(item).__name__}")
+        text = field(path, where, item, "question", str)
+        answer = field(path, where, item, "answer", list)
+        reason = None
+        if len(answer) != 1 or not isinstance(answer[0], str) or len(answer[0].strip()) != 1:
+            reason = "multi_answer"
+        elif answer[0].strip() not in LETTERS:
+            reason = "answer_outside_options"
+        choices = gaokao_options(text) if reason is None else None
+        if reason is None and choices is None:
+            reason = "no_options"
+        if reason is not None:
+            excluded[reason] = excluded.get(reason, 0) + 1
+            continue
+        index = item.get("index", n)
+        questions.append(Question(n, str(index), text.strip(), choices, answer[0].strip()))
+    return questions, excluded
+
+
+_AGIEVAL_PREFIX = re.compile(r"^\s*\(?([A-Z])\)\s*")
+
+
+def read_agieval_jsonl(path: Path) -> tuple[list[Question], dict[str, int]]:
+    """Single-answer four-option items of an AGIEval task file (lines {"passage", "question", "options", "label"}),
+    the passage joined to the question; and the count of each kind of excluded item (open_answer: no options;
+    not_four_options; multi_answer: several correct letters; answer_outside_options)."""
+    questions: list[Question] = []
+    excluded: dict[str, int] = {}
+    for n, (line_no, obj) in enumerate(read_jsonl(path)):
+        where = f"line {line_no}"
+        question = field(path, where, obj, "question", str)
+        passage = field(path, where, obj, "passage", str, optional=True)
+        options = field(path, where, obj, "options", list, optional=True)
+        label = field(path, where, obj, "label", (str, list), optional=True)
+        if isinstance(label, list):
+            label = label[0] if len(label) == 1 and isinstance(label[0], str) else (label or None)
+        reason = None
+        if not options or label is None:
+            reason = "open_answer"
+        elif len(options) != 4:
+            reason = "not_four_options"
+        elif not isinstance(label, str) or len(label.strip()) != 1:
+            reason = "multi_answer"
+        elif label.strip() not in LETTERS:
+            reason = "answer_outside_options"
+        if reason is not None:
+            excluded[reason] = excluded.get(reason, 0) + 1
+            continue
+        choices = []
+        for letter, option in zip(LETTERS, options):
+            if not isinstance(option, str):
+                raise ValueError(f"{path}, {where}: field 'options' must hold strings, found "
+                                 f"{type(option).__name__}")
+            m = _AGIEVAL_PREFIX.match(option)
+            choices.append(option[m.end():].strip() if m and m.group(1) == letter else option.strip())
+        text = (passage.strip() + "\n" if passage and passage.strip() else "") + question.strip()
+        questions.append(Question(n, str(n), text, tuple(choices), label.strip()))  # type: ignore[arg-type]
+    return questions, excluded
+
+
+def shot_split(questions: list[Question], shots: int, seed: int, name: str) -> tuple[list[Question], list[Question]]:
+    """(shots, questions to score): a fixed random choice of `shots` items of the file, by a generator seeded with
+    the seed and the file's name (the same on every run and machine); the rest are scored in file order."""
+    order = list(range(len(questions)))
+    random.Random(f"{seed}:{name}").shuffle(order)
+    picked = set(order[:shots])
+    return [questions[i] for i in order[:shots]], [q for i, q in enumerate(questions) if i not in picked]

@@ -18,10 +18,14 @@ average over the category's subjects) and overall (the average over subjects), a
 """
 from __future__ import annotations
 
+if __name__ == "__main__" and not __package__:  # run as a file: see evaluation/_bootstrap.py
+    import _bootstrap
+    _bootstrap.run_as_module(__file__)
+
 
 import numpy as np
 
-from evaluation.common import Benchmark, build_parser, main_for
+from evaluation.runner import Benchmark, build_parser, main_for
 from evaluation.data import LETTERS, Question, read_cmmlu_csv
 from evaluation.scoring import Request, SubjectPrompts, answer_letter_ids
 from evaluation.subjects import CMMLU_CATEGORIES, CMMLU_SUBJECTS, CMMLU_SUBJECTS_SORTED, cmmlu_groups

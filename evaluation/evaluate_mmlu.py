@@ -8,7 +8,11 @@ accuracy over the 57 subjects (plus the subject average), with 17 subcategories 
 """
 from __future__ import annotations
 
-from evaluation.common import Benchmark, build_parser, main_for
+if __name__ == "__main__" and not __package__:  # run as a file: see evaluation/_bootstrap.py
+    import _bootstrap
+    _bootstrap.run_as_module(__file__)
+
+from evaluation.runner import Benchmark, build_parser, main_for
 from evaluation.data import Question, read_mmlu_csv
 from evaluation.scoring import SubjectPrompts
 from evaluation.subjects import MMLU_CATEGORIES, MMLU_SUBJECTS, mmlu_groups

@@ -10,7 +10,11 @@ submission_test.json in the official {subject: {id: letter}} form.
 """
 from __future__ import annotations
 
-from evaluation.common import Benchmark, build_parser, main_for
+if __name__ == "__main__" and not __package__:  # run as a file: see evaluation/_bootstrap.py
+    import _bootstrap
+    _bootstrap.run_as_module(__file__)
+
+from evaluation.runner import Benchmark, build_parser, main_for
 from evaluation.data import Question, read_ceval_csv
 from evaluation.scoring import SubjectPrompts
 from evaluation.subjects import CEVAL_CATEGORIES, CEVAL_SUBJECTS, CEVAL_SUBJECTS_SORTED, ceval_groups

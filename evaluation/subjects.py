@@ -254,3 +254,41 @@ def cmmlu_groups(subject: str) -> dict[str, list[str]]:
     """The categories a CMMLU subject counts towards (one per subcategory, as the official category2subject)."""
     subcats = CMMLU_SUBJECTS[subject][1]
     return {"categories": [cat for cat, members in CMMLU_CATEGORIES.items() if any(s in members for s in subcats)]}
+
+
+# GAOKAO-Bench objective files with single-answer four-option items (OpenLMLab/GAOKAO-Bench, Obj_Prompt.json):
+# file stem -> (Chinese subject name, language group). The other objective files (Chinese_Modern_Lit,
+# English_Fill_in_Blanks, English_Reading_Comp, Geography_MCQs, English_Cloze_Test) hold only multi-question or
+# multi-blank items, which this scoring cannot read as one letter; they are not part of the benchmark.
+GAOKAO_SUBJECTS: dict[str, tuple[str, str]] = {
+    "2010-2013_English_MCQs": ("英语", "GAOKAO-English"),
+    "2010-2022_Biology_MCQs": ("生物", "GAOKAO-Chinese-subjects"),
+    "2010-2022_Chemistry_MCQs": ("化学", "GAOKAO-Chinese-subjects"),
+    "2010-2022_Chinese_Lang_and_Usage_MCQs": ("语文", "GAOKAO-Chinese-subjects"),
+    "2010-2022_History_MCQs": ("历史", "GAOKAO-Chinese-subjects"),
+    "2010-2022_Math_II_MCQs": ("数学", "GAOKAO-Chinese-subjects"),
+    "2010-2022_Math_I_MCQs": ("数学", "GAOKAO-Chinese-subjects"),
+    "2010-2022_Physics_MCQs": ("物理", "GAOKAO-Chinese-subjects"),
+    "2010-2022_Political_Science_MCQs": ("政治", "GAOKAO-Chinese-subjects"),
+}
+GAOKAO_GROUPS: list[str] = ["GAOKAO-English", "GAOKAO-Chinese-subjects"]
+
+
+def gaokao_groups(subject: str) -> dict[str, list[str]]:
+    return {"groups": [GAOKAO_SUBJECTS[subject][1]]}
+
+
+# AGIEval v1 tasks and their language, as the official dataset_loader.py lists them (english_qa_datasets,
+# chinese_qa_datasets and the two cloze sets, which have open answers and so are all excluded here).
+AGIEVAL_TASKS: dict[str, str] = {
+    **{t: "English" for t in ("lsat-ar", "lsat-lr", "lsat-rc", "logiqa-en", "sat-math", "sat-en", "aqua-rat",
+                              "sat-en-without-passage", "gaokao-english", "math")},
+    **{t: "Chinese" for t in ("logiqa-zh", "jec-qa-kd", "jec-qa-ca", "gaokao-chinese", "gaokao-geography",
+                              "gaokao-history", "gaokao-biology", "gaokao-chemistry", "gaokao-physics",
+                              "gaokao-mathqa", "gaokao-mathcloze")},
+}
+AGIEVAL_TASKS_SORTED: list[str] = sorted(AGIEVAL_TASKS)
+
+
+def agieval_groups(task: str) -> dict[str, list[str]]:
+    return {"languages": [AGIEVAL_TASKS[task]]}

@@ -133,3 +133,110 @@ def write_cmmlu_dir(root: Path, subjects: tuple[str, ...] = CMMLU_FIXTURE_SUBJEC
                 for i in range(n + (subject == "agronomy")):
                     writer.writerow([str(i), *fake_question(rng, i + 1, zh=True)])
     return root
+
+
+# ---- GAOKAO-Bench, AGIEval, GSM8K and HumanEval folders (made-up items in the official layouts) ----
+
+GAOKAO_FIXTURE_SUBJECTS = ("2010-2013_English_MCQs", "2010-2022_Physics_MCQs")
+AGIEVAL_FIXTURE_TASKS = ("logiqa-zh", "sat-math", "lsat-ar")
+
+
+def write_gaokao_dir(root: Path, seed: int = 0, n: int = 9) -> Path:
+    """root/{file}.json: {"keywords", "example": [...]}, options inside the question text ("A．..."); in Physics
+    every fourth item has two answers (multi-answer, excluded) and one has an answer key "E" (outside the options)."""
+    import json
+
+    rng = random.Random(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    for subject in GAOKAO_FIXTURE_SUBJECTS:
+        examples = []
+        for i in range(n):
+            q, *choices, answer = fake_question(rng, i + 1, zh=subject != GAOKAO_FIXTURE_SUBJECTS[0])
+            text = f"{i + 1}．{q}（ ）\n" + "".join(f"{l}．{c}   \n" for l, c in zip("ABCD", choices))
+            answers = [answer]
+            if subject.endswith("Physics_MCQs") and i % 4 == 3:
+                answers = ["B", "D"]
+            if subject.endswith("Physics_MCQs") and i == 5:
+                answers = ["E"]
+            examples.append({"year": "2010", "category": "（新课标）", "question": text, "answer": answers,
+                             "analysis": "", "index": i, "score": 5})
+        (root / f"{subject}.json").write_text(json.dumps({"keywords": subject, "example": examples},
+                                                         ensure_ascii=False), encoding="utf-8")
+    return root
+
+
+def write_agieval_dir(root: Path, seed: int = 0, n: int = 9) -> Path:
+    """root/{task}.jsonl: logiqa-zh (passages, one item with two correct letters), sat-math (no passage),
+    lsat-ar (five options: excluded whole)."""
+    import json
+
+    rng = random.Random(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    for task in AGIEVAL_FIXTURE_TASKS:
+        lines = []
+        for i in range(n):
+            q, *choices, answer = fake_question(rng, i + 1, zh=task.endswith("-zh"))
+            letters = "ABCDE" if task == "lsat-ar" else "ABCD"
+            options = [f"({l}){c}" for l, c in zip(letters, choices + ["extra option"])]
+            label: str | list[str] = answer
+            if task == "logiqa-zh" and i == 2:
+                label = ["A", "C"]
+            passage = "".join(rng.choice(ZH_CHARS) for _ in range(20)) if task == "logiqa-zh" else None
+            lines.append(json.dumps({"passage": passage, "question": q, "options": options, "label": label,
+                                     "answer": None, "other": None}, ensure_ascii=False))
+        (root / f"{task}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return root
+
+
+def write_gsm8k_dir(root: Path, seed: int = 0, n_test: int = 6, n_train: int = 8) -> Path:
+    """root/{train,test}.jsonl: made-up word problems whose answers end in '#### N' (with <<calc>> notes)."""
+    import json
+
+    rng = random.Random(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("test", n_test)):
+        lines = []
+        for _ in range(n):
+            a, b = rng.randint(2, 900), rng.randint(2, 90)
+            total = a * b
+            lines.append(json.dumps({"question": f"A box holds {a} pens. How many pens are in {b} boxes?",
+                                     "answer": f"Each box has {a} pens.\n{a}*{b}=<<{a}*{b}={total}>>{total} pens.\n"
+                                               f"#### {total:,}"}))
+        (root / f"{split}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return root
+
+
+# Made-up problems in HumanEval's layout: (task_id, prompt, canonical body, test, entry_point).
+HUMANEVAL_FIXTURE = [
+    ("Fix/0", 'def add(a, b):\n    """Return a + b."""\n', "    return a + b\n",
+     "def check(candidate):\n    assert candidate(2, 3) == 5\n    assert candidate(-1, 1) == 0\n", "add"),
+    ("Fix/1", 'def rev(s):\n    """Return s reversed."""\n', "    return s[::-1]\n",
+     "def check(candidate):\n    assert candidate('abc') == 'cba'\n", "rev"),
+    ("Fix/2", 'def evens(xs):\n    """The even numbers of xs, in order."""\n', "    return [x for x in xs if x % 2 == 0]\n",
+     "def check(candidate):\n    assert candidate([1, 2, 3, 4]) == [2, 4]\n    assert candidate([]) == []\n", "evens"),
+]
+
+
+def write_humaneval_dir(root: Path) -> Path:
+    """root/HumanEval.jsonl.gz with the made-up problems above."""
+    import gzip
+    import json
+
+    root.mkdir(parents=True, exist_ok=True)
+    with gzip.open(root / "HumanEval.jsonl.gz", "wt", encoding="utf-8") as f:
+        for task_id, prompt, solution, test, entry in HUMANEVAL_FIXTURE:
+            f.write(json.dumps({"task_id": task_id, "prompt": prompt, "canonical_solution": solution,
+                                "test": test, "entry_point": entry}) + "\n")
+    return root
+
+
+def write_suite_root(root: Path) -> Path:
+    """root/{ceval,mmlu,cmmlu,gaokao,agieval,gsm8k,humaneval}: every benchmark's fixture folder."""
+    write_ceval_dir(root / "ceval")
+    write_mmlu_dir(root / "mmlu")
+    write_cmmlu_dir(root / "cmmlu")
+    write_gaokao_dir(root / "gaokao")
+    write_agieval_dir(root / "agieval")
+    write_gsm8k_dir(root / "gsm8k")
+    write_humaneval_dir(root / "humaneval")
+    return root

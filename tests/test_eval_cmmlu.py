@@ -12,7 +12,7 @@ from fixtures_eval import CMMLU_FIXTURE_SUBJECTS, eval_assets, write_cmmlu_dir  
 
 from evaluation import evaluate_cmmlu, evaluate_mmlu
 from evaluation.backends import HFTokenizer, score_transformers
-from evaluation.common import load_data
+from evaluation.runner import load_data
 from evaluation.data import Question, read_cmmlu_csv
 from evaluation.scoring import build_requests, score_plain
 from evaluation.subjects import CMMLU_SUBJECTS, cmmlu_groups

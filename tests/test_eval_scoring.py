@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from evaluation import evaluate_mmlu, evaluate_zh
-from evaluation.common import load_data
+from evaluation.runner import load_data
 from artifacts import load_tokenizer, open_model
 from evaluation.scoring import Request, SubjectPrompts, answer_letter_ids, build_requests, score_cached, score_plain
 from tokenizer import Tokenizer

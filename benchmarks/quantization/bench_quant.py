@@ -123,7 +123,7 @@ def identical_prefix(a: list[int], b: list[int]) -> int:
 def benchmark_letters(model, tokenizer, bench_name: str, data_dir: Path, subjects: list[str], split: str,
                       shots: int) -> tuple[float, list[int], int]:
     """Accuracy, predicted letter indices and question count on a few subjects (evaluation/'s scoring)."""
-    from evaluation.common import collect, load_data
+    from evaluation.runner import collect, load_data
     from evaluation.scoring import build_requests, score_cached
 
     if bench_name == "mmlu":

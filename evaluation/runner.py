@@ -23,7 +23,7 @@ from common.tensors import DTYPES
 
 
 from . import backends
-from .data import LETTERS, Question, split_file
+from .data import LETTERS, Question, shot_split, split_file
 from .report import SubjectScore, format_table, summarize, write_outputs
 from .scoring import Request, SubjectPrompts, build_requests
 
@@ -56,6 +56,24 @@ class Benchmark:
     """The split folders --data_dir holds (for error messages)."""
     build_requests: Callable[..., list[Request]] = build_requests
     """(tokenizer, prompts, max_length, bos) -> requests: tokenizing, and what to do with prompts that are too long."""
+    load: Callable[[Path, list[str] | None, int, int], "Loaded"] | None = None
+    """For benchmarks without a dev split (one file per subject): (data_dir, subjects or None for all present,
+    shots, seed) -> the data, shots drawn from each file by a seeded split. None: the split folders' layout."""
+    seeded: bool = False
+    """Whether --seed applies (the shots are a seeded draw from each file)."""
+
+
+@dataclass
+class Loaded:
+    """A benchmark's data read and checked before the model is opened."""
+
+    subjects: list[str]
+    missing: list[str]
+    """Subjects whose files --data_dir lacks (then results.json says complete: false)."""
+    data: dict[str, tuple[list[Question], list[Question]]]
+    """subject -> (shot rows, questions to score)."""
+    info: dict[str, Any]
+    """Extra results.json entries (e.g. excluded items, the shot split)."""
 
 
 def build_parser(bench: Benchmark, prog: str, description: str, shots_flags: list[str],
@@ -71,7 +89,11 @@ def build_parser(bench: Benchmark, prog: str, description: str, shots_flags: lis
     p.add_argument("--split", default=default_split, choices=bench.splits, help="split to evaluate")
     p.add_argument("--shots", *shots_flags, dest="shots", type=int, default=5,
                    help="few-shot examples (first rows of dev); the reference scripts' spellings work too")
-    p.add_argument("--subjects", nargs="+", metavar="SUBJECT", help="evaluate only these subjects")
+    p.add_argument("--subjects", "--tasks", dest="subjects", nargs="+", metavar="SUBJECT",
+                   help="evaluate only these subjects (tasks)")
+    if bench.seeded:
+        p.add_argument("--seed", type=int, default=1234,
+                       help="seed of the fixed random choice of each file's shots (written into results.json)")
     p.add_argument("--batch_size", type=int, default=16, help="questions run together over a shared prefix")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="default: bfloat16 on GPU, float32 on CPU")
     p.add_argument("--device", help="default: cuda when available, else cpu")
@@ -174,27 +196,56 @@ def report_shortened(scores: list[SubjectScore], requests: list[Request], max_le
                   f"tokens (as few as {fewest[s.subject]} of {s.shots}){cut}", file=sys.stderr)
 
 
-def run(bench: Benchmark, args: argparse.Namespace) -> dict[str, Any]:
-    """Evaluate, write the outputs, print the table; returns results.json's content."""
-    start = time.perf_counter()
+def read_benchmark(bench: Benchmark, args: argparse.Namespace) -> Loaded:
+    """Every input file of the run read and checked (before the model is opened)."""
     subjects = _check_args(bench, args)
-    check_output_dir(args.output_dir, args.overwrite)
-    missing: list[str] = []
-    if subjects is None:
-        subjects, missing = present_subjects(bench, Path(args.data_dir), args.split, args.shots)
-        if missing:
-            print(f"warning: {args.data_dir} holds {len(subjects)} of the {len(bench.subjects)} {bench.name} "
-                  f"subjects; missing, not evaluated: {', '.join(missing)}", file=sys.stderr)
-    data = load_data(bench, Path(args.data_dir), args.split, subjects, args.shots)
+    if bench.load is not None:
+        loaded = bench.load(Path(args.data_dir), subjects, args.shots, args.seed)
+        missing = loaded.missing
+    else:
+        missing = []
+        if subjects is None:
+            subjects, missing = present_subjects(bench, Path(args.data_dir), args.split, args.shots)
+        loaded = Loaded(subjects, missing, load_data(bench, Path(args.data_dir), args.split, subjects, args.shots),
+                        {})
+    if missing:
+        print(f"warning: {args.data_dir} holds {len(bench.subjects) - len(missing)} of the {len(bench.subjects)} "
+              f"{bench.name} subjects; missing, not evaluated: {', '.join(missing)}", file=sys.stderr)
+    return loaded
 
+
+def open_from_args(args: argparse.Namespace) -> tuple[backends.LoadedModel, str, str]:
+    """(the model as --model, --adapter, --quantize, ... say, device, dtype): the one place evaluators open it."""
     device = args.device or default_device()
     check_device(device)
     dtype = args.dtype or default_dtype(device)
     loaded = backends.load(args.model, args.tokenizer, device, dtype, args.tag, adapter=args.adapter,
-                             quantize=args.quantize, group_size=args.group_size,
-                             quantize_head=args.quantize_head)
+                           quantize=args.quantize, group_size=args.group_size, quantize_head=args.quantize_head)
     if loaded.note:
         print(f"note: {args.model}: {loaded.note}", file=sys.stderr)
+    return loaded, device, dtype
+
+
+def model_settings(args: argparse.Namespace, loaded: backends.LoadedModel, device: str, dtype: str) -> dict[str, Any]:
+    """The results.json settings that say which model ran and how (shared by every evaluator)."""
+    tokenizer = loaded.tokenizer
+    return {"model": str(Path(args.model).resolve()), "tag": args.tag,
+            "adapter": str(Path(args.adapter).resolve()) if args.adapter else None,
+            "quantize": args.quantize, "group_size": args.group_size, "quantize_head": args.quantize_head,
+            "tokenizer": str(tokenizer.path), "tokenizer_sha256": tokenizer.sha256, "bos": loaded.bos,
+            "device": device, "dtype": dtype, **loaded.settings, "backend_note": loaded.note or None}
+
+
+def run(bench: Benchmark, args: argparse.Namespace,
+        model: tuple[backends.LoadedModel, str, str] | None = None) -> dict[str, Any]:
+    """Evaluate, write the outputs, print the table; returns results.json's content. `model`: an already opened
+    model (open_from_args's result, as the suite passes it), else --model is opened here."""
+    start = time.perf_counter()
+    check_output_dir(args.output_dir, args.overwrite)
+    read = read_benchmark(bench, args)
+    subjects, missing, data = read.subjects, read.missing, read.data
+
+    loaded, device, dtype = model or open_from_args(args)
     tokenizer = loaded.tokenizer
     max_length = args.max_length or loaded.max_len
     if max_length > loaded.max_len:
@@ -222,16 +273,13 @@ def run(bench: Benchmark, args: argparse.Namespace) -> dict[str, Any]:
     if missing:
         results["missing_subjects"] = missing
     results.update(summarize(scores, bench.groups_of, bench.order, bench.headline))
+    results.update(read.info)
     results["settings"] = {
-        "model": str(Path(args.model).resolve()), "tag": args.tag,
-        "adapter": str(Path(args.adapter).resolve()) if args.adapter else None,
-        "quantize": args.quantize, "group_size": args.group_size, "quantize_head": args.quantize_head,
-        "tokenizer": str(tokenizer.path), "tokenizer_sha256": tokenizer.sha256, "bos": bos,
+        **model_settings(args, loaded, device, dtype),
         "answer_tokens": [tokenizer.id_to_piece(i) for i in requests[0].choice_ids],
-        "device": device, "dtype": dtype, "max_length": max_length, "batch_size": args.batch_size,
-        "prefix_cache": loaded.backend == "ours" and not args.no_prefix_cache, **loaded.settings,
-        "backend_note": loaded.note or None, "scoring_seconds": round(score_time, 3),
-        "total_seconds": round(time.perf_counter() - start, 3),
+        "max_length": max_length, "batch_size": args.batch_size,
+        "prefix_cache": loaded.backend == "ours" and not args.no_prefix_cache,
+        "scoring_seconds": round(score_time, 3), "total_seconds": round(time.perf_counter() - start, 3),
     }
     extra = {}
     if bench.submission and any(q.answer is None for q in questions):
@@ -254,3 +302,55 @@ def main_for(bench: Benchmark, parser: argparse.ArgumentParser, argv: list[str] 
     except torch.OutOfMemoryError:
         cli.fail(f"out of memory with --batch_size {args.batch_size}; lower it (each batch holds "
                  "batch_size copies of the prefix's KV cache)")
+
+
+def seeded_files_loader(name: str, all_subjects: list[str], file_name: Callable[[str], str],
+                        read: Callable[[Path], tuple[list[Question], dict[str, int]]]
+                        ) -> Callable[[Path, list[str] | None, int, int], Loaded]:
+    """Benchmark.load for one file per subject in --data_dir (GAOKAO-Bench, AGIEval): each file's shots are a
+    seeded random choice of its items (data.shot_split), the rest are scored. Excluded items (several answers,
+    open answers, a key outside the options) are counted per subject in results.json's `excluded`; a subject with
+    nothing left to score is reported there and not scored."""
+
+    def load(data_dir: Path, subjects: list[str] | None, shots: int, seed: int) -> Loaded:
+        if not data_dir.is_dir():
+            raise FileNotFoundError(f"{data_dir}: --data_dir not found; it must hold the {name} files "
+                                    f"({file_name(all_subjects[0])}, ...)")
+        wanted = subjects or all_subjects
+        missing = [s for s in wanted if not (data_dir / file_name(s)).is_file()]
+        if subjects is not None and missing:
+            raise FileNotFoundError(f"{data_dir / file_name(missing[0])}: {name} file not found"
+                                    + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        if len(missing) == len(wanted):
+            raise FileNotFoundError(f"{data_dir}: no {name} files (expected names such as "
+                                    f"{file_name(all_subjects[0])})")
+        data: dict[str, tuple[list[Question], list[Question]]] = {}
+        excluded: dict[str, dict[str, int]] = {}
+        split: dict[str, list[str]] = {}
+        for subject in wanted:
+            if subject in missing:
+                continue
+            path = data_dir / file_name(subject)
+            items, dropped = read(path)
+            if dropped.get("answer_outside_options"):
+                print(f"warning: {path}: {dropped['answer_outside_options']} item(s) have an answer key outside "
+                      "the options A-D; excluded", file=sys.stderr)
+            if dropped:
+                excluded[subject] = dropped
+            if len(items) <= shots:
+                excluded.setdefault(subject, {})["not_scored_too_few_items"] = len(items)
+                continue
+            dev, rest = shot_split(items, shots, seed, subject)
+            data[subject] = (dev, rest)
+            split[subject] = [q.id for q in dev]
+        if not data:
+            raise ValueError(f"{data_dir}: no {name} subject has more single-answer items than the {shots} shots")
+        info = {"excluded": excluded,
+                "excluded_total": {reason: sum(d.get(reason, 0) for d in excluded.values())
+                                   for reason in sorted({r for d in excluded.values() for r in d})},
+                "shot_split": {"seed": seed, "rule": "random.Random(f'{seed}:{subject}').shuffle(item order); the "
+                               "first `shots` items are the shots, the rest are scored in file order",
+                               "shot_ids": split}}
+        return Loaded(list(data), missing, data, info)
+
+    return load

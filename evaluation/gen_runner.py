@@ -1,0 +1,39 @@
+"""What the generative evaluators (GSM8K, HumanEval) share: their arguments and the checks on them."""
+from __future__ import annotations
+
+import argparse
+
+from common import cli
+from common.tensors import DTYPES
+from artifacts import add_quantize_args
+
+
+def build_parser(prog: str, description: str, data_help: str) -> argparse.ArgumentParser:
+    """The options every evaluator has (model, adapter, quantization, device, outputs) and --samples."""
+    p = cli.parser(prog, description)
+    p.add_argument("--model", "--model_name_or_path", dest="model",
+                   help="a Hugging Face causal-LM folder or a training run directory (not needed with --samples)")
+    p.add_argument("--data_dir", required=True, help=data_help)
+    p.add_argument("--output_dir", required=True, help="where results.json and predictions.jsonl go")
+    p.add_argument("--overwrite", action="store_true", help="replace what a non-empty --output_dir holds")
+    p.add_argument("--samples", help="score the replies in this JSONL file instead of generating them")
+    p.add_argument("--limit", type=int, help="evaluate only the first N problems")
+    p.add_argument("--batch_size", type=int, default=8, help="prompts generated together")
+    p.add_argument("--max_new_tokens", type=int, help="longest reply in tokens")
+    p.add_argument("--max_length", type=int, help="longest prompt + reply in tokens (default: the model's context)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="default: bfloat16 on GPU, float32 on CPU")
+    p.add_argument("--device", help="default: cuda when available, else cpu")
+    p.add_argument("--tokenizer", help="tokenizer.model, or a folder with tokenizer.json (default: the model's)")
+    p.add_argument("--tag", help="checkpoint tag of a training run directory (default: its latest)")
+    p.add_argument("--adapter", help="PEFT LoRA adapter folder applied (merged) on top of the model")
+    add_quantize_args(p)
+    return p
+
+
+def check_args(args: argparse.Namespace) -> None:
+    if args.samples is None and args.model is None:
+        raise ValueError("give --model to generate replies, or --samples FILE to score replies made elsewhere")
+    for flag in ("limit", "batch_size", "max_new_tokens", "max_length"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise ValueError(f"--{flag} must be >= 1, got {value}")
