@@ -206,8 +206,9 @@ class Engine:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, slots: int = 8, max_len: int | None = None,
                  max_queue: int = 64, pack_weights: bool = True):
         """pack_weights: on CPU in float32, large linear weights are packed for MKL's GEMM at a full decode step's
-        `slots` rows (inference/packing.py: faster batched decoding, more memory); the model's modules are
-        swapped in place."""
+        `slots` rows (inference/packing.py: faster batched decoding, more memory). The engine then runs its own
+        copy of the model with those modules swapped; `model` itself is not changed (the copy shares its
+        weights)."""
         if slots < 1:
             raise ValueError(f"--slots must be at least 1, got {slots}")
         if max_queue < 0:
@@ -220,7 +221,9 @@ class Engine:
         self.device, self.dtype = p.device, p.dtype
         self._check_memory(slots)
         self.cache = SlotCache(model, slots, self.max_len, self.device, self.dtype)
-        self.packed = pack_linears(model, slots) if pack_weights and slots > 1 else []
+        self.packed: list[str] = []  # names of the linears packed in the engine's copy of the model
+        if pack_weights and slots > 1:
+            self.model, self.packed = pack_linears(self.model, slots)
         self.slots: list[Request | None] = [None] * slots
         self.positions = [0] * slots  # tokens in each slot's cache
         self.generators: list[torch.Generator | None] = [None] * slots
@@ -315,8 +318,12 @@ class Engine:
             try:
                 self.step()
             except BaseException as e:  # a bug: fail every request instead of leaving clients hanging
-                self.error = e
-                for req in [*self.slots, *self.waiting]:
+                # Under the lock: submit checks self.error and appends to self.waiting under it, so every request
+                # is either in the queue taken here or refused by submit; none is left waiting forever.
+                with self._lock:
+                    self.error = e
+                    waiting, self.waiting = list(self.waiting), deque()
+                for req in [*self.slots, *waiting]:
                     if req is not None:
                         self._finish(req, "error")
                 raise
