@@ -12,8 +12,9 @@ each row's attention to its own length, so sequences of different lengths that j
 one batched matmul.
 Sampling settings and the random generator (seeded per request) are per sequence too.
 
-The engine runs the model's own blocks (model/model.py) with a cache view of its own; the rest of the forward
-(embedding, final norm, head) is the Transformer's modules, so a quantized model runs here unchanged.
+Every step is one call of the model's own forward (model/model.py Transformer.forward) over rows of its KVCache,
+each row at its own length, so the engine decodes exactly as Transformer.generate does (rotary tables, dynamic
+RoPE included) and a quantized model runs here unchanged.
 Results go to each request's `sink` (a callable, called on the engine thread) as Events: text deltas that are
 safe to show (no half UTF-8 character, no prefix of a stop string), then a last event with a finish_reason.
 """
@@ -29,8 +30,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from model import Transformer
-from model.attention import AttnMeta
+from model import KVCache, Transformer
 from model.model import greedy, sample
 from tokenizer import StreamDecoder, Tokenizer
 
@@ -112,81 +112,6 @@ class Request:
         return self.finish_reason is not None
 
 
-class SlotCache:
-    """Keys and values of `slots` sequences, each written at its own positions (rows are slots)."""
-
-    def __init__(self, model: Transformer, slots: int, max_len: int, device: torch.device, dtype: torch.dtype):
-        c = model.config
-        shape = (c.n_layers, slots, max_len, c.n_kv_heads, c.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-
-    @staticmethod
-    def bytes_needed(model: Transformer, slots: int, max_len: int, dtype: torch.dtype) -> int:
-        c = model.config
-        return 2 * c.n_layers * slots * max_len * c.n_kv_heads * c.head_dim * torch.finfo(dtype).bits // 8
-
-
-class _CacheView:
-    """What Attention.forward sees as its cache in one engine forward: row i writes its T new keys/values at
-    positions starts[i].., and reads its slot's first `span` positions (the attention mask hides each row's
-    positions past its own length)."""
-
-    def __init__(self, cache: SlotCache, rows: list[int], starts: list[int], n_new: int, device: torch.device):
-        self.cache, self.span = cache, max(starts) + n_new
-        # Rows that are one contiguous block of slots are read as a slice (no copy), else gathered; rows that all
-        # start at the same position are written as a slice, else scattered into the flattened cache.
-        self.block = rows[0] if rows == list(range(rows[0], rows[0] + len(rows))) else None
-        self.start = starts[0] if len(set(starts)) == 1 else None
-        self.rows = torch.tensor(rows, device=device)
-        max_len = cache.k.shape[2]
-        flat = [r * max_len + s + t for r, s in zip(rows, starts) for t in range(n_new)]
-        self.flat = torch.tensor(flat, device=device)
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        ck, cv = self.cache.k[layer], self.cache.v[layer]
-        if self.block is not None and self.start is not None:
-            rows, pos = slice(self.block, self.block + len(self.rows)), slice(self.start, self.start + k.shape[1])
-            ck[rows, pos], cv[rows, pos] = k, v
-        else:
-            ck.view(-1, *ck.shape[2:]).index_copy_(0, self.flat, k.reshape(-1, *k.shape[2:]))
-            cv.view(-1, *cv.shape[2:]).index_copy_(0, self.flat, v.reshape(-1, *v.shape[2:]))
-        if self.block is not None:
-            end = self.block + len(self.rows)
-            return ck[self.block:end, :self.span], cv[self.block:end, :self.span]
-        return ck[:, :self.span].index_select(0, self.rows), cv[:, :self.span].index_select(0, self.rows)
-
-
-@torch.no_grad()
-def forward_rows(model: Transformer, cache: SlotCache, tokens: torch.Tensor, rows: list[int],
-                 starts: list[int], last: list[int] | None = None) -> torch.Tensor:
-    """Float32 logits [B, V] of one token of each row: its last, or index last[i] of row i.
-
-    tokens [B, T] are the next T tokens of the sequences in cache slots `rows`, whose first tokens sit at
-    positions `starts` (the number of tokens each slot already holds). Rows shorter than T are right-padded: the
-    padding's keys and values land past the row's length, where the mask hides them until real tokens overwrite
-    them.
-    """
-    B, T = tokens.shape
-    h = model.tok_embeddings(tokens)
-    cos, sin = model.rope(h.device)
-    impl = "eager" if model.config.attn_impl == "eager" else "sdpa"  # the kernels that take an explicit mask
-    view = _CacheView(cache, rows, starts, T, h.device)
-    if view.start is not None and (T == 1 or view.start == 0):
-        # Every row at the same position: the model's own contiguous rotary slice and its causal/no mask suffice.
-        rope, meta = (cos, sin, True), AttnMeta(impl=impl, offset=view.start)
-    else:
-        positions = torch.tensor(starts, device=h.device)[:, None] + torch.arange(T, device=h.device)
-        rope = (cos[positions], sin[positions], False)  # per-row angles
-        keys = torch.arange(view.span, device=h.device)
-        mask = (keys[None, None, :] <= positions[:, :, None])[:, None]  # [B, 1, T, span]: causal, own length
-        meta = AttnMeta(impl=impl, offset=min(starts), mask=mask)
-    for i, layer in enumerate(model.layers):
-        h = layer(h, rope, meta, view, i)
-    h = h[:, -1] if last is None else h[torch.arange(B, device=h.device), torch.tensor(last, device=h.device)]
-    return model.output(model.norm(h))
-
-
 def _held_back(text: str, stops: Sequence[str]) -> int:
     """How many characters at the end of `text` must wait: they may be the start of a stop string. (Half a UTF-8
     character never gets this far: StreamDecoder holds it back.)"""
@@ -220,12 +145,11 @@ class Engine:
         p = model.tok_embeddings.weight
         self.device, self.dtype = p.device, p.dtype
         self._check_memory(slots)
-        self.cache = SlotCache(model, slots, self.max_len, self.device, self.dtype)
+        self.cache: KVCache = model.new_cache(slots, self.max_len)  # row i: slot i; its length: the slot's tokens
         self.packed: list[str] = []  # names of the linears packed in the engine's copy of the model
         if pack_weights and slots > 1:
             self.model, self.packed = pack_linears(self.model, slots)
         self.slots: list[Request | None] = [None] * slots
-        self.positions = [0] * slots  # tokens in each slot's cache
         self.generators: list[torch.Generator | None] = [None] * slots
         self.max_queue = max_queue
         self.waiting: deque[Request] = deque()
@@ -236,7 +160,7 @@ class Engine:
         self.error: BaseException | None = None
 
     def _check_memory(self, slots: int) -> None:
-        need = SlotCache.bytes_needed(self.model, slots, self.max_len, self.dtype)
+        need = KVCache.bytes_needed(self.model.config, slots, self.max_len, self.dtype)
         if self.device.type == "cuda":
             free = torch.cuda.mem_get_info(self.device)[0]
         else:
@@ -351,6 +275,7 @@ class Engine:
         if running:
             self._decode(running)
 
+    @torch.no_grad()
     def _prefill(self, admitted: list[tuple[int, Request]]) -> None:
         """Run the prompts of newly admitted requests together (right-padded to the longest) and sample each
         one's first token."""
@@ -359,21 +284,21 @@ class Engine:
         pad = max(self.tokenizer.eos_id, 0)
         tokens = torch.tensor([req.prompt_ids + [pad] * (width - len(req.prompt_ids)) for _, req in admitted],
                               device=self.device)
+        self.cache.reset(slots)
         for slot, req in admitted:
             self.slots[slot] = req
-            self.positions[slot] = len(req.prompt_ids)
             seed = req.params.seed if req.params.seed is not None else secrets.randbits(63)
             self.generators[slot] = torch.Generator(self.device).manual_seed(seed)
-        logits = forward_rows(self.model, self.cache, tokens, slots, [0] * len(slots),
-                              [len(req.prompt_ids) - 1 for _, req in admitted])
+        lengths = [len(req.prompt_ids) for _, req in admitted]
+        logits = self.model(tokens, cache=self.cache, cache_rows=slots, input_lengths=lengths,
+                            output_positions=[n - 1 for n in lengths])
         for slot, token in zip(slots, self._sample(logits, slots)):
             self._accept(slot, token)
 
+    @torch.no_grad()
     def _decode(self, running: list[int]) -> None:
         tokens = torch.tensor([[self.slots[s].output_ids[-1]] for s in running], device=self.device)
-        logits = forward_rows(self.model, self.cache, tokens, running, [self.positions[s] for s in running])
-        for s in running:
-            self.positions[s] += 1
+        logits = self.model(tokens, cache=self.cache, cache_rows=running)[:, -1]
         for s, token in zip(running, self._sample(logits, running)):
             self._accept(s, token)
 
@@ -409,7 +334,7 @@ class Engine:
             self._finish(req, "stop", text[:cut])
             return
         limit = req.params.max_tokens or self.max_len
-        if len(req.output_ids) >= limit or self.positions[slot] + 1 >= self.max_len:
+        if len(req.output_ids) >= limit or self.cache.lengths[slot] + 1 >= self.max_len:
             self._finish(req, "length", text + req.detokenizer.flush())
             return
         ready = text[:len(text) - _held_back(text, stops)]
