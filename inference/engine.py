@@ -31,7 +31,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from model import KVCache, Transformer
-from model.model import greedy, sample
+from model.generate import greedy, sample
 from tokenizer import StreamDecoder, Tokenizer
 
 from .packing import pack_linears

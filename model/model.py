@@ -18,6 +18,7 @@ from common.tensors import IGNORE_INDEX
 
 from . import attention, fused
 from .config import ModelConfig
+from .generate import generate_ragged
 from .rope import dynamic_length, rope_table
 
 LOSS_CHUNK_BYTES = 2**30  # logits alive at once in the chunked loss: 4096 rows at vocab 64000 in fp32
@@ -449,26 +450,17 @@ class Transformer(nn.Module):
         return KVCache(c.n_layers, batch_size, max_len or c.max_seq_len, c.n_kv_heads, c.head_dim,
                        device or p.device, dtype or p.dtype)
 
-    @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
                  top_p: float | None = None, eos_id: int | None = None, use_cache: bool = True,
                  generator: torch.Generator | None = None) -> torch.Tensor:
-        """Continue idx [B, T]; greedy when temperature is 0. Rows stop (pad with eos) once they emit eos_id."""
-        total = min(idx.shape[1] + max_new_tokens, self.config.max_seq_len)
-        cache = self.new_cache(idx.shape[0], total) if use_cache else None
-        out, step_input = idx, idx
-        done = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
-        for _ in range(total - idx.shape[1]):
-            logits = self(step_input if use_cache else out, cache=cache)[:, -1]
-            nxt = sample(logits, temperature, top_k, top_p, generator)
-            if eos_id is not None:
-                nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
-                done |= nxt == eos_id
-            out = torch.cat([out, nxt[:, None]], dim=1)
-            step_input = nxt[:, None]
-            if eos_id is not None and bool(done.all()):
-                break
-        return out
+        """Continue idx [B, T]; greedy when temperature is 0. Rows stop (pad with eos) once they emit eos_id.
+
+        The decoding is model.generate.generate_ragged's (the one loop of every batch generation)."""
+        new = generate_ragged(self, idx.tolist(), max_new_tokens, eos_id, temperature, top_k, top_p, generator,
+                              keep_eos=True, use_cache=use_cache)
+        width = max(len(n) for n in new)  # rows shorter than the widest ended with eos_id
+        rows = [list(row) + n + [eos_id] * (width - len(n)) for row, n in zip(idx.tolist(), new)]
+        return torch.tensor(rows, dtype=idx.dtype, device=idx.device)
 
     @classmethod
     def from_hf(cls, path: str | Path, **overrides) -> "Transformer":
@@ -481,31 +473,3 @@ class Transformer(nn.Module):
         from .hf import save_hf
 
         return save_hf(self, out_dir, tokenizer_path, dtype)
-
-
-def greedy(logits: torch.Tensor) -> torch.Tensor:
-    """argmax over the last dimension (the first index among ties, as torch's argmax).
-
-    torch's CPU argmax reduces a [8, 32000] fp32 row block ~20x slower than numpy's (~460 us against ~18 us,
-    torch 2.13), which is a few percent of a small model's batched decode step, so CPU fp32 goes through numpy."""
-    if logits.device.type == "cpu" and logits.dtype == torch.float32 and not logits.requires_grad:
-        return torch.from_numpy(logits.contiguous().numpy().argmax(-1))
-    return logits.argmax(dim=-1)
-
-
-def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-           generator: torch.Generator | None = None) -> torch.Tensor:
-    """One token id per row of logits [B, V]."""
-    if temperature <= 0:
-        return greedy(logits)
-    logits = logits / temperature
-    if top_k is not None:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        cum = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
-        drop = cum - torch.softmax(sorted_logits, dim=-1) > top_p  # keep the smallest set reaching top_p
-        logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)

@@ -240,3 +240,30 @@ def test_a_request_submitted_while_a_step_fails_is_finished_with_the_error(folde
     assert late and late[0].finish_reason == "error"  # without the lock in the error path: None, forever
     with pytest.raises(RuntimeError, match="stopped after an error: injected fault"):
         engine.submit(ids, SamplingParams(max_tokens=5), lambda e: None)
+
+
+@pytest.mark.slow  # ~40 s on 2 loaded cores: a dozen generations of 30 tokens
+def test_dynamic_rope_past_the_original_context_decodes_as_generate_alone(folder):
+    """rope_type dynamic: past the original context the rotary table depends on the sequence's length. The engine
+    (rows of different lengths in one step, joining at different times) and batch generation give each prompt
+    Transformer.generate's greedy tokens for that prompt alone, prompts longer than the original context too."""
+    import copy
+
+    from model.generate import generate_ragged
+
+    _, _, model, tok = folder
+    sharp = copy.deepcopy(model)
+    with torch.no_grad():  # sharper attention: the random model's tokens then depend on the rotary angles
+        for layer in sharp.layers:
+            layer.attention.wqkv.weight *= 4
+    dynamic = copy.deepcopy(sharp)
+    dynamic.set_rope(rope_type="dynamic", rope_factor=4.0, rope_original_max_seq_len=16, max_seq_len=64)
+    words = tok.encode(" ".join(PROMPTS), bos=True)
+    prompts = [words[:n] for n in (3, 9, 15, 17, 24)] + [tok.encode(p, bos=True) for p in PROMPTS[:2]]
+    assert max(map(len, prompts)) > 16
+    alone = [dynamic.generate(torch.tensor([p]), 30)[0, len(p):].tolist() for p in prompts]
+    default = [sharp.generate(torch.tensor([p]), 30)[0, len(p):].tolist() for p in prompts]
+    assert sum(a != b for a, b in zip(alone, default)) >= 5  # the scaling changes the tokens: this test sees it
+    assert generate_ragged(dynamic, prompts, 30) == alone
+    jobs = [(p, SamplingParams(max_tokens=30, ignore_eos=True)) for p in prompts]
+    assert [r.output_ids for r in run_all(Engine(dynamic, tok, slots=3), jobs)] == alone
