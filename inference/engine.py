@@ -31,7 +31,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from model import KVCache, Transformer
-from model.generate import greedy, sample
+from model.generate import SamplingParams, greedy, sample
 from tokenizer import StreamDecoder, Tokenizer
 
 from .packing import pack_linears
@@ -41,44 +41,6 @@ MEMORY_HEADROOM = 0.8  # the KV cache may take at most this share of the memory 
 
 class QueueFull(RuntimeError):
     """The engine's waiting queue is full; try again later (HTTP 429)."""
-
-
-@dataclass
-class SamplingParams:
-    """How one request is decoded."""
-
-    max_tokens: int | None = None
-    """Most new tokens (None: until EOS, a stop string or the end of the context)."""
-    temperature: float = 0.0
-    """0 = greedy."""
-    top_k: int | None = None
-    """Sample among the k most likely tokens only."""
-    top_p: float | None = None
-    """Sample from the smallest set of tokens whose probability reaches top_p."""
-    repetition_penalty: float = 1.0
-    """> 1 makes tokens already in the prompt or reply less likely (CTRL / transformers' definition)."""
-    stop: tuple[str, ...] = ()
-    """Strings that end the reply; they are not part of it."""
-    seed: int | None = None
-    """Seed of this request's own random generator (None: a random seed)."""
-    ignore_eos: bool = False
-    """Keep generating after EOS (benchmarks: a fixed number of tokens)."""
-
-    def check(self) -> "SamplingParams":
-        """Raise ValueError naming the first parameter out of range."""
-        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
-            raise ValueError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
-        if not 0.0 <= self.temperature <= 100.0:
-            raise ValueError(f"temperature must be in [0, 100], got {self.temperature}")
-        if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"top_k must be a positive integer, got {self.top_k}")
-        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not 0.0 < self.repetition_penalty <= 10.0:
-            raise ValueError(f"repetition_penalty must be in (0, 10], got {self.repetition_penalty}")
-        if any(not isinstance(s, str) or not s for s in self.stop):
-            raise ValueError("stop must be a list of non-empty strings")
-        return self
 
 
 @dataclass

@@ -10,12 +10,76 @@ Sorting prompts by length first (`length_sorted_batches`) keeps the padding of t
 """
 from __future__ import annotations
 
+import argparse
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
 import torch
 
 if TYPE_CHECKING:
     from .model import Transformer
+
+
+@dataclass
+class SamplingParams:
+    """How a continuation is decoded: the one sampling-settings type of the engine, the server, chat, web and the
+    generation commands (their flags: add_sampling_args)."""
+
+    max_tokens: int | None = None
+    """Most new tokens (None: until EOS, a stop string or the end of the context)."""
+    temperature: float = 0.0
+    """0 = greedy."""
+    top_k: int | None = None
+    """Sample among the k most likely tokens only."""
+    top_p: float | None = None
+    """Sample from the smallest set of tokens whose probability reaches top_p."""
+    repetition_penalty: float = 1.0
+    """> 1 makes tokens already in the prompt or reply less likely (CTRL / transformers' definition)."""
+    stop: tuple[str, ...] = ()
+    """Strings that end the reply; they are not part of it."""
+    seed: int | None = None
+    """Seed of this request's own random generator (None: a random seed)."""
+    ignore_eos: bool = False
+    """Keep generating after EOS (benchmarks: a fixed number of tokens)."""
+
+    def check(self) -> "SamplingParams":
+        """Raise ValueError naming the first parameter out of range."""
+        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
+            raise ValueError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
+        if not 0.0 <= self.temperature <= 100.0:
+            raise ValueError(f"temperature must be in [0, 100], got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k must be a positive integer, got {self.top_k}")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0.0 < self.repetition_penalty <= 10.0:
+            raise ValueError(f"repetition_penalty must be in (0, 10], got {self.repetition_penalty}")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise ValueError("stop must be a list of non-empty strings")
+        return self
+
+
+def add_sampling_args(p: argparse.ArgumentParser, defaults: SamplingParams, engine: bool = False) -> None:
+    """The sampling flags of a command, with its defaults: --max_new_tokens, --temperature, --top_k, --top_p, --seed;
+    engine: also --repetition_penalty and --stop (the engine's; generate_ragged has neither)."""
+    p.add_argument("--max_new_tokens", type=int, default=defaults.max_tokens, help="new tokens at most")
+    p.add_argument("--temperature", type=float, default=defaults.temperature, help="0 = greedy")
+    p.add_argument("--top_k", type=int, default=defaults.top_k, help="sample from the k likeliest tokens only")
+    p.add_argument("--top_p", type=float, default=defaults.top_p,
+                   help="sample from the smallest set of tokens with this much probability")
+    p.add_argument("--seed", type=int, default=defaults.seed, help="seed of the sampler (None: a random one)")
+    if engine:
+        p.add_argument("--repetition_penalty", type=float, default=defaults.repetition_penalty,
+                       help="> 1 makes tokens already in the prompt or reply less likely")
+        p.add_argument("--stop", action="append", default=list(defaults.stop),
+                       help="stop string (repeat for several)")
+
+
+def sampling_from_args(args: argparse.Namespace) -> SamplingParams:
+    """The SamplingParams of flags made by add_sampling_args; ValueError naming a value out of range."""
+    return SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, repetition_penalty=getattr(args, "repetition_penalty", 1.0),
+                          stop=tuple(getattr(args, "stop", ())), seed=args.seed).check()
 
 
 def greedy(logits: torch.Tensor) -> torch.Tensor:
