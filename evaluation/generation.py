@@ -45,7 +45,7 @@ def question_template(model_dir: str | Path, tokenizer: Any) -> ChatTemplate:
     models with a transformers tokenizer (no SentencePiece model) render as transformers does; without that file,
     from our SentencePiece tokenizer."""
     found = find_chat_template(model_dir)
-    config_path = Path(found[1]).with_name("tokenizer_config.json") if found else Path(model_dir) / "tokenizer_config.json"
+    config_path = (Path(found[1]).parent if found else Path(model_dir)) / "tokenizer_config.json"
     if config_path.is_file():
         try:
             config = json.loads(config_path.read_text(encoding="utf-8"))

@@ -230,8 +230,8 @@ class ChatFormat:
 
 
 PLAIN = ChatFormat("plain", "{system}Human: {content}", "\nAssistant:", " ", "{content}\n\n", "", "\n",
-                   description="Human: ... Assistant: ... (BELLE / Chinese-LLaMA style); the fallback of models without "
-                               "a template")
+                   description="Human: ... Assistant: ... (BELLE / Chinese-LLaMA style); the fallback of models "
+                               "without a template")
 FALLBACK_TEMPLATE = PLAIN.jinja()
 FALLBACK_STOP = ("\nHuman:",)
 
