@@ -76,10 +76,14 @@ def add_sampling_args(p: argparse.ArgumentParser, defaults: SamplingParams, engi
 
 
 def sampling_from_args(args: argparse.Namespace) -> SamplingParams:
-    """The SamplingParams of flags made by add_sampling_args; ValueError naming a value out of range."""
-    return SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                          top_p=args.top_p, repetition_penalty=getattr(args, "repetition_penalty", 1.0),
-                          stop=tuple(getattr(args, "stop", ())), seed=args.seed).check()
+    """The SamplingParams of flags made by add_sampling_args; ValueError naming the flag of a value out of range."""
+    params = SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, repetition_penalty=getattr(args, "repetition_penalty", 1.0),
+                            stop=tuple(getattr(args, "stop", ())), seed=args.seed)
+    try:
+        return params.check()
+    except ValueError as e:  # check() names the field; the user typed the flag
+        raise ValueError("--" + str(e).replace("max_tokens", "max_new_tokens", 1)) from None
 
 
 def greedy(logits: torch.Tensor) -> torch.Tensor:
