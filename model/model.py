@@ -377,19 +377,23 @@ class Transformer(nn.Module):
         hidden by the mask until real tokens overwrite them.
         """
         B, T = tokens.shape
-        step, starts, ends = None, [0] * B, [T] * B
+        step, starts, counts = None, [0] * B, [T] * B
         if cache is not None:
             rows = list(range(len(cache.lengths))) if cache_rows is None else list(cache_rows)
             if len(rows) != B:
                 raise ValueError(f"{B} rows of tokens for {len(rows)} cache rows")
             starts = [cache.lengths[r] for r in rows]
-            ends = [s + (T if input_lengths is None else n) for s, n in zip(starts, input_lengths or starts)]
+            if input_lengths is not None:
+                counts = list(input_lengths)
+                if len(counts) != B or not all(1 <= n <= T for n in counts):
+                    raise ValueError(f"input_lengths must be {B} counts in [1, {T}], got {counts}")
             if max(starts) + T > cache.max_len:
                 raise ValueError(f"KV cache holds {cache.max_len} positions, {max(starts) + T} needed")
         elif input_lengths is not None:
             raise ValueError("input_lengths needs a cache")
-        if max(ends) > self.config.max_seq_len:
-            raise ValueError(f"sequence of {max(ends)} tokens exceeds max_seq_len={self.config.max_seq_len}")
+        if max(starts) + T > self.config.max_seq_len:  # padding included: the rotary table has max_seq_len rows
+            raise ValueError(f"sequence of {max(starts) + T} tokens exceeds max_seq_len={self.config.max_seq_len}")
+        ends = [s + n for s, n in zip(starts, counts)]
         h = self.tok_embeddings(tokens)
         offset = starts[0] if len(set(starts)) == 1 else None  # None: rows at different positions
         if position_ids is not None:
