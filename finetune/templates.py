@@ -40,15 +40,15 @@ VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence a
 
 TEMPLATES: dict[str, ChatFormat] = {t.name: t for t in (
     ChatFormat("alpaca", "{system}### Instruction:\n{content}", "\n\n### Response:\n", "",
-                 "{content}\n\n", ALPACA_SYSTEM, "\n\n",
-                 description="Stanford Alpaca / alpaca-lora wording (an input is appended to the instruction)"),
+               "{content}\n\n", ALPACA_SYSTEM, "\n\n",
+               description="Stanford Alpaca / alpaca-lora wording (an input is appended to the instruction)"),
     ChatFormat("vicuna", "{system}USER: {content}", " ASSISTANT:", " ", "{content} ", VICUNA_SYSTEM, "",
-                 description="Vicuna v1.1: USER: ... ASSISTANT: ...</s>"),
+               description="Vicuna v1.1: USER: ... ASSISTANT: ...</s>"),
     ChatFormat("chatml", "{system}<|im_start|>user\n{content}<|im_end|>", "\n<|im_start|>assistant\n", "",
-                 "<|im_start|>system\n{content}<|im_end|>\n", "", "\n",
-                 description="ChatML markers; a reply ends with the tokenizer's EOS"),
+               "<|im_start|>system\n{content}<|im_end|>\n", "", "\n",
+               description="ChatML markers; a reply ends with the tokenizer's EOS"),
     ChatFormat("llama-2", "[INST] {system}{content}", " [/INST]", " ", "<<SYS>>\n{content}\n<</SYS>>\n\n", "",
-                 "", bos_each_turn=True, description="LLaMA-2-chat: <s>[INST] <<SYS>>...<</SYS>> ... [/INST] ...</s>"),
+               "", bos_each_turn=True, description="LLaMA-2-chat: <s>[INST] <<SYS>>...<</SYS>> ... [/INST] ...</s>"),
     PLAIN,
 )}
 

@@ -3,7 +3,7 @@
     python -m inference.chat --model out/sft/hf --temperature 0.7 --top_p 0.9
 
 Commands at the prompt: /reset forgets the conversation, /system TEXT sets the system message (and resets),
-/quit (or Ctrl-D) leaves. The conversation is rendered with the model's chat template (see inference/templates.py;
+/quit (or Ctrl-D) leaves. The conversation is rendered with the model's chat template (see tokenizer/chat_template.py;
 a base model without one gets a plain `Human: ... / Assistant:` dialogue that stops at the next `Human:`).
 
 From Python:
