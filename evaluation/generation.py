@@ -1,4 +1,5 @@
-"""Batched answer generation for open questions: chat-template prompts, our model with a KV cache, or transformers.
+"""Batched answer generation for open questions: chat-template prompts (tokenizer/chat_template.py, with its
+Human/Assistant fallback), our model with a KV cache, or transformers.
 
 Prompts are sorted by length and batched. Our Transformer runs a batch of prompts of different lengths with
 model.generate.generate_ragged (no padding, greedy results equal one prompt at a time); transformers models use
@@ -12,16 +13,12 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from jinja2.exceptions import TemplateError
 from tqdm import tqdm
 
 from model.generate import generate_ragged, length_sorted_batches
 from tokenizer import Tokenizer
-from tokenizer.chat_template import compile_template, encode_rendered, find_chat_template, render_chat
-
-PLAIN_TEMPLATE = "Human: {question}\n\nAssistant:"
-PLAIN_STOP = "\nHuman:"  # a base model often goes on with the next turn; the answer ends there
-
+from tokenizer.chat_template import (ChatTemplate, encode_rendered, find_chat_template, load_chat_template,
+                                     special_tokens)
 
 @dataclass
 class GenerationConfig:
@@ -41,57 +38,36 @@ class GenerationConfig:
     """Prompts generated together."""
 
 
-class ChatTemplate:
-    """The model folder's chat_template (tokenizer_config.json), rendered with jinja2 as transformers'
-    apply_chat_template does; else the plain `Human: ...\\n\\nAssistant:` form.
+def question_template(model_dir: str | Path, tokenizer: Any) -> ChatTemplate:
+    """The model folder's chat template (else the plain Human/Assistant fallback) for one-question prompts.
 
-    Not inference.templates.ChatTemplate: this one also serves models with a transformers tokenizer (no
-    SentencePiece model), so its special-token variables are read from tokenizer_config.json, and its fallback is
-    the plain question/answer form of BELLE's evaluation, without special tokens.
-    """
-
-    def __init__(self, model_dir: str | Path) -> None:
-        self.source = "plain"
-        self.template: str | None = None
-        self.specials: dict[str, str] = {}
-        found = find_chat_template(model_dir)
-        if found is None:
-            return
-        text, self.source = found
+    Its special-token variables come from tokenizer_config.json beside the template (or in the folder), so that
+    models with a transformers tokenizer (no SentencePiece model) render as transformers does; without that file,
+    from our SentencePiece tokenizer."""
+    found = find_chat_template(model_dir)
+    config_path = (Path(found[1]).parent if found else Path(model_dir)) / "tokenizer_config.json"
+    if config_path.is_file():
         try:
-            compile_template(text)
-        except TemplateError as e:
-            raise ValueError(f"{self.source}: chat_template does not parse ({e})") from None
-        self.template = text
-        config_path = Path(self.source).with_name("tokenizer_config.json")
-        config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+            config = json.loads(config_path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{config_path}: not valid JSON ({e})") from None
+        specials = {}
         for key in ("bos_token", "eos_token", "pad_token", "unk_token"):
             value = config.get(key)
-            self.specials[key] = value.get("content", "") if isinstance(value, dict) else (value or "")
-
-    @property
-    def is_plain(self) -> bool:
-        return self.template is None
-
-    def render(self, question: str) -> str:
-        if self.template is None:
-            return PLAIN_TEMPLATE.format(question=question)
-        try:
-            return render_chat(self.template, [{"role": "user", "content": question}], self.specials)
-        except TemplateError as e:
-            raise ValueError(f"{self.source}: chat_template failed to render ({e})") from None
+            specials[key] = value.get("content", "") if isinstance(value, dict) else (value or "")
+    else:
+        specials = special_tokens(tokenizer) if isinstance(tokenizer, Tokenizer) else {}
+    return load_chat_template(model_dir, specials=specials)
 
 
-def encode_prompts(tokenizer, template: ChatTemplate, questions: Sequence[str], bos: bool) -> list[list[int]]:
-    """Token ids of every question's prompt; the plain template gets BOS where the tokenizer adds one.
+def encode_prompts(tokenizer, template: ChatTemplate, questions: Sequence[str]) -> list[list[int]]:
+    """Token ids of every question's prompt, each the template rendered for one user message.
 
     A rendered chat template carries its own special tokens, encoded without adding any, as apply_chat_template
     does: a transformers tokenizer maps their text to their ids itself; SentencePiece would spell "<s>" out as
     text, so its prompts go through tokenizer.chat_template.encode_rendered, as fine-tuning's and the server's do.
     """
-    texts = [template.render(q) for q in questions]
-    if template.is_plain:
-        return tokenizer.encode_batch(texts, bos=bos)
+    texts = [template.render([{"role": "user", "content": q}]) for q in questions]
     if isinstance(tokenizer, Tokenizer):
         return [encode_rendered(tokenizer, text) for text in texts]
     return tokenizer.encode_batch(texts)
@@ -132,7 +108,7 @@ def generate_answers(loaded, template: ChatTemplate, questions: Sequence[str],
                      cfg: GenerationConfig) -> list[dict[str, Any]]:
     """{"answer", "prompt_tokens", "new_tokens", "truncated"} per question, in input order."""
     tok = loaded.tokenizer
-    prompts = encode_prompts(tok, template, questions, loaded.bos)
+    prompts = encode_prompts(tok, template, questions)
     room = loaded.max_len - cfg.max_new_tokens
     if room < 1:
         raise ValueError(f"--max_new_tokens {cfg.max_new_tokens} leaves no room for a prompt in the model's "
@@ -158,8 +134,9 @@ def generate_answers(loaded, template: ChatTemplate, questions: Sequence[str],
     records = []
     for i, new in enumerate(new_tokens):
         text = tok.decode(new)
-        if template.is_plain and PLAIN_STOP in text:
-            text = text[:text.index(PLAIN_STOP)]
+        for stop in template.stop:  # a base model often goes on with the next turn; the answer ends there
+            if stop in text:
+                text = text[:text.index(stop)]
         records.append({"answer": text.strip(), "prompt_tokens": len(prompts[i]), "new_tokens": len(new),
                         "truncated": truncated[i]})
     return records

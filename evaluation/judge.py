@@ -6,7 +6,7 @@
 
 1. Answers: each question of the eval set ({"question", "std_answer", "class"} per line, or a JSON list of such
    records) goes through the model's chat template (tokenizer_config.json's chat_template, else
-   `Human: {question}\\n\\nAssistant:`) and is answered with batched greedy (or sampled) generation.
+   the plain `Human: {question}\\nAssistant:` of tokenizer/chat_template.py) and is answered with batched greedy (or sampled) generation.
    O/answers.jsonl is written before any judging; a re-run with the same model, eval set and generation settings
    reuses it.
 2. Judging: each answer goes with its class's grading instruction to the judge behind an OpenAI-compatible
@@ -50,7 +50,7 @@ from common.tensors import DTYPES
 from artifacts import add_quantize_args
 
 from . import backends
-from .generation import ChatTemplate, GenerationConfig, generate_answers
+from .generation import GenerationConfig, generate_answers, question_template
 
 NO_REFERENCE_CLASSES = ("generation", "brainstorming", "rewrite")  # BELLE sends these without the reference answer
 ANSWERS = "answers.jsonl"
@@ -395,13 +395,13 @@ def run(args) -> dict[str, Any] | None:
                                quantize_head=args.quantize_head)
         if loaded.note:
             print(f"note: {args.model}: {loaded.note}", file=sys.stderr)
-        template = ChatTemplate(args.model)
-        print(f"chat template: {template.source}", file=sys.stderr)
+        template = question_template(args.model, loaded.tokenizer)
+        print(f"chat template: {template.origin}", file=sys.stderr)
         start = time.perf_counter()
         generated = generate_answers(loaded, template, [q["question"] for q in questions], gen)
         seconds = time.perf_counter() - start
         items = [{"index": n, **q, **g} for n, (q, g) in enumerate(zip(questions, generated))]
-        header = {"key": key, "chat_template": template.source, "backend": loaded.backend,
+        header = {"key": key, "chat_template": template.origin, "backend": loaded.backend,
                   "generation_seconds": round(seconds, 3)}
         out.mkdir(parents=True, exist_ok=True)
         write_text(answers_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in [header, *items]))

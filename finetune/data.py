@@ -26,8 +26,9 @@ from typing import Any, Iterator
 import numpy as np
 
 from common.tensors import IGNORE_INDEX
-from finetune.templates import ChatTemplate, EncodeStats, encode_turns
+from finetune.templates import EncodeStats, encode_turns
 from tokenizer import Tokenizer
+from tokenizer.chat_template import ChatFormat
 
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "chatgpt": "assistant", "bard": "assistant", "bing": "assistant", "model": "assistant",
@@ -262,7 +263,7 @@ class DataOptions:
                    cfg.max_sample_len, cfg.truncation, cfg.train_on_prompt, cfg.mask_history, cfg.bad_records)
 
 
-def encode_records(records: Iterator[tuple[str, Any]], template: ChatTemplate, tokenizer: Tokenizer,
+def encode_records(records: Iterator[tuple[str, Any]], template: ChatFormat, tokenizer: Tokenizer,
                    options: DataOptions, report: DataReport) -> list[Sample]:
     samples = []
     stats = EncodeStats()
@@ -287,7 +288,7 @@ def encode_records(records: Iterator[tuple[str, Any]], template: ChatTemplate, t
     return samples
 
 
-def load_samples(files: list[str], template: ChatTemplate, tokenizer: Tokenizer, options: DataOptions
+def load_samples(files: list[str], template: ChatFormat, tokenizer: Tokenizer, options: DataOptions
                  ) -> tuple[list[Sample], DataReport]:
     """Every usable sample of `files`, in file order (shuffling is the loader's), and the report."""
     report = DataReport()

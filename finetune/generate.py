@@ -34,7 +34,8 @@ from common.io import atomic_write, write_json
 from common.tensors import DTYPES
 from finetune.data import BadRecord, Fields, read_records, to_messages
 from finetune.templates import get_template, read_chat_template
-from model.generate import generate_ragged, length_sorted_batches
+from model.generate import (SamplingParams, add_sampling_args, generate_ragged, length_sorted_batches,
+                            sampling_from_args)
 from tokenizer.chat_template import encode_chat
 
 
@@ -72,11 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--output", required=True, help="JSONL file of answers (OUTPUT.meta.json gets the settings)")
     p.add_argument("--template", default=None, help="chat template name (default: the one stored with the model)")
     p.add_argument("--system", default=None, help="system text for every prompt (default: the template's)")
-    p.add_argument("--max_new_tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top_k", type=int, default=None)
-    p.add_argument("--top_p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    add_sampling_args(p, SamplingParams(max_tokens=256, seed=0))
     p.add_argument("--batch_size", type=int, default=8, help="prompts decoded together")
     p.add_argument("--instruction_field", default="instruction", help="alpaca-layout key of the instruction")
     p.add_argument("--output_field", default="output", help="alpaca-layout key of the reference answer")
@@ -97,6 +94,7 @@ def generate(args: argparse.Namespace) -> None:
         raise ValueError(f"--output {out} exists; pass --overwrite to replace it")
     if args.batch_size <= 0 or args.max_new_tokens <= 0:
         raise ValueError("--batch_size and --max_new_tokens must be positive")
+    sampling = sampling_from_args(args)
     fields = Fields(instruction=args.instruction_field, output=args.output_field)
     items = [item for path in args.input for item in read_prompts(path, fields)]
     if not items:
@@ -128,7 +126,9 @@ def generate(args: argparse.Namespace) -> None:
         raise ValueError(f"{item['source']} prompt {item['index']} has {len(prompts[too_long[0]])} tokens; the "
                          f"model's context is {model.config.max_seq_len}")
 
-    generator = torch.Generator(device=device).manual_seed(args.seed)
+    generator = torch.Generator(device=device)
+    if sampling.seed is not None:
+        generator.manual_seed(sampling.seed)
     answers: list[str | None] = [None] * len(items)
     start = time.perf_counter()
     new_tokens = 0
@@ -136,8 +136,9 @@ def generate(args: argparse.Namespace) -> None:
     batches = length_sorted_batches([len(x) for x in prompts], args.batch_size)
     with tqdm(total=len(items), desc="generate", unit="prompt", dynamic_ncols=True) as bar:
         for batch in batches:
-            outs = generate_ragged(model, [prompts[i] for i in batch], args.max_new_tokens, eos_id, args.temperature,
-                                   args.top_k, args.top_p, generator, vocab_size=tok.vocab_size)
+            outs = generate_ragged(model, [prompts[i] for i in batch], sampling.max_tokens, eos_id,
+                                   sampling.temperature, sampling.top_k, sampling.top_p, generator,
+                                   vocab_size=tok.vocab_size)
             for i, new in zip(batch, outs):
                 new_tokens += len(new)
                 answers[i] = tok.decode(new)

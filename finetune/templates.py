@@ -1,6 +1,6 @@
 """Chat templates: how a conversation becomes the text (and tokens) a model is tuned on and later prompted with.
 
-Each template is a handful of strings (`ChatTemplate`). The same definition gives two things:
+Each template is a handful of strings (`tokenizer.chat_template.ChatFormat`). The same definition gives two things:
 
 - `encode`: the token ids and per-token "trained" flags of a conversation, for training;
 - `jinja`: a Jinja `chat_template` (Hugging Face convention), stored in the run directory and in the exported
@@ -23,8 +23,7 @@ separator that keeps them rare.)
 """
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -32,101 +31,29 @@ from sentencepiece import SentencePieceProcessor
 from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
 from tokenizer import Tokenizer
-from tokenizer.chat_template import find_chat_template
-
-ROLES = ("system", "user", "assistant")
-"""The template a run was tuned with, in its run directory (the exported folder has it in tokenizer_config.json)."""
-
-
-@dataclass(frozen=True)
-class ChatTemplate:
-    """A chat format as strings; `{system}` and `{content}` are filled in."""
-
-    name: str
-    user_format: str
-    """A user turn; `{system}` receives the rendered system text in the first turn and "" after it."""
-    assistant_cue: str
-    """Prompt text announcing the reply (e.g. "\\n\\n### Response:\\n"); not trained."""
-    assistant_prefix: str = ""
-    """Reply text before the content (e.g. the space after "ASSISTANT:"); trained like the reply."""
-    system_format: str = "{content}"
-    """How a system text is rendered into the first user turn."""
-    default_system: str = ""
-    """System text used when a conversation has none ("" for none)."""
-    separator: str = ""
-    """Text after a reply's EOS, before the next user turn."""
-    bos_each_turn: bool = False
-    """Start every turn with BOS, as LLaMA-2-chat does (otherwise only the conversation)."""
-    description: str = field(default="", compare=False)
-
-    def system_text(self, system: str | None) -> str:
-        system = self.default_system if system is None else system
-        return self.system_format.format(content=system) if system else ""
-
-    def prompt_text(self, user: str, system: str | None, first: bool) -> str:
-        """The prompt of one turn: separator (after the first), user turn, cue."""
-        head = "" if first else self.separator
-        return head + self.user_format.format(system=self.system_text(system) if first else "", content=user) \
-            + self.assistant_cue
-
-    def jinja(self) -> str:
-        """The Hugging Face chat_template equivalent to `encode` (a single line of Jinja)."""
-        q = lambda text: json.dumps(text)  # noqa: E731  (a Jinja string literal: same escapes as JSON)
-        pre, post = self.user_format.split("{content}")
-        sys_pre, sys_post = self.system_format.split("{content}")
-        user_pre, user_mid = pre.split("{system}") if "{system}" in pre else ("", pre)
-        if "{system}" not in pre:
-            raise ValueError(f"template {self.name}: user_format must contain {{system}} before {{content}}")
-        return "".join([
-            "{{- bos_token -}}",
-            "{%- if messages and messages[0]['role'] == 'system' -%}",
-            "{%- set system = messages[0]['content'] -%}{%- set turns = messages[1:] -%}",
-            "{%- else -%}",
-            f"{{%- set system = {q(self.default_system)} -%}}{{%- set turns = messages -%}}",
-            "{%- endif -%}",
-            "{%- for message in turns -%}",
-            "{%- if message['role'] == 'user' -%}",
-            "{%- if loop.first -%}",
-            "{%- if system -%}",
-            f"{{{{- {q(user_pre)} + {q(sys_pre)} + system + {q(sys_post)} + {q(user_mid)} -}}}}",
-            f"{{%- else -%}}{{{{- {q(user_pre)} + {q(user_mid)} -}}}}{{%- endif -%}}",
-            "{%- else -%}",
-            f"{{{{- {q(self.separator)} -}}}}",
-            "{%- if bos_each_turn -%}{{- bos_token -}}{%- endif -%}".replace(
-                "bos_each_turn", "true" if self.bos_each_turn else "false"),
-            f"{{{{- {q(user_pre)} + {q(user_mid)} -}}}}",
-            "{%- endif -%}",
-            f"{{{{- message['content'] + {q(post)} -}}}}",
-            f"{{%- if not loop.last or add_generation_prompt -%}}{{{{- {q(self.assistant_cue)} -}}}}{{%- endif -%}}",
-            "{%- elif message['role'] == 'assistant' -%}",
-            f"{{{{- {q(self.assistant_prefix)} + message['content'] + eos_token -}}}}",
-            "{%- endif -%}",
-            "{%- endfor -%}",
-        ])
-
+from tokenizer.chat_template import PLAIN, ChatFormat, find_chat_template
 
 ALPACA_SYSTEM = ("Below is an instruction that describes a task. Write a response that appropriately completes "
                  "the request.")
 VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "
                  "helpful, detailed, and polite answers to the user's questions.")
 
-TEMPLATES: dict[str, ChatTemplate] = {t.name: t for t in (
-    ChatTemplate("alpaca", "{system}### Instruction:\n{content}", "\n\n### Response:\n", "",
-                 "{content}\n\n", ALPACA_SYSTEM, "\n\n",
-                 description="Stanford Alpaca / alpaca-lora wording (an input is appended to the instruction)"),
-    ChatTemplate("vicuna", "{system}USER: {content}", " ASSISTANT:", " ", "{content} ", VICUNA_SYSTEM, "",
-                 description="Vicuna v1.1: USER: ... ASSISTANT: ...</s>"),
-    ChatTemplate("chatml", "{system}<|im_start|>user\n{content}<|im_end|>", "\n<|im_start|>assistant\n", "",
-                 "<|im_start|>system\n{content}<|im_end|>\n", "", "\n",
-                 description="ChatML markers; a reply ends with the tokenizer's EOS"),
-    ChatTemplate("llama-2", "[INST] {system}{content}", " [/INST]", " ", "<<SYS>>\n{content}\n<</SYS>>\n\n", "",
-                 "", bos_each_turn=True, description="LLaMA-2-chat: <s>[INST] <<SYS>>...<</SYS>> ... [/INST] ...</s>"),
-    ChatTemplate("plain", "{system}Human: {content}", "\nAssistant:", " ", "{content}\n", "", "\n",
-                 description="Human: ... Assistant: ... (BELLE / Chinese-LLaMA style)"),
+TEMPLATES: dict[str, ChatFormat] = {t.name: t for t in (
+    ChatFormat("alpaca", "{system}### Instruction:\n{content}", "\n\n### Response:\n", "",
+               "{content}\n\n", ALPACA_SYSTEM, "\n\n",
+               description="Stanford Alpaca / alpaca-lora wording (an input is appended to the instruction)"),
+    ChatFormat("vicuna", "{system}USER: {content}", " ASSISTANT:", " ", "{content} ", VICUNA_SYSTEM, "",
+               description="Vicuna v1.1: USER: ... ASSISTANT: ...</s>"),
+    ChatFormat("chatml", "{system}<|im_start|>user\n{content}<|im_end|>", "\n<|im_start|>assistant\n", "",
+               "<|im_start|>system\n{content}<|im_end|>\n", "", "\n",
+               description="ChatML markers; a reply ends with the tokenizer's EOS"),
+    ChatFormat("llama-2", "[INST] {system}{content}", " [/INST]", " ", "<<SYS>>\n{content}\n<</SYS>>\n\n", "",
+               "", bos_each_turn=True, description="LLaMA-2-chat: <s>[INST] <<SYS>>...<</SYS>> ... [/INST] ...</s>"),
+    PLAIN,
 )}
 
 
-def get_template(name: str) -> ChatTemplate:
+def get_template(name: str) -> ChatFormat:
     try:
         return TEMPLATES[name]
     except KeyError:
@@ -183,7 +110,7 @@ def check_conversation(messages: list[dict[str, str]]) -> tuple[str | None, list
     return system, pairs
 
 
-def encode_turns(template: ChatTemplate, tokenizer: Tokenizer, messages: list[dict[str, str]],
+def encode_turns(template: ChatFormat, tokenizer: Tokenizer, messages: list[dict[str, str]],
                  stats: EncodeStats | None = None) -> list[tuple[list[int], list[int]]]:
     """[(prompt ids, reply ids), ...] per turn; the first prompt starts with BOS, every reply ends with EOS."""
     system, pairs = check_conversation(messages)

@@ -3,7 +3,7 @@
     python -m inference.chat --model out/sft/hf --temperature 0.7 --top_p 0.9
 
 Commands at the prompt: /reset forgets the conversation, /system TEXT sets the system message (and resets),
-/quit (or Ctrl-D) leaves. The conversation is rendered with the model's chat template (see inference/templates.py;
+/quit (or Ctrl-D) leaves. The conversation is rendered with the model's chat template (see tokenizer/chat_template.py;
 a base model without one gets a plain `Human: ... / Assistant:` dialogue that stops at the next `Human:`).
 
 From Python:
@@ -21,10 +21,14 @@ import sys
 from typing import Any, Iterator, TextIO
 
 from common.cli import entry_point, parser
+from model import generate as generation
+from model.generate import sampling_from_args
 
 from .engine import Engine, SamplingParams
 from .loader import add_model_args, load, make_engine
 from .templates import ChatTemplate, check_messages
+
+__all__ = ["CHAT_SAMPLING", "Chat", "add_sampling_args", "main", "repl", "sampling_from_args"]
 
 
 class Chat:
@@ -69,20 +73,13 @@ class Chat:
         self.engine.stop()
 
 
+CHAT_SAMPLING = SamplingParams(max_tokens=512, temperature=0.7, top_p=0.9, repetition_penalty=1.1)
+"""The sampling defaults of chat and the web page."""
+
+
 def add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int = 512) -> None:
-    p.add_argument("--max_new_tokens", type=int, default=max_new_tokens)
-    p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
-    p.add_argument("--top_k", type=int, default=None)
-    p.add_argument("--top_p", type=float, default=0.9)
-    p.add_argument("--repetition_penalty", type=float, default=1.1)
-    p.add_argument("--stop", action="append", default=[], help="stop string (repeat for several)")
-    p.add_argument("--seed", type=int, default=None)
-
-
-def sampling_from_args(args: argparse.Namespace) -> SamplingParams:
-    return SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                          top_p=args.top_p, repetition_penalty=args.repetition_penalty, stop=tuple(args.stop),
-                          seed=args.seed).check()
+    """The engine's sampling flags with chat's defaults (model.generate.add_sampling_args)."""
+    generation.add_sampling_args(p, dataclasses.replace(CHAT_SAMPLING, max_tokens=max_new_tokens), engine=True)
 
 
 def repl(chat: Chat, system: str | None, stdin: TextIO | None = None, stdout: TextIO | None = None) -> None:

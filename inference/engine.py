@@ -12,8 +12,9 @@ each row's attention to its own length, so sequences of different lengths that j
 one batched matmul.
 Sampling settings and the random generator (seeded per request) are per sequence too.
 
-The engine runs the model's own blocks (model/model.py) with a cache view of its own; the rest of the forward
-(embedding, final norm, head) is the Transformer's modules, so a quantized model runs here unchanged.
+Every step is one call of the model's own forward (model/model.py Transformer.forward) over rows of its KVCache,
+each row at its own length, so the engine decodes exactly as Transformer.generate does (rotary tables, dynamic
+RoPE included) and a quantized model runs here unchanged.
 Results go to each request's `sink` (a callable, called on the engine thread) as Events: text deltas that are
 safe to show (no half UTF-8 character, no prefix of a stop string), then a last event with a finish_reason.
 """
@@ -29,9 +30,8 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from model import Transformer
-from model.attention import AttnMeta
-from model.model import greedy, sample
+from model import KVCache, Transformer
+from model.generate import SamplingParams, greedy, sample
 from tokenizer import StreamDecoder, Tokenizer
 
 from .packing import pack_linears
@@ -41,44 +41,6 @@ MEMORY_HEADROOM = 0.8  # the KV cache may take at most this share of the memory 
 
 class QueueFull(RuntimeError):
     """The engine's waiting queue is full; try again later (HTTP 429)."""
-
-
-@dataclass
-class SamplingParams:
-    """How one request is decoded."""
-
-    max_tokens: int | None = None
-    """Most new tokens (None: until EOS, a stop string or the end of the context)."""
-    temperature: float = 0.0
-    """0 = greedy."""
-    top_k: int | None = None
-    """Sample among the k most likely tokens only."""
-    top_p: float | None = None
-    """Sample from the smallest set of tokens whose probability reaches top_p."""
-    repetition_penalty: float = 1.0
-    """> 1 makes tokens already in the prompt or reply less likely (CTRL / transformers' definition)."""
-    stop: tuple[str, ...] = ()
-    """Strings that end the reply; they are not part of it."""
-    seed: int | None = None
-    """Seed of this request's own random generator (None: a random seed)."""
-    ignore_eos: bool = False
-    """Keep generating after EOS (benchmarks: a fixed number of tokens)."""
-
-    def check(self) -> "SamplingParams":
-        """Raise ValueError naming the first parameter out of range."""
-        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
-            raise ValueError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
-        if not 0.0 <= self.temperature <= 100.0:
-            raise ValueError(f"temperature must be in [0, 100], got {self.temperature}")
-        if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"top_k must be a positive integer, got {self.top_k}")
-        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not 0.0 < self.repetition_penalty <= 10.0:
-            raise ValueError(f"repetition_penalty must be in (0, 10], got {self.repetition_penalty}")
-        if any(not isinstance(s, str) or not s for s in self.stop):
-            raise ValueError("stop must be a list of non-empty strings")
-        return self
 
 
 @dataclass
@@ -112,81 +74,6 @@ class Request:
         return self.finish_reason is not None
 
 
-class SlotCache:
-    """Keys and values of `slots` sequences, each written at its own positions (rows are slots)."""
-
-    def __init__(self, model: Transformer, slots: int, max_len: int, device: torch.device, dtype: torch.dtype):
-        c = model.config
-        shape = (c.n_layers, slots, max_len, c.n_kv_heads, c.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-
-    @staticmethod
-    def bytes_needed(model: Transformer, slots: int, max_len: int, dtype: torch.dtype) -> int:
-        c = model.config
-        return 2 * c.n_layers * slots * max_len * c.n_kv_heads * c.head_dim * torch.finfo(dtype).bits // 8
-
-
-class _CacheView:
-    """What Attention.forward sees as its cache in one engine forward: row i writes its T new keys/values at
-    positions starts[i].., and reads its slot's first `span` positions (the attention mask hides each row's
-    positions past its own length)."""
-
-    def __init__(self, cache: SlotCache, rows: list[int], starts: list[int], n_new: int, device: torch.device):
-        self.cache, self.span = cache, max(starts) + n_new
-        # Rows that are one contiguous block of slots are read as a slice (no copy), else gathered; rows that all
-        # start at the same position are written as a slice, else scattered into the flattened cache.
-        self.block = rows[0] if rows == list(range(rows[0], rows[0] + len(rows))) else None
-        self.start = starts[0] if len(set(starts)) == 1 else None
-        self.rows = torch.tensor(rows, device=device)
-        max_len = cache.k.shape[2]
-        flat = [r * max_len + s + t for r, s in zip(rows, starts) for t in range(n_new)]
-        self.flat = torch.tensor(flat, device=device)
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        ck, cv = self.cache.k[layer], self.cache.v[layer]
-        if self.block is not None and self.start is not None:
-            rows, pos = slice(self.block, self.block + len(self.rows)), slice(self.start, self.start + k.shape[1])
-            ck[rows, pos], cv[rows, pos] = k, v
-        else:
-            ck.view(-1, *ck.shape[2:]).index_copy_(0, self.flat, k.reshape(-1, *k.shape[2:]))
-            cv.view(-1, *cv.shape[2:]).index_copy_(0, self.flat, v.reshape(-1, *v.shape[2:]))
-        if self.block is not None:
-            end = self.block + len(self.rows)
-            return ck[self.block:end, :self.span], cv[self.block:end, :self.span]
-        return ck[:, :self.span].index_select(0, self.rows), cv[:, :self.span].index_select(0, self.rows)
-
-
-@torch.no_grad()
-def forward_rows(model: Transformer, cache: SlotCache, tokens: torch.Tensor, rows: list[int],
-                 starts: list[int], last: list[int] | None = None) -> torch.Tensor:
-    """Float32 logits [B, V] of one token of each row: its last, or index last[i] of row i.
-
-    tokens [B, T] are the next T tokens of the sequences in cache slots `rows`, whose first tokens sit at
-    positions `starts` (the number of tokens each slot already holds). Rows shorter than T are right-padded: the
-    padding's keys and values land past the row's length, where the mask hides them until real tokens overwrite
-    them.
-    """
-    B, T = tokens.shape
-    h = model.tok_embeddings(tokens)
-    cos, sin = model.rope(h.device)
-    impl = "eager" if model.config.attn_impl == "eager" else "sdpa"  # the kernels that take an explicit mask
-    view = _CacheView(cache, rows, starts, T, h.device)
-    if view.start is not None and (T == 1 or view.start == 0):
-        # Every row at the same position: the model's own contiguous rotary slice and its causal/no mask suffice.
-        rope, meta = (cos, sin, True), AttnMeta(impl=impl, offset=view.start)
-    else:
-        positions = torch.tensor(starts, device=h.device)[:, None] + torch.arange(T, device=h.device)
-        rope = (cos[positions], sin[positions], False)  # per-row angles
-        keys = torch.arange(view.span, device=h.device)
-        mask = (keys[None, None, :] <= positions[:, :, None])[:, None]  # [B, 1, T, span]: causal, own length
-        meta = AttnMeta(impl=impl, offset=min(starts), mask=mask)
-    for i, layer in enumerate(model.layers):
-        h = layer(h, rope, meta, view, i)
-    h = h[:, -1] if last is None else h[torch.arange(B, device=h.device), torch.tensor(last, device=h.device)]
-    return model.output(model.norm(h))
-
-
 def _held_back(text: str, stops: Sequence[str]) -> int:
     """How many characters at the end of `text` must wait: they may be the start of a stop string. (Half a UTF-8
     character never gets this far: StreamDecoder holds it back.)"""
@@ -206,8 +93,9 @@ class Engine:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, slots: int = 8, max_len: int | None = None,
                  max_queue: int = 64, pack_weights: bool = True):
         """pack_weights: on CPU in float32, large linear weights are packed for MKL's GEMM at a full decode step's
-        `slots` rows (inference/packing.py: faster batched decoding, more memory); the model's modules are
-        swapped in place."""
+        `slots` rows (inference/packing.py: faster batched decoding, more memory). The engine then runs its own
+        copy of the model with those modules swapped; `model` itself is not changed (the copy shares its
+        weights)."""
         if slots < 1:
             raise ValueError(f"--slots must be at least 1, got {slots}")
         if max_queue < 0:
@@ -219,10 +107,11 @@ class Engine:
         p = model.tok_embeddings.weight
         self.device, self.dtype = p.device, p.dtype
         self._check_memory(slots)
-        self.cache = SlotCache(model, slots, self.max_len, self.device, self.dtype)
-        self.packed = pack_linears(model, slots) if pack_weights and slots > 1 else []
+        self.cache: KVCache = model.new_cache(slots, self.max_len)  # row i: slot i; its length: the slot's tokens
+        self.packed: list[str] = []  # names of the linears packed in the engine's copy of the model
+        if pack_weights and slots > 1:
+            self.model, self.packed = pack_linears(self.model, slots)
         self.slots: list[Request | None] = [None] * slots
-        self.positions = [0] * slots  # tokens in each slot's cache
         self.generators: list[torch.Generator | None] = [None] * slots
         self.max_queue = max_queue
         self.waiting: deque[Request] = deque()
@@ -233,7 +122,7 @@ class Engine:
         self.error: BaseException | None = None
 
     def _check_memory(self, slots: int) -> None:
-        need = SlotCache.bytes_needed(self.model, slots, self.max_len, self.dtype)
+        need = KVCache.bytes_needed(self.model.config, slots, self.max_len, self.dtype)
         if self.device.type == "cuda":
             free = torch.cuda.mem_get_info(self.device)[0]
         else:
@@ -315,8 +204,12 @@ class Engine:
             try:
                 self.step()
             except BaseException as e:  # a bug: fail every request instead of leaving clients hanging
-                self.error = e
-                for req in [*self.slots, *self.waiting]:
+                # Under the lock: submit checks self.error and appends to self.waiting under it, so every request
+                # is either in the queue taken here or refused by submit; none is left waiting forever.
+                with self._lock:
+                    self.error = e
+                    waiting, self.waiting = list(self.waiting), deque()
+                for req in [*self.slots, *waiting]:
                     if req is not None:
                         self._finish(req, "error")
                 raise
@@ -344,6 +237,7 @@ class Engine:
         if running:
             self._decode(running)
 
+    @torch.no_grad()
     def _prefill(self, admitted: list[tuple[int, Request]]) -> None:
         """Run the prompts of newly admitted requests together (right-padded to the longest) and sample each
         one's first token."""
@@ -352,21 +246,21 @@ class Engine:
         pad = max(self.tokenizer.eos_id, 0)
         tokens = torch.tensor([req.prompt_ids + [pad] * (width - len(req.prompt_ids)) for _, req in admitted],
                               device=self.device)
+        self.cache.reset(slots)
         for slot, req in admitted:
             self.slots[slot] = req
-            self.positions[slot] = len(req.prompt_ids)
             seed = req.params.seed if req.params.seed is not None else secrets.randbits(63)
             self.generators[slot] = torch.Generator(self.device).manual_seed(seed)
-        logits = forward_rows(self.model, self.cache, tokens, slots, [0] * len(slots),
-                              [len(req.prompt_ids) - 1 for _, req in admitted])
+        lengths = [len(req.prompt_ids) for _, req in admitted]
+        logits = self.model(tokens, cache=self.cache, cache_rows=slots, input_lengths=lengths,
+                            output_positions=[n - 1 for n in lengths])
         for slot, token in zip(slots, self._sample(logits, slots)):
             self._accept(slot, token)
 
+    @torch.no_grad()
     def _decode(self, running: list[int]) -> None:
         tokens = torch.tensor([[self.slots[s].output_ids[-1]] for s in running], device=self.device)
-        logits = forward_rows(self.model, self.cache, tokens, running, [self.positions[s] for s in running])
-        for s in running:
-            self.positions[s] += 1
+        logits = self.model(tokens, cache=self.cache, cache_rows=running)[:, -1]
         for s, token in zip(running, self._sample(logits, running)):
             self._accept(s, token)
 
@@ -402,7 +296,7 @@ class Engine:
             self._finish(req, "stop", text[:cut])
             return
         limit = req.params.max_tokens or self.max_len
-        if len(req.output_ids) >= limit or self.positions[slot] + 1 >= self.max_len:
+        if len(req.output_ids) >= limit or self.cache.lengths[slot] + 1 >= self.max_len:
             self._finish(req, "length", text + req.detokenizer.flush())
             return
         ready = text[:len(text) - _held_back(text, stops)]

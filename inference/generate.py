@@ -10,6 +10,7 @@ from artifacts import add_quantize_args, default_device, load_tokenizer, open_mo
 from common import cli
 from common.tensors import DTYPES
 from model.config import ATTN_IMPLS
+from model.generate import SamplingParams, add_sampling_args, sampling_from_args
 
 
 @cli.entry_point
@@ -18,11 +19,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model", required=True,
                    help="Hugging Face folder, training or LoRA fine-tuning run directory, or quantized folder")
     p.add_argument("--prompt", required=True, help="text to continue")
-    p.add_argument("--max_new_tokens", type=int, default=100, help="tokens to generate at most")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top_k", type=int, default=None, help="sample from the k likeliest tokens only")
-    p.add_argument("--top_p", type=float, default=None, help="sample from the smallest set with this much mass")
-    p.add_argument("--seed", type=int, default=0, help="seed of the sampler")
+    add_sampling_args(p, SamplingParams(max_tokens=100, seed=0))
     p.add_argument("--tag", default=None, help="checkpoint tag of a training run (default: latest)")
     p.add_argument("--adapter", default=None, help="PEFT LoRA adapter folder to apply on top of --model")
     p.add_argument("--tokenizer", default=None, help="tokenizer.model (default: the one in --model)")
@@ -31,6 +28,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--attn_impl", default="auto", choices=ATTN_IMPLS, help="attention kernel")
     add_quantize_args(p)
     args = p.parse_args(argv)
+    sampling = sampling_from_args(args)
     device = args.device or default_device()
     try:
         model = open_model(args.model, device, args.dtype, tag=args.tag, adapter=args.adapter, quantize=args.quantize,
@@ -42,9 +40,11 @@ def main(argv: list[str] | None = None) -> None:
     ids = tok.encode(args.prompt, bos=True)
     if len(ids) >= model.config.max_seq_len:
         raise ValueError(f"the prompt is {len(ids)} tokens; the model's context is {model.config.max_seq_len}")
-    generator = torch.Generator(device=device).manual_seed(args.seed)
-    out = model.generate(torch.tensor([ids], device=device), args.max_new_tokens, args.temperature,
-                         args.top_k, args.top_p, eos_id=tok.eos_id, generator=generator)
+    generator = torch.Generator(device=device)
+    if sampling.seed is not None:
+        generator.manual_seed(sampling.seed)
+    out = model.generate(torch.tensor([ids], device=device), sampling.max_tokens, sampling.temperature,
+                         sampling.top_k, sampling.top_p, eos_id=tok.eos_id, generator=generator)
     # Decode prompt and continuation together: SentencePiece drops a word's leading space at the start.
     print(tok.decode([i for i in out[0].tolist() if i not in (tok.bos_id, tok.eos_id)]))
 

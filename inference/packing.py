@@ -17,6 +17,8 @@ Results agree with F.linear to float32 rounding (a different summation order), n
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -56,25 +58,47 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, packed for {self.rows} rows"
 
 
-def pack_linears(model: nn.Module, rows: int, min_weights: int = MIN_WEIGHTS) -> list[str]:
-    """Swap every float32 CPU nn.Linear of at least `min_weights` weights for a PackedLinear for `rows` rows,
-    largest first, while the packed copies fit in MEMORY_SHARE of the available memory. Returns the names
-    swapped. The weights must not change afterwards (the packed copies would be stale)."""
+def pack_linears(model: nn.Module, rows: int, min_weights: int = MIN_WEIGHTS) -> tuple[nn.Module, list[str]]:
+    """(a copy of `model` whose float32 CPU nn.Linears of at least `min_weights` weights are PackedLinears for
+    `rows` rows, the names swapped). Largest first, while the packed copies fit in MEMORY_SHARE of the available
+    memory. `model` itself is left as it was: the copy shares its parameters and every module it does not swap
+    (only the modules on the way to a swapped one are new objects), so it costs no weight memory beyond the packed
+    copies; with nothing to pack, `model` itself comes back. The weights must not change afterwards (the packed
+    copies would be stale)."""
     targets = [(name, m) for name, m in model.named_modules() if type(m) in PACKABLE
                and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32
                and m.weight.numel() >= min_weights]
     if not targets or not available():
-        return []
+        return model, []
     import psutil
 
     budget = MEMORY_SHARE * psutil.virtual_memory().available
     used, swapped = 0, []
+    copies: dict[str, nn.Module] = {"": _shallow_copy(model)}
+
+    def copied(path: str) -> nn.Module:
+        """The copy of the module at `path`, made (with its parents) on first use."""
+        if path not in copies:
+            parent, _, child = path.rpartition(".")
+            owner = copied(parent)
+            copies[path] = owner._modules[child] = _shallow_copy(owner._modules[child])
+        return copies[path]
+
     for name, linear in sorted(targets, key=lambda t: -t[1].weight.numel()):
         if used + 3 * linear.weight.nbytes > budget:  # from 2^20 weights up, packed copies measured <= 2.7x
             continue
         packed = PackedLinear(linear, rows)
         used += packed.packed.nbytes
         parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, packed)
+        copied(parent)._modules[child] = packed
         swapped.append(name)
-    return swapped
+    return (copies[""], swapped) if swapped else (model, [])
+
+
+def _shallow_copy(module: nn.Module) -> nn.Module:
+    """A new module object with the same attributes, parameters, buffers and submodules (its own dicts of them, so
+    swapping a submodule of the copy leaves the original alone)."""
+    clone = copy.copy(module)
+    clone._modules, clone._parameters, clone._buffers = \
+        dict(module._modules), dict(module._parameters), dict(module._buffers)
+    return clone

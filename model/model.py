@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Sequence
 
 import torch
 import torch.nn as nn
@@ -17,6 +18,7 @@ from common.tensors import IGNORE_INDEX
 
 from . import attention, fused
 from .config import ModelConfig
+from .generate import generate_ragged
 from .rope import dynamic_length, rope_table
 
 LOSS_CHUNK_BYTES = 2**30  # logits alive at once in the chunked loss: 4096 rows at vocab 64000 in fp32
@@ -109,29 +111,41 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class KVCache:
-    """Keys and values of every layer for up to max_len positions, filled left to right."""
+    """Keys and values of every layer for `batch_size` rows of up to max_len positions.
+
+    Each row has its own length (`lengths`, the positions it holds): a forward appends each of its rows' new keys
+    and values at that row's own length, so rows of different lengths (continuous batching) share one forward.
+    Lengths are host-side ints, so no step waits on the device to learn them.
+    """
 
     def __init__(self, n_layers: int, batch_size: int, max_len: int, n_kv_heads: int, head_dim: int,
                  device: torch.device | str, dtype: torch.dtype):
         shape = (n_layers, batch_size, max_len, n_kv_heads, head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.length = 0
+        self.lengths = [0] * batch_size
+
+    @staticmethod
+    def bytes_needed(config: ModelConfig, batch_size: int, max_len: int, dtype: torch.dtype) -> int:
+        """Memory of a cache of this shape (keys and values)."""
+        return (2 * config.n_layers * batch_size * max_len * config.n_kv_heads * config.head_dim
+                * torch.finfo(dtype).bits // 8)
 
     @property
     def max_len(self) -> int:
         return self.k.shape[2]
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        end = self.length + k.shape[1]
-        self.k[layer, :, self.length:end] = k
-        self.v[layer, :, self.length:end] = v
-        return self.k[layer, :, :end], self.v[layer, :, :end]
+    @property
+    def length(self) -> int:
+        """The positions every row holds (rows of different lengths: read `lengths`)."""
+        if len(set(self.lengths)) != 1:
+            raise ValueError(f"the rows of this KV cache hold different lengths {self.lengths}")
+        return self.lengths[0]
 
-    def crop(self, length: int) -> None:
-        if not 0 <= length <= self.length:
-            raise ValueError(f"cannot crop a KV cache of length {self.length} to {length}")
-        self.length = length
+    def reset(self, rows: Sequence[int]) -> None:
+        """Empty these rows (their old keys and values are overwritten as new ones come)."""
+        for r in rows:
+            self.lengths[r] = 0
 
     def repeat(self, n: int, max_len: int | None = None) -> "KVCache":
         """A new cache with this batch-1 cache's contents repeated n times; room for max_len positions."""
@@ -144,8 +158,40 @@ class KVCache:
         new = KVCache(L, n, max_len, kv, d, self.k.device, self.k.dtype)
         new.k[:, :, :self.length] = self.k[:, :, :self.length]
         new.v[:, :, :self.length] = self.v[:, :, :self.length]
-        new.length = self.length
+        new.lengths = [self.length] * n
         return new
+
+
+class CacheStep:
+    """What one forward's attention layers see of a KVCache: batch row i writes its T new keys/values at positions
+    starts[i].. of cache row rows[i], and reads that row's first `span` positions (where rows differ in length,
+    the attention mask hides each row's positions past its own)."""
+
+    def __init__(self, cache: KVCache, rows: list[int], starts: list[int], n_new: int, device: torch.device):
+        self.cache, self.span, self.n_rows = cache, max(starts) + n_new, len(rows)
+        # Rows that are one contiguous block of the cache are read as a slice (no copy), else gathered; rows that
+        # all start at the same position are written as a slice, else scattered into the flattened cache.
+        self.block = rows[0] if rows == list(range(rows[0], rows[0] + len(rows))) else None
+        self.start = starts[0] if len(set(starts)) == 1 else None
+        self.rows = None if self.block is not None else torch.tensor(rows, device=device)
+        self.flat = None
+        if self.block is None or self.start is None:
+            max_len = cache.max_len
+            self.flat = torch.tensor([r * max_len + s + t for r, s in zip(rows, starts) for t in range(n_new)],
+                                     device=device)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ck, cv = self.cache.k[layer], self.cache.v[layer]
+        if self.flat is None:
+            rows, pos = slice(self.block, self.block + self.n_rows), slice(self.start, self.start + k.shape[1])
+            ck[rows, pos], cv[rows, pos] = k, v
+        else:
+            ck.view(-1, *ck.shape[2:]).index_copy_(0, self.flat, k.reshape(-1, *k.shape[2:]))
+            cv.view(-1, *cv.shape[2:]).index_copy_(0, self.flat, v.reshape(-1, *v.shape[2:]))
+        if self.block is not None:
+            end = self.block + self.n_rows
+            return ck[self.block:end, :self.span], cv[self.block:end, :self.span]
+        return ck[:, :self.span].index_select(0, self.rows), cv[:, :self.span].index_select(0, self.rows)
 
 
 class Attention(nn.Module):
@@ -157,7 +203,7 @@ class Attention(nn.Module):
         self.wo = Linear(config.n_heads * self.head_dim, config.dim, residual_std(config))
         self.use_fused = config.fused_kernels
 
-    def forward(self, x, rope, meta: attention.AttnMeta, cache: KVCache | None, layer: int) -> torch.Tensor:
+    def forward(self, x, rope, meta: attention.AttnMeta, cache: CacheStep | None, layer: int) -> torch.Tensor:
         B, T, _ = x.shape
         qkv = self.wqkv(x).view(B, T, self.n_heads + 2 * self.n_kv_heads, self.head_dim)
         qk, v = qkv.split([self.n_heads + self.n_kv_heads, self.n_kv_heads], dim=2)
@@ -319,36 +365,88 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, *,
                 position_ids: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
-                cache: KVCache | None = None, output_positions: torch.Tensor | None = None) -> torch.Tensor:
-        """Mean loss when targets are given, else float32 logits ([B, T, V], or [B, V] at output_positions)."""
+                cache: KVCache | None = None, cache_rows: Sequence[int] | None = None,
+                input_lengths: Sequence[int] | None = None,
+                output_positions: torch.Tensor | Sequence[int] | None = None) -> torch.Tensor:
+        """Mean loss when targets are given, else float32 logits ([B, T, V], or [B, V] at output_positions).
+
+        With a cache, tokens [B, T] continue the sequences in cache rows `cache_rows` (default: all its rows, in
+        order), each from its own length: its rotary angles, the positions its keys and values are written to and
+        the keys it attends to are its own. input_lengths: the real tokens of each row when rows are right-padded
+        to T (default T); a row's length grows by its own count, and the padding's keys, written past it, are
+        hidden by the mask until real tokens overwrite them.
+        """
         B, T = tokens.shape
-        offset = cache.length if cache is not None else 0
-        if offset + T > self.config.max_seq_len:
-            raise ValueError(f"sequence of {offset + T} tokens exceeds max_seq_len={self.config.max_seq_len}")
-        if cache is not None and offset + T > cache.max_len:
-            raise ValueError(f"KV cache holds {cache.max_len} positions, {offset + T} needed")
+        step, starts, counts = None, [0] * B, [T] * B
+        if cache is not None:
+            rows = list(range(len(cache.lengths))) if cache_rows is None else list(cache_rows)
+            if len(rows) != B:
+                raise ValueError(f"{B} rows of tokens for {len(rows)} cache rows")
+            starts = [cache.lengths[r] for r in rows]
+            if input_lengths is not None:
+                counts = list(input_lengths)
+                if len(counts) != B or not all(1 <= n <= T for n in counts):
+                    raise ValueError(f"input_lengths must be {B} counts in [1, {T}], got {counts}")
+            if max(starts) + T > cache.max_len:
+                raise ValueError(f"KV cache holds {cache.max_len} positions, {max(starts) + T} needed")
+        elif input_lengths is not None:
+            raise ValueError("input_lengths needs a cache")
+        if max(starts) + T > self.config.max_seq_len:  # padding included: the rotary table has max_seq_len rows
+            raise ValueError(f"sequence of {max(starts) + T} tokens exceeds max_seq_len={self.config.max_seq_len}")
+        ends = [s + n for s, n in zip(starts, counts)]
         h = self.tok_embeddings(tokens)
-        seq_len = offset + T
-        if self.config.rope_type == "dynamic" and position_ids is not None:
-            seq_len = int(position_ids.max()) + 1  # as transformers: the furthest position in the batch
-        cos, sin = self.rope(h.device, seq_len)
-        rope = (cos, sin, True) if position_ids is None else (cos[position_ids], sin[position_ids], False)
+        offset = starts[0] if len(set(starts)) == 1 else None  # None: rows at different positions
+        if position_ids is not None:
+            seq_len = int(position_ids.max()) + 1  # dynamic rope, as transformers: the furthest position in the batch
+            cos, sin = self.rope(h.device, seq_len)
+            rope = (cos[position_ids], sin[position_ids], False)
+        else:
+            rope = self._row_rope(h.device, starts, ends, T, offset)
         impl = attention.resolve(self.config.attn_impl, h.device, h.dtype)
-        meta = attention.AttnMeta.build(impl, B, T, offset, cu_seqlens, h.device)
+        if offset is not None:
+            meta = attention.AttnMeta.build(impl, B, T, offset, cu_seqlens, h.device)
+        else:  # each row's own causal mask over its own length, which only these two kernels take
+            positions = torch.tensor(starts, device=h.device)[:, None] + torch.arange(T, device=h.device)
+            keys = torch.arange(max(starts) + T, device=h.device)
+            mask = (keys[None, None, :] <= positions[:, :, None])[:, None]  # [B, 1, T, span]
+            meta = attention.AttnMeta(impl="eager" if impl == "eager" else "sdpa", offset=min(starts), mask=mask)
+        if cache is not None:
+            step = CacheStep(cache, rows, starts, T, h.device)
         recompute = self.config.activation_checkpointing and self.training and cache is None
         for i, layer in enumerate(self.layers):
             if recompute:
                 h = checkpoint(layer, h, rope, meta, use_reentrant=False)
             else:
-                h = layer(h, rope, meta, cache, i)
+                h = layer(h, rope, meta, step, i)
         if cache is not None:
-            cache.length += T
+            for r, end in zip(rows, ends):
+                cache.lengths[r] = end
         h = self.norm(h)
         if targets is not None:
             return self.output(h, targets)
         if output_positions is not None:
-            h = h[torch.arange(B, device=h.device), output_positions]
+            h = h[torch.arange(B, device=h.device), torch.as_tensor(output_positions, device=h.device)]
         return self.output(h)
+
+    def _row_rope(self, device: torch.device, starts: list[int], ends: list[int], T: int,
+                  offset: int | None) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """(cos, sin, contiguous) for rows whose T tokens start at `starts` and whose sequences then end at
+        `ends`: the table slice [offset, offset + T) when all rows share it, else per-row angles [B, T, D].
+
+        With rope_type dynamic the table depends on the sequence length: each row gets the table of its own
+        length, so a row's angles do not depend on what else is in the batch (a batched or continuously batched
+        sequence is rotated exactly as it would be alone)."""
+        lengths = [dynamic_length(self.config, end) for end in ends]
+        if len(set(lengths)) == 1:
+            cos, sin = self.rope(device, ends[0])
+            if offset is not None:
+                return cos, sin, True
+            positions = torch.tensor(starts, device=device)[:, None] + torch.arange(T, device=device)
+            return cos[positions], sin[positions], False
+        tables = {n: rope_table(self.config, device, n) for n in set(lengths)}
+        cos = torch.stack([tables[n][0][s:s + T] for n, s in zip(lengths, starts)])
+        sin = torch.stack([tables[n][1][s:s + T] for n, s in zip(lengths, starts)])
+        return cos, sin, False
 
     def new_cache(self, batch_size: int, max_len: int | None = None, device=None, dtype=None) -> KVCache:
         p = self.tok_embeddings.weight
@@ -356,26 +454,17 @@ class Transformer(nn.Module):
         return KVCache(c.n_layers, batch_size, max_len or c.max_seq_len, c.n_kv_heads, c.head_dim,
                        device or p.device, dtype or p.dtype)
 
-    @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
                  top_p: float | None = None, eos_id: int | None = None, use_cache: bool = True,
                  generator: torch.Generator | None = None) -> torch.Tensor:
-        """Continue idx [B, T]; greedy when temperature is 0. Rows stop (pad with eos) once they emit eos_id."""
-        total = min(idx.shape[1] + max_new_tokens, self.config.max_seq_len)
-        cache = self.new_cache(idx.shape[0], total) if use_cache else None
-        out, step_input = idx, idx
-        done = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
-        for _ in range(total - idx.shape[1]):
-            logits = self(step_input if use_cache else out, cache=cache)[:, -1]
-            nxt = sample(logits, temperature, top_k, top_p, generator)
-            if eos_id is not None:
-                nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
-                done |= nxt == eos_id
-            out = torch.cat([out, nxt[:, None]], dim=1)
-            step_input = nxt[:, None]
-            if eos_id is not None and bool(done.all()):
-                break
-        return out
+        """Continue idx [B, T]; greedy when temperature is 0. Rows stop (pad with eos) once they emit eos_id.
+
+        The decoding is model.generate.generate_ragged's (the one loop of every batch generation)."""
+        new = generate_ragged(self, idx.tolist(), max_new_tokens, eos_id, temperature, top_k, top_p, generator,
+                              keep_eos=True, use_cache=use_cache)
+        width = max(len(n) for n in new)  # rows shorter than the widest ended with eos_id
+        rows = [list(row) + n + [eos_id] * (width - len(n)) for row, n in zip(idx.tolist(), new)]
+        return torch.tensor(rows, dtype=idx.dtype, device=idx.device)
 
     @classmethod
     def from_hf(cls, path: str | Path, **overrides) -> "Transformer":
@@ -388,31 +477,3 @@ class Transformer(nn.Module):
         from .hf import save_hf
 
         return save_hf(self, out_dir, tokenizer_path, dtype)
-
-
-def greedy(logits: torch.Tensor) -> torch.Tensor:
-    """argmax over the last dimension (the first index among ties, as torch's argmax).
-
-    torch's CPU argmax reduces a [8, 32000] fp32 row block ~20x slower than numpy's (~460 us against ~18 us,
-    torch 2.13), which is a few percent of a small model's batched decode step, so CPU fp32 goes through numpy."""
-    if logits.device.type == "cpu" and logits.dtype == torch.float32 and not logits.requires_grad:
-        return torch.from_numpy(logits.contiguous().numpy().argmax(-1))
-    return logits.argmax(dim=-1)
-
-
-def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-           generator: torch.Generator | None = None) -> torch.Tensor:
-    """One token id per row of logits [B, V]."""
-    if temperature <= 0:
-        return greedy(logits)
-    logits = logits / temperature
-    if top_k is not None:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        cum = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
-        drop = cum - torch.softmax(sorted_logits, dim=-1) > top_p  # keep the smallest set reaching top_p
-        logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)

@@ -12,7 +12,7 @@ from fixtures_eval import eval_assets  # noqa: F401  (pytest fixture)
 
 from evaluation import judge
 from evaluation.backends import load
-from evaluation.generation import ChatTemplate, encode_prompts
+from evaluation.generation import encode_prompts, question_template
 from model import Transformer
 from model.generate import generate_ragged
 from tokenizer import Tokenizer
@@ -55,9 +55,10 @@ def test_chat_template_renders_as_transformers_does(tmp_path):
     hf = AutoTokenizer.from_pretrained(folder)
     messages = [{"role": "user", "content": "你好，世界"}]
     expected = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    ours = ChatTemplate(folder)
-    assert not ours.is_plain and ours.render("你好，世界") == expected == "<s><|user|>\n你好，世界\n<|assistant|>\n"
-    assert ChatTemplate(tmp_path).render("问") == "Human: 问\n\nAssistant:"
+    ours = question_template(folder, None)
+    assert not ours.is_fallback and ours.render(messages) == expected == "<s><|user|>\n你好，世界\n<|assistant|>\n"
+    # Without a template: the one Human/Assistant fallback (tokenizer/chat_template.py), with no special tokens known
+    assert question_template(tmp_path, None).render([{"role": "user", "content": "问"}]) == "Human: 问\nAssistant:"
 
 
 def test_chat_prompts_of_a_sentencepiece_tokenizer_get_special_token_ids(eval_assets, tmp_path):  # noqa: F811
@@ -67,16 +68,16 @@ def test_chat_prompts_of_a_sentencepiece_tokenizer_get_special_token_ids(eval_as
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({
         "bos_token": bos, "eos_token": eos,
         "chat_template": "{% for m in messages %}{{ bos_token }}[INST] {{ m['content'] }} [/INST]{% endfor %}"}))
-    template = ChatTemplate(tmp_path)
-    [ids] = encode_prompts(tok, template, ["法律 law"], bos=True)
+    template = question_template(tmp_path, tok)
+    [ids] = encode_prompts(tok, template, ["法律 law"])
     assert ids == [tok.bos_id] + tok.encode("[INST] 法律 law [/INST]")
 
 
 def test_batched_generation_equals_one_prompt_at_a_time(eval_assets):  # noqa: F811
     model = Transformer.from_hf(eval_assets["model"]).eval()
     tok = Tokenizer(eval_assets["tokenizer"])
-    prompts = encode_prompts(tok, ChatTemplate(Path("/nonexistent")), ["法律", "Which law of energy applies here?",
-                                                                         "考试数学物理化学", "A"], bos=True)
+    questions = ["法律", "Which law of energy applies here?", "考试数学物理化学", "A"]
+    prompts = encode_prompts(tok, question_template(Path("/nonexistent"), tok), questions)
     assert len({len(p) for p in prompts}) == 4  # ragged
     batched = generate_ragged(model, prompts, 12, eos_id=None)
     for p, got in zip(prompts, batched):
@@ -277,9 +278,10 @@ def test_generation_through_transformers_for_non_llama_models(eval_assets, tmp_p
     assert loaded.backend == "transformers"
     from evaluation.generation import GenerationConfig, generate_answers
 
-    records = generate_answers(loaded, ChatTemplate(folder), ["法律", "Which law applies here?"],
+    template = question_template(folder, loaded.tokenizer)
+    records = generate_answers(loaded, template, ["法律", "Which law applies here?"],
                                GenerationConfig(max_new_tokens=5, batch_size=2))
-    prompts = encode_prompts(loaded.tokenizer, ChatTemplate(folder), ["法律", "Which law applies here?"], True)
+    prompts = encode_prompts(loaded.tokenizer, template, ["法律", "Which law applies here?"])
     for p, r in zip(prompts, records):  # left padding in the batch changes nothing: each alone, greedy
         alone = loaded.model.generate(torch.tensor([p]), max_new_tokens=5, do_sample=False,
                                       suppress_tokens=list(range(600, 640)))[0, len(p):].tolist()

@@ -51,3 +51,19 @@ def test_generate_cli_bad_folder_is_one_line_error(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr and str(tmp_path) in proc.stderr
+
+
+def test_sampling_flags_give_one_settings_type_and_errors_name_the_flag():
+    import argparse
+
+    from model.generate import SamplingParams, add_sampling_args, sampling_from_args
+
+    p = argparse.ArgumentParser()
+    add_sampling_args(p, SamplingParams(max_tokens=7, top_p=0.9, seed=0), engine=True)
+    assert sampling_from_args(p.parse_args([])) == SamplingParams(max_tokens=7, top_p=0.9, seed=0)
+    got = sampling_from_args(p.parse_args(["--temperature", "0.5", "--stop", "a", "--stop", "b", "--top_k", "3"]))
+    assert (got.temperature, got.stop, got.top_k) == (0.5, ("a", "b"), 3)
+    with pytest.raises(ValueError, match=r"^--max_new_tokens must be a positive integer, got 0$"):
+        sampling_from_args(p.parse_args(["--max_new_tokens", "0"]))
+    with pytest.raises(ValueError, match=r"^--top_p must be in \(0, 1\], got 0.0$"):
+        sampling_from_args(p.parse_args(["--top_p", "0"]))

@@ -138,3 +138,16 @@ def test_chat_cli_streams_a_reply_and_errors_are_one_line(folder, tmp_path, monk
     except SystemExit as e:  # until inference/quantize.py is merged: a one-line error, afterwards the chat runs
         err = capsys.readouterr().err
         assert e.code == 1 and err.startswith("error: --quantize int8") and err.count("\n") == 1
+
+
+def test_one_fallback_template_for_every_stage(folder):
+    """A model without a template gets the same Human/Assistant template in chat/server, in evaluation's answers and
+    as fine-tuning's `plain` format."""
+    from evaluation.generation import question_template
+    from finetune.templates import get_template
+
+    base, _, _, tok = folder
+    chat, judged = load_chat_template(base, tok), question_template(base, tok)
+    assert chat.is_fallback and judged.is_fallback and judged.stop == chat.stop == FALLBACK_STOP
+    assert chat.source == judged.source == get_template("plain").jinja()
+    assert judged.render(MESSAGES) == chat.render(MESSAGES)

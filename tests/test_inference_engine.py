@@ -135,8 +135,8 @@ def test_packed_weights_decode_the_same_tokens(folder):
         pytest.skip("this torch build has no MKL packed sgemm")
     _, _, model, tok = folder
     assert Engine(copy.deepcopy(model), tok, slots=3).packed == []  # under MIN_WEIGHTS
-    packed = copy.deepcopy(model)
-    names = pack_linears(packed, rows=3, min_weights=0)
+    packed, names = pack_linears(model, rows=3, min_weights=0)
+    assert type(model.output) is not PackedLinear  # the model given is left as it was
     assert "output" in names and len(names) == 1 + 4 * model.config.n_layers  # head; wqkv, wo, w13, w2 per layer
     assert isinstance(packed.output, PackedLinear)
     plain, swapped = model.state_dict(), packed.state_dict()
@@ -151,3 +151,119 @@ def test_packed_weights_decode_the_same_tokens(folder):
     ours = run_all(Engine(packed, tok, slots=3, pack_weights=False), jobs)
     ref = run_all(Engine(model, tok, slots=3, pack_weights=False), jobs)
     assert [r.output_ids for r in ours] == [r.output_ids for r in ref]
+
+
+def test_engine_packs_its_own_copy_not_the_model_given(folder, monkeypatch):
+    """The engine packs linears in a copy of the model that shares its weights: the caller's model keeps its
+    modules (and can still compute a loss, which a packed head refuses)."""
+    import functools
+
+    import inference.engine as engine_module
+    from inference.packing import PackedLinear, available, pack_linears
+
+    if not available():
+        pytest.skip("this torch build has no MKL packed sgemm")
+    _, _, model, tok = folder
+    monkeypatch.setattr(engine_module, "pack_linears", functools.partial(pack_linears, min_weights=0))
+    before = {name: type(m) for name, m in model.named_modules()}
+    engine = Engine(model, tok, slots=3)
+    assert "output" in engine.packed and isinstance(engine.model.output, PackedLinear)
+    assert {name: type(m) for name, m in model.named_modules()} == before
+    assert engine.model.output.weight is model.output.weight  # shared, not copied
+    x = torch.tensor([tok.encode("the city of", bos=True)])
+    with torch.no_grad():
+        assert torch.isfinite(model(x[:, :-1], targets=x[:, 1:]))
+    ids = tok.encode(PROMPTS[0], bos=True)
+    ref = model.generate(torch.tensor([ids]), 12)[0, len(ids):].tolist()
+    out = run_all(engine, [(ids, SamplingParams(max_tokens=12, ignore_eos=True))])[0].output_ids
+    assert out == ref
+
+
+class _WatchedLock:
+    """The engine's Condition, reporting (through `wanted`) when the engine thread asks for it after `armed` is
+    set; everything else is delegated."""
+
+    def __init__(self, lock: threading.Condition, wanted: threading.Event):
+        self.lock, self.wanted, self.armed, self.engine_thread = lock, wanted, threading.Event(), None
+
+    def __enter__(self):
+        if self.armed.is_set() and threading.current_thread() is self.engine_thread:
+            self.wanted.set()
+        return self.lock.__enter__()
+
+    def __exit__(self, *exc):
+        return self.lock.__exit__(*exc)
+
+    def wait(self, timeout=None):
+        return self.lock.wait(timeout)
+
+    def notify(self, n=1):
+        self.lock.notify(n)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the injected fault
+def test_a_request_submitted_while_a_step_fails_is_finished_with_the_error(folder):
+    """A step fails while another thread is inside submit (it has checked that the engine has no error and not
+    yet queued its request). The failing engine must still finish that request with "error": it may not collect
+    the queue without the lock, or the request is queued after the engine looked and waits forever."""
+    _, _, model, tok = folder
+    ids = tok.encode("Order 12", bos=True)
+    in_submit, moved_on = threading.Event(), threading.Event()
+
+    class Faulty(Engine):
+        def free_slots(self):  # called by submit under the lock, after the engine's error was checked
+            if threading.current_thread().name == "late-submit":
+                in_submit.set()
+                # The engine fails meanwhile: it either finishes the requests it knows of (first's sink sets
+                # moved_on) or asks for the lock (the watched lock sets it). Either way submit goes on.
+                assert moved_on.wait(limit(60))
+            return super().free_slots()
+
+        def step(self):
+            assert in_submit.wait(limit(60))
+            self._lock.armed.set()
+            raise RuntimeError("injected fault")
+
+    engine = Faulty(model, tok, slots=1)
+    engine._lock = _WatchedLock(engine._lock, moved_on)
+    first = engine.submit(ids, SamplingParams(max_tokens=5),
+                          lambda e: e.finish_reason == "error" and moved_on.set())
+    late: list = []
+    submitter = threading.Thread(name="late-submit", target=lambda: late.append(
+        engine.submit(ids, SamplingParams(max_tokens=5), lambda e: None)))
+    engine.start()
+    engine._lock.engine_thread = engine._thread
+    submitter.start()
+    submitter.join(limit(60))
+    engine._thread.join(limit(60))
+    assert first.finish_reason == "error"
+    assert late and late[0].finish_reason == "error"  # without the lock in the error path: None, forever
+    with pytest.raises(RuntimeError, match="stopped after an error: injected fault"):
+        engine.submit(ids, SamplingParams(max_tokens=5), lambda e: None)
+
+
+@pytest.mark.slow  # ~40 s on 2 loaded cores: a dozen generations of 30 tokens
+def test_dynamic_rope_past_the_original_context_decodes_as_generate_alone(folder):
+    """rope_type dynamic: past the original context the rotary table depends on the sequence's length. The engine
+    (rows of different lengths in one step, joining at different times) and batch generation give each prompt
+    Transformer.generate's greedy tokens for that prompt alone, prompts longer than the original context too."""
+    import copy
+
+    from model.generate import generate_ragged
+
+    _, _, model, tok = folder
+    sharp = copy.deepcopy(model)
+    with torch.no_grad():  # sharper attention: the random model's tokens then depend on the rotary angles
+        for layer in sharp.layers:
+            layer.attention.wqkv.weight *= 4
+    dynamic = copy.deepcopy(sharp)
+    dynamic.set_rope(rope_type="dynamic", rope_factor=4.0, rope_original_max_seq_len=16, max_seq_len=64)
+    words = tok.encode(" ".join(PROMPTS), bos=True)
+    prompts = [words[:n] for n in (3, 9, 15, 17, 24)] + [tok.encode(p, bos=True) for p in PROMPTS[:2]]
+    assert max(map(len, prompts)) > 16
+    alone = [dynamic.generate(torch.tensor([p]), 30)[0, len(p):].tolist() for p in prompts]
+    default = [sharp.generate(torch.tensor([p]), 30)[0, len(p):].tolist() for p in prompts]
+    assert sum(a != b for a, b in zip(alone, default)) >= 5  # the scaling changes the tokens: this test sees it
+    assert generate_ragged(dynamic, prompts, 30) == alone
+    jobs = [(p, SamplingParams(max_tokens=30, ignore_eos=True)) for p in prompts]
+    assert [r.output_ids for r in run_all(Engine(dynamic, tok, slots=3), jobs)] == alone

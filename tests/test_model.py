@@ -158,6 +158,37 @@ def test_kv_cache_matches_full_forward(impl):
     assert (torch.cat(parts, dim=1) - full).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_cache_rows_at_different_lengths_continue_in_one_forward(impl):
+    """Continuous batching: rows of one KV cache, chosen in any order, prefilled right-padded (input_lengths) and then
+    continued at different lengths in one forward, each give the logits of their own sequence run alone."""
+    model = make(attn_impl=impl, n_kv_heads=2)
+    torch.manual_seed(0)
+    seqs = {2: torch.randint(0, 512, (5,)), 0: torch.randint(0, 512, (9,)), 3: torch.randint(0, 512, (3,))}
+    with torch.no_grad():
+        cache = model.new_cache(4, 16)
+        rows = list(seqs)
+        tokens = torch.zeros(3, 9, dtype=torch.long)  # padding after each row's tokens
+        for i, r in enumerate(rows):
+            tokens[i, :len(seqs[r])] = seqs[r]
+        lengths = [len(seqs[r]) for r in rows]
+        got = model(tokens, cache=cache, cache_rows=rows, input_lengths=lengths,
+                    output_positions=[n - 1 for n in lengths])
+        assert cache.lengths == [9, 0, 5, 3]
+        for i, r in enumerate(rows):
+            assert (got[i] - model(seqs[r][None])[0, -1]).abs().max() < 1e-5
+        for step in range(2):  # rows at lengths 3, 9, 5 (then one more each) in one forward
+            order = [3, 0, 2]
+            new = torch.randint(0, 512, (3, 1))
+            got = model(new, cache=cache, cache_rows=order)[:, -1]
+            for i, r in enumerate(order):
+                seqs[r] = torch.cat([seqs[r], new[i]])
+                assert (got[i] - model(seqs[r][None])[0, -1]).abs().max() < 1e-5
+    assert cache.lengths == [11, 0, 7, 5]
+    with pytest.raises(ValueError, match="different lengths"):
+        cache.length
+
+
 def test_cache_repeat_scores_continuations_of_a_shared_prefix():
     model = make()
     prefix, conts = torch.randint(0, 512, (1, 12)), torch.randint(0, 512, (3, 5))

@@ -9,15 +9,22 @@ sandboxed Jinja environment with trim_blocks/lstrip_blocks, the loop-control ext
 Encoding (`encode_chat`, `encode_rendered`) is what a transformers tokenizer does with the rendered text: the
 special tokens the template writes (BOS/EOS/UNK/PAD as text) become their ids and each run of text between them is
 encoded on its own. SentencePiece alone would spell "<s>" out as ordinary text.
+
+`ChatTemplate` is the one template type of every stage; `load_chat_template` finds a model's template, and a model
+without one gets FALLBACK: the `plain` format of fine-tuning (`Human: ... / Assistant: ...`, BELLE style), with
+FALLBACK_STOP as its stop string so that the model does not go on to write the next human turn itself.
 """
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import jinja2
 import jinja2.ext
@@ -25,6 +32,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from .tokenizer import Tokenizer
 
+ROLES = ("system", "user", "assistant")
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
 """The file a template is stored in beside a model (fine-tuning writes it into its run directory)."""
 
@@ -151,3 +159,157 @@ def encode_chat(source: str, tokenizer: Tokenizer, messages: Sequence[Mapping[st
         guarded.append({**m, "content": content})
     text = render_chat(source, guarded, specials, add_generation_prompt)
     return _encode_runs(tokenizer, text, {mark: p for p, mark in marks.items()})
+
+
+@dataclass(frozen=True)
+class ChatFormat:
+    """A chat format as strings; `{system}` and `{content}` are filled in. Fine-tuning encodes conversations with it
+    (finetune/templates.py) and stores its `jinja()` with the model, which a ChatTemplate then renders."""
+
+    name: str
+    user_format: str
+    """A user turn; `{system}` receives the rendered system text in the first turn and "" after it."""
+    assistant_cue: str
+    """Prompt text announcing the reply (e.g. "\\n\\n### Response:\\n"); not trained."""
+    assistant_prefix: str = ""
+    """Reply text before the content (e.g. the space after "ASSISTANT:"); trained like the reply."""
+    system_format: str = "{content}"
+    """How a system text is rendered into the first user turn."""
+    default_system: str = ""
+    """System text used when a conversation has none ("" for none)."""
+    separator: str = ""
+    """Text after a reply's EOS, before the next user turn."""
+    bos_each_turn: bool = False
+    """Start every turn with BOS, as LLaMA-2-chat does (otherwise only the conversation)."""
+    description: str = field(default="", compare=False)
+
+    def system_text(self, system: str | None) -> str:
+        system = self.default_system if system is None else system
+        return self.system_format.format(content=system) if system else ""
+
+    def prompt_text(self, user: str, system: str | None, first: bool) -> str:
+        """The prompt of one turn: separator (after the first), user turn, cue."""
+        head = "" if first else self.separator
+        return head + self.user_format.format(system=self.system_text(system) if first else "", content=user) \
+            + self.assistant_cue
+
+    def jinja(self) -> str:
+        """The Hugging Face chat_template equivalent to `encode` (a single line of Jinja)."""
+        q = lambda text: json.dumps(text)  # noqa: E731  (a Jinja string literal: same escapes as JSON)
+        pre, post = self.user_format.split("{content}")
+        sys_pre, sys_post = self.system_format.split("{content}")
+        user_pre, user_mid = pre.split("{system}") if "{system}" in pre else ("", pre)
+        if "{system}" not in pre:
+            raise ValueError(f"template {self.name}: user_format must contain {{system}} before {{content}}")
+        return "".join([
+            "{{- bos_token -}}",
+            "{%- if messages and messages[0]['role'] == 'system' -%}",
+            "{%- set system = messages[0]['content'] -%}{%- set turns = messages[1:] -%}",
+            "{%- else -%}",
+            f"{{%- set system = {q(self.default_system)} -%}}{{%- set turns = messages -%}}",
+            "{%- endif -%}",
+            "{%- for message in turns -%}",
+            "{%- if message['role'] == 'user' -%}",
+            "{%- if loop.first -%}",
+            "{%- if system -%}",
+            f"{{{{- {q(user_pre)} + {q(sys_pre)} + system + {q(sys_post)} + {q(user_mid)} -}}}}",
+            f"{{%- else -%}}{{{{- {q(user_pre)} + {q(user_mid)} -}}}}{{%- endif -%}}",
+            "{%- else -%}",
+            f"{{{{- {q(self.separator)} -}}}}",
+            "{%- if bos_each_turn -%}{{- bos_token -}}{%- endif -%}".replace(
+                "bos_each_turn", "true" if self.bos_each_turn else "false"),
+            f"{{{{- {q(user_pre)} + {q(user_mid)} -}}}}",
+            "{%- endif -%}",
+            f"{{{{- message['content'] + {q(post)} -}}}}",
+            f"{{%- if not loop.last or add_generation_prompt -%}}{{{{- {q(self.assistant_cue)} -}}}}{{%- endif -%}}",
+            "{%- elif message['role'] == 'assistant' -%}",
+            f"{{{{- {q(self.assistant_prefix)} + message['content'] + eos_token -}}}}",
+            "{%- endif -%}",
+            "{%- endfor -%}",
+        ])
+
+
+PLAIN = ChatFormat("plain", "{system}Human: {content}", "\nAssistant:", " ", "{content}\n\n", "", "\n",
+                   description="Human: ... Assistant: ... (BELLE / Chinese-LLaMA style); the fallback of models "
+                               "without a template")
+FALLBACK_TEMPLATE = PLAIN.jinja()
+FALLBACK_STOP = ("\nHuman:",)
+
+
+def check_messages(messages: Any) -> list[dict[str, str]]:
+    """`messages` as a list of {"role", "content"} dicts, or a ValueError saying which message is wrong.
+
+    As OpenAI's API allows, content may also be a list of text parts ([{"type": "text", "text": ...}]) and the
+    role "developer" stands for "system".
+    """
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...} objects")
+    out = []
+    for i, m in enumerate(messages):
+        content = m.get("content") if isinstance(m, dict) else None
+        if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
+                                             and isinstance(p.get("text"), str) for p in content):
+            content = "".join(p["text"] for p in content)
+        role = {"developer": "system"}.get(m.get("role"), m.get("role")) if isinstance(m, dict) else None
+        if not isinstance(content, str) or role not in ROLES:
+            raise ValueError(f"messages[{i}] must be an object with a role in {list(ROLES)} and a string content")
+        out.append({"role": role, "content": content})
+    return out
+
+
+@dataclass
+class ChatTemplate:
+    """A Jinja chat template with the special-token variables it is rendered with (bos_token, ...), and the
+    tokenizer that encodes it (our SentencePiece Tokenizer; None where only rendering is needed, e.g. for a
+    transformers tokenizer)."""
+
+    source: str
+    origin: str
+    """Where the template came from: a file, or "fallback"."""
+    specials: Mapping[str, str]
+    stop: tuple[str, ...] = ()
+    """Stop strings the template implies (the fallback's next "Human:" turn)."""
+    tokenizer: Tokenizer | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        try:
+            compile_template(self.source)
+        except jinja2.TemplateError as e:
+            raise ValueError(f"{self.origin}: the chat template does not compile: {e}") from None
+
+    @property
+    def is_fallback(self) -> bool:
+        return self.origin == "fallback"
+
+    @contextmanager
+    def _errors(self) -> Iterator[None]:
+        try:
+            yield
+        except jinja2.TemplateError as e:
+            raise ValueError(f"{self.origin}: chat template error: {e}") from None
+
+    def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        with self._errors():
+            return render_chat(self.source, check_messages(messages), self.specials, add_generation_prompt)
+
+    def encode(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of the rendered conversation: BOS/EOS/... strings the template writes become their ids.
+
+        The same strings inside a message stay text (sanitize_control_tokens, as transformers' option of that
+        name), so a user cannot end a turn early by typing "</s>".
+        """
+        if self.tokenizer is None:
+            raise ValueError(f"{self.origin}: this chat template has no tokenizer to encode with")
+        with self._errors():
+            return encode_chat(self.source, self.tokenizer, check_messages(messages), add_generation_prompt,
+                               sanitize_control_tokens=True)
+
+
+def load_chat_template(model_path: str | Path, tokenizer: Tokenizer | None = None,
+                       specials: Mapping[str, str] | None = None) -> ChatTemplate:
+    """The model's own template, else FALLBACK. Its special-token variables are the tokenizer's, else `specials`."""
+    specials = special_tokens(tokenizer) if tokenizer is not None else dict(specials or {})
+    found = find_chat_template(model_path)
+    if found is None:
+        return ChatTemplate(FALLBACK_TEMPLATE, "fallback", specials, FALLBACK_STOP, tokenizer)
+    return ChatTemplate(found[0], found[1], specials, (), tokenizer)
