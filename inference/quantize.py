@@ -53,7 +53,10 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from artifacts.open import check_device, default_device, default_dtype, load_model, load_tokenizer
+from artifacts.quant_formats import (FORMATS, check_known_quantization, is_compressed_tensors_dir,
+                                     load_compressed_tensors, native_marker, save_compressed_tensors)
 from common.cli import entry_point, parser as make_parser
+from common.errors import UserError
 from common.io import atomic_dir, check_output_dir, write_json
 from common.tensors import DTYPES, IGNORE_INDEX
 from model import Transformer
@@ -329,6 +332,8 @@ class QuantizationConfig:
     """Names of the quantized linear layers."""
     format_version: int = FORMAT_VERSION
     """Layout version of the folder; load_quantized refuses others."""
+    method: str = "rtn"
+    """How the codes were chosen: rtn (round to nearest) or gptq (calibrated, inference/calibration.py)."""
     int4_layout: str = "uint8 [out, in/2], even column in the high nibble; w = (q - 8) * scale + zero per group"
     """How the int4 tensors are stored (for readers other than this module)."""
     int8_layout: str = "int8 [out, in]; w = q * scale per output row"
@@ -371,21 +376,30 @@ def plan_group_sizes(model: Transformer, group_size: int | None, quantize_head: 
 
 @torch.no_grad()
 def quantize_model(model: Transformer, scheme: str, group_size: int | None = None,
-                   quantize_head: bool = False) -> Transformer:
+                   quantize_head: bool = False, calibration: torch.Tensor | None = None,
+                   symmetric: bool = False) -> Transformer:
     """Swap the model's linear layers for Int8Linear / Int4Linear in place (see the module docstring); returns it.
 
     The weights are quantized where they are (CPU or GPU) from their current values; the float weights are freed.
+    `calibration` (token ids [N, T]): GPTQ over them instead of round-to-nearest; `symmetric`: int4 on the
+    symmetric grid of compressed-tensors W4A16 checkpoints (both in inference/calibration.py).
     """
     check_scheme(scheme)
     sizes = plan_group_sizes(model, group_size, quantize_head) if scheme == "int4" else {}
     targets = _targets(model, quantize_head)
-    for name, linear in tqdm(targets, desc=f"quantizing to {scheme}", unit="layer", leave=False,
-                             disable=len(targets) < 50):
-        is_head = name == "output"
-        q = (Int8Linear.from_linear(linear, is_head) if scheme == "int8"
-             else Int4Linear.from_linear(linear, sizes[name], is_head))
-        _set_module(model, name, q)
-    model.quantization = QuantizationConfig(scheme, group_size, quantize_head, sizes, [n for n, _ in targets])
+    if calibration is not None or symmetric:
+        from inference.calibration import quantize_model_calibrated
+
+        quantize_model_calibrated(model, scheme, sizes, [n for n, _ in targets], calibration, symmetric)
+    else:
+        for name, linear in tqdm(targets, desc=f"quantizing to {scheme}", unit="layer", leave=False,
+                                 disable=len(targets) < 50):
+            is_head = name == "output"
+            q = (Int8Linear.from_linear(linear, is_head) if scheme == "int8"
+                 else Int4Linear.from_linear(linear, sizes[name], is_head))
+            _set_module(model, name, q)
+    model.quantization = QuantizationConfig(scheme, group_size, quantize_head, sizes, [n for n, _ in targets],
+                                            method="gptq" if calibration is not None else "rtn")
     return model
 
 
@@ -450,7 +464,8 @@ def save_quantized(model: Transformer, out_dir: str | Path, source: str | Path, 
         tok = Tokenizer(tokenizer_path)
         hf_config = config_to_hf(model.config, dtype, tok.bos_id if tok.bos_id >= 0 else None,
                                  tok.eos_id if tok.eos_id >= 0 else None, tok.pad_id if tok.pad_id >= 0 else None)
-        write_json(tmp / "config.json", hf_config)
+        # A quantization_config transformers refuses (it would otherwise load this folder as random weights).
+        write_json(tmp / "config.json", {**hf_config, "quantization_config": native_marker(qconfig.scheme)})
         write_json(tmp / QUANT_CONFIG, asdict(qconfig))
         _copy_tokenizer(Path(source), Path(tokenizer_path), tmp)
     return Path(out_dir)
@@ -524,6 +539,12 @@ def load_for_inference(path: str | Path, device: str | None = None, dtype: str |
     run directory, with a LoRA `adapter` merged in first) quantized on load when `quantize` is int8/int4, else as
     it is."""
     device = device or default_device()
+    check_known_quantization(path)
+    if is_compressed_tensors_dir(path):
+        if adapter is not None or (quantize is not None):
+            raise UserError(f"{path} is already quantized (compressed-tensors): --adapter/--quantize need the "
+                            "original float model")
+        return load_compressed_tensors(path, device, dtype)
     if is_quantized_dir(path):
         if adapter is not None:
             raise ValueError(f"{path} is already quantized: merge --adapter {adapter} into the float model first "
@@ -554,6 +575,36 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
 
 # --- command line ----------------------------------------------------------------------------------------------
 
+def add_calibration_args(p: argparse.ArgumentParser) -> None:
+    """--method, --calibration*, --format and --device of python -m inference.quantize."""
+    from inference.calibration import DEFAULT_SEQ_LEN, DEFAULT_SEQUENCES, METHODS
+
+    p.add_argument("--method", choices=METHODS, default="rtn",
+                   help="rtn: round to nearest (no data); gptq: second-order rounding calibrated on --calibration")
+    p.add_argument("--calibration", nargs="+", default=None, metavar="PATH",
+                   help="text files/folders/globs (.txt, .jsonl, .gz) for --method gptq (default: data/sample)")
+    p.add_argument("--calibration_sequences", type=int, default=DEFAULT_SEQUENCES,
+                   help=f"calibration sequences (default {DEFAULT_SEQUENCES})")
+    p.add_argument("--calibration_seq_len", type=int, default=DEFAULT_SEQ_LEN,
+                   help=f"tokens per calibration sequence (default {DEFAULT_SEQ_LEN}, at most the model's context)")
+    p.add_argument("--format", choices=FORMATS, default="native",
+                   help="native: this project's folder (quantization_config.json); compressed-tensors: the "
+                        "pack-quantized folder transformers and vLLM load (one group size for all layers)")
+    p.add_argument("--device", default=None, help="where to quantize (default: cuda if present, else cpu)")
+
+
+def calibration_from_args(args: argparse.Namespace, tokenizer: Tokenizer, max_seq_len: int) -> torch.Tensor | None:
+    """The calibration token windows of --method gptq (None for rtn)."""
+    from inference.calibration import DEFAULT_CALIBRATION, calibration_tokens
+
+    if args.method != "gptq":
+        if args.calibration is not None:
+            raise UserError("--calibration is used by --method gptq only; add --method gptq or drop it")
+        return None
+    return calibration_tokens(args.calibration or [DEFAULT_CALIBRATION], tokenizer, args.calibration_sequences,
+                              min(args.calibration_seq_len, max_seq_len))
+
+
 @entry_point
 def main(argv: list[str] | None = None) -> None:
     p = make_parser("python -m inference.quantize", __doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n")[1])
@@ -566,23 +617,48 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tokenizer", default=None, help="tokenizer.model (default: the one in --model)")
     p.add_argument("--tag", default=None, help="checkpoint tag of a training run directory (default: latest)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output_dir")
+    add_calibration_args(p)
     args = p.parse_args(argv)
-    check_scheme(args.scheme)
+    try:
+        check_scheme(args.scheme)
+    except ValueError as e:
+        raise UserError(str(e)) from None
     check_output_dir(args.output_dir, args.overwrite)
-    model = load_model(args.model, "cpu", "float32", tag=args.tag)
+    check_known_quantization(args.model)
+    if is_quantized_dir(args.model) or is_compressed_tensors_dir(args.model):
+        raise UserError(f"--model {args.model} is already quantized; quantize the original float model")
+    device = args.device or default_device()
+    model = load_model(args.model, device, "float32", tag=args.tag)
     tokenizer = load_tokenizer(args.model, args.tokenizer, model)
+    compressed = args.format != "native"
+    if args.scheme == "int4":
+        try:
+            sizes = set(plan_group_sizes(model, args.group_size, args.quantize_head).values())
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        if compressed and len(sizes) > 1:
+            raise UserError(f"--format {args.format} stores one group size for all layers; the per-layer default "
+                            f"gives {'/'.join(map(str, sorted(sizes)))} here: pass --group_size N dividing every "
+                            "layer's in_features")
+    tokens = calibration_from_args(args, tokenizer, model.config.max_seq_len)
     source_dtype = torch.float32
     if (Path(args.model) / "config.json").is_file():
         name = json.loads((Path(args.model) / "config.json").read_text()).get("dtype") or "float32"
         source_dtype = DTYPES.get(name, torch.float32)
     before = linear_weight_bytes(model, args.quantize_head)
-    quantize_model(model, args.scheme, args.group_size, args.quantize_head)
+    quantize_model(model, args.scheme, args.group_size, args.quantize_head, tokens, symmetric=compressed)
     after = linear_weight_bytes(model, args.quantize_head)
-    save_quantized(model, args.output_dir, args.model, tokenizer.path, source_dtype, args.overwrite)
+    if compressed:
+        save_compressed_tensors(model, args.output_dir, tokenizer.path,
+                                lambda tmp: _copy_tokenizer(Path(args.model), Path(tokenizer.path), tmp),
+                                source_dtype, args.overwrite)
+    else:
+        save_quantized(model, args.output_dir, args.model, tokenizer.path, source_dtype, args.overwrite)
     sizes = sorted(set(model.quantization.group_sizes.values()))
     extra = f", group size {'/'.join(map(str, sizes))}" if sizes else ""
     print(f"{args.scheme}{extra}: {len(model.quantization.layers)} linear layers, {before / 2**20:.2f} MiB (fp32) -> "
-          f"{after / 2**20:.2f} MiB ({after / before:.3f}x); wrote {args.output_dir}")
+          f"{after / 2**20:.2f} MiB ({after / before:.3f}x); wrote {args.output_dir} "
+          f"({args.method}, {args.format} format)")
 
 
 if __name__ == "__main__":
