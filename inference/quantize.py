@@ -2,6 +2,8 @@
 
     python -m inference.quantize --model runs/sample/train/hf --scheme int8 --output_dir out/int8
     python -m inference.quantize --model runs/sample/train/hf --scheme int4 --group_size 128 --output_dir out/int4
+    python -m inference.quantize --model M --scheme int4 --method gptq --calibration PATHS \
+        --format compressed-tensors --group_size 128 --output_dir out/int4-ct   # GPTQ; transformers/vLLM folder
 
 Schemes (weights only; activations stay in the model's float dtype):
 - int8: per output channel, symmetric. w ~= q * scale, q in [-127, 127], scale = max|w_row| / 127.

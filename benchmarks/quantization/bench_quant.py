@@ -240,7 +240,8 @@ def main() -> None:
         scheme, head, method = variant_args(name)
         seconds = None
         if method == "gptq" and calibration is None:
-            from inference.calibration import DEFAULT_CALIBRATION, DEFAULT_SEQ_LEN, DEFAULT_SEQUENCES, calibration_tokens
+            from inference.calibration import (DEFAULT_CALIBRATION, DEFAULT_SEQ_LEN, DEFAULT_SEQUENCES,
+                                               calibration_tokens)
 
             calibration = calibration_tokens(args.calibration or [DEFAULT_CALIBRATION], tokenizer,
                                              args.calibration_sequences or DEFAULT_SEQUENCES,
