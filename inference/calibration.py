@@ -75,15 +75,15 @@ class _Caught(Exception):
 
 
 def _block_inputs(model: Transformer, tokens: torch.Tensor, batch_size: int
-                  ) -> tuple[list[torch.Tensor], tuple, dict]:
-    """The first block's hidden-state inputs, one tensor per batch, and the other arguments it was called with
-    (rotary table, attention metadata: the same for every batch of the same shape)."""
+                  ) -> tuple[list[torch.Tensor], list[tuple[tuple, dict]]]:
+    """The first block's hidden-state inputs, one tensor per batch, and the other arguments each batch called it
+    with (rotary table, attention metadata), caught without running the rest of the model."""
     hidden: list[torch.Tensor] = []
-    rest: dict[str, tuple] = {}
+    rest: list[tuple[tuple, dict]] = []
 
     def catch(_module, args, kwargs):
         hidden.append(args[0])
-        rest["args"], rest["kwargs"] = args[1:], kwargs
+        rest.append((args[1:], kwargs))
         raise _Caught
 
     handle = model.layers[0].register_forward_pre_hook(catch, with_kwargs=True)
@@ -95,7 +95,7 @@ def _block_inputs(model: Transformer, tokens: torch.Tensor, batch_size: int
                 pass
     finally:
         handle.remove()
-    return hidden, rest["args"], rest["kwargs"]
+    return hidden, rest
 
 
 def int4_symmetric_grid(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -180,7 +180,7 @@ def quantize_model_calibrated(model: Transformer, scheme: str, group_sizes: dict
         return model
     device = next(model.parameters()).device
     tokens = tokens.to(device)
-    hidden, args, kwargs = _block_inputs(model, tokens, batch_size)
+    hidden, rest = _block_inputs(model, tokens, batch_size)
     swaps: dict[str, nn.Module] = {}
 
     def run_block(block: nn.Module, names: list[str], prefix: str) -> None:
@@ -191,7 +191,7 @@ def quantize_model_calibrated(model: Transformer, scheme: str, group_sizes: dict
         hooks = [block.get_submodule(n.removeprefix(prefix)).register_forward_hook(
             lambda _m, inp, _out, acc=accs[n]: acc.add(inp[0])) for n in names]
         try:
-            for h in hidden:
+            for h, (args, kwargs) in zip(hidden, rest):
                 block(h, *args, **kwargs)
         finally:
             for hook in hooks:
@@ -202,7 +202,7 @@ def quantize_model_calibrated(model: Transformer, scheme: str, group_sizes: dict
                                              symmetric, act_order, damp)
             linear.weight.data.copy_(deq.to(linear.weight.dtype))  # later layers see the rounded weights
         del accs
-        for i, h in enumerate(hidden):
+        for i, (h, (args, kwargs)) in enumerate(zip(hidden, rest)):
             hidden[i] = block(h, *args, **kwargs)
 
     bar = tqdm(range(len(model.layers)), desc=f"GPTQ {scheme}", unit="block", disable=not progress)

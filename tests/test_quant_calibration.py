@@ -51,7 +51,7 @@ def test_gptq_model_is_closer_to_fp32_than_round_to_nearest(folder):
 
     root, _, model, tok = folder
     windows = calibration_tokens([root / "corpus"], tok, 40, 48, seed=0)
-    calib, held_out = windows[:32], windows[32:]
+    calib, held_out = windows[:30], windows[32:]  # 30: the last batch of 8 is a short one
     with torch.no_grad():
         ref = model(held_out)
     # Measured when written: GPTQ's error / RTN's 0.65 (int4), 0.89 (int8: its rounding error is small already).
