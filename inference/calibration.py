@@ -37,7 +37,8 @@ METHODS = ("rtn", "gptq")
 def calibration_tokens(paths: Sequence[str | Path], tokenizer: Tokenizer, n_sequences: int = DEFAULT_SEQUENCES,
                        seq_len: int = DEFAULT_SEQ_LEN, seed: int = 0) -> torch.Tensor:
     """`n_sequences` windows of `seq_len` tokens [N, T] (int64), drawn without overlap from the documents of
-    `paths` (files, folders or globs of .txt/.jsonl[.gz]) joined into one token stream.
+    `paths` (files, folders or globs of .txt/.jsonl[.gz]) joined into one token stream: up to 4 x N x T tokens,
+    the same share from each file.
 
     A corpus with fewer than N x T tokens is an error (a smaller sample would calibrate on repeats)."""
     if n_sequences < 1 or seq_len < 2:
@@ -49,18 +50,18 @@ def calibration_tokens(paths: Sequence[str | Path], tokenizer: Tokenizer, n_sequ
     except ValueError as e:
         raise MissingFileError(f"--calibration: {e}; pass text files or folders (.txt, .jsonl, .gz)") from None
     need = n_sequences * seq_len
-    # Read up to 4x what is needed, so the windows come from across the corpus, not only its first file.
-    budget = 4 * need
+    # Read up to 4x what is needed, an equal share from each file, so that the windows come from every file (a
+    # mixed corpus: each language), not only from the first one.
+    share = -(-4 * need // len(files))
     stream: list[int] = []
     bos = tokenizer.bos_id >= 0
     eos = tokenizer.eos_id >= 0
     for file in files:
+        start = len(stream)
         for doc in iter_documents(file):
             stream.extend(tokenizer.encode(doc, bos=bos, eos=eos))
-            if len(stream) >= budget:
+            if len(stream) - start >= share:
                 break
-        if len(stream) >= budget:
-            break
     if len(stream) < need:
         raise UserError(f"--calibration {shown}: {len(stream)} tokens, fewer than the {n_sequences} x {seq_len} = "
                         f"{need} needed; add text or lower --calibration_sequences / --calibration_seq_len")

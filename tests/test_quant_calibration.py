@@ -47,13 +47,13 @@ def _logit_error(model, ref, ids):
 def test_gptq_model_is_closer_to_fp32_than_round_to_nearest(folder):
     """The GPTQ model's logits are closer to the float model's than round-to-nearest's on the same grid: on the
     calibration windows (what GPTQ minimises, layer by layer) for int4 and int8, and for int4 on held-out windows
-    of the same text too. Measured when written (error / RTN's): calibration 0.44 (int4), 0.41 (int8); held-out
-    0.71 (int4), 0.99 (int8: its rounding error is tiny already, the gain does not carry over on this random
-    model, so it is not asserted)."""
+    of the same text too. Measured when written (error / RTN's): calibration 0.42 (int4), 0.42 (int8); held-out
+    0.83 (int4), 0.96 (int8: its rounding error is tiny already and on this random tiny model the gain hardly
+    carries over to other text, so it is not asserted; trained models: benchmarks/quantization.md)."""
     import copy
 
     root, _, model, tok = folder
-    windows = calibration_tokens([root / "corpus"], tok, 40, 48, seed=0)
+    windows = calibration_tokens([root / "corpus"], tok, 40, 96, seed=0)
     calib, held_out = windows[:30], windows[32:]  # 30: the last batch of 8 is a short one
     for scheme in ("int4", "int8"):
         rtn = quantize_model(copy.deepcopy(model), scheme, 32)
@@ -63,7 +63,7 @@ def test_gptq_model_is_closer_to_fp32_than_round_to_nearest(folder):
                 if hasattr(layer, "path"):
                     layer.path = "reference"  # fp32 dequantized weights: the rounding alone is compared
         assert gptq.quantization.method == "gptq" and rtn.quantization.method == "rtn"
-        checks = [(calib, 0.6)] + ([(held_out, 0.85)] if scheme == "int4" else [])
+        checks = [(calib, 0.6)] + ([(held_out, 0.95)] if scheme == "int4" else [])
         for ids, bound in checks:
             with torch.no_grad():
                 ref = model(ids)
