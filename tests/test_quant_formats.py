@@ -126,3 +126,22 @@ def test_compressed_tensors_needs_one_group_size(folder, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "does not divide in_features 64 of layer layers.0.attention.wqkv" in err[0]
     assert not (tmp_path / "o").exists()
+
+
+def test_our_commands_open_a_compressed_tensors_folder(folder, tmp_path, capsys):
+    """INT8 has the same grid in both formats (symmetric, per row): the compressed-tensors folder and our native
+    one hold the same codes and scales, so `inference.generate` gives the same greedy text from either."""
+    from inference import generate
+
+    _, path, _, _ = folder
+    _quantize(path, tmp_path / "native", "--scheme", "int8")
+    _quantize(path, tmp_path / "ct", "--scheme", "int8", "--format", "compressed-tensors")
+    capsys.readouterr()
+    texts = []
+    for model in (tmp_path / "native", tmp_path / "ct"):
+        generate.main(["--model", str(model), "--prompt", "hello", "--max_new_tokens", "8"])
+        texts.append(capsys.readouterr().out)
+    assert texts[0] == texts[1] and texts[0].strip()
+    with pytest.raises(SystemExit):
+        generate.main(["--model", str(tmp_path / "ct"), "--prompt", "hello", "--quantize", "int4"])
+    assert "already quantized (compressed-tensors)" in capsys.readouterr().err
