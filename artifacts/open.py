@@ -28,6 +28,7 @@ from model.quant import DEFAULT_GROUP_SIZE, SCHEMES, check_scheme, quantize_mode
 from tokenizer import Tokenizer
 
 from .devices import check_device, default_device, default_dtype
+from .quant_formats import check_known_quantization
 from .quantized import quantized_format
 from .run_dir import consolidated_state_dict, is_run_dir, load_checkpoint_model, resolve_tag
 
@@ -129,6 +130,8 @@ def open_model(path: str | Path, device: str | None = None, dtype: str | None = 
         raise UserError(f"--dtype {dtype!r} is not one of {', '.join(sorted(DTYPES))}")
     values = _runtime(runtime)
     fmt = quantized_format(path)
+    if fmt is None:
+        check_known_quantization(path)  # quantized by a tool none of FORMATS reads: one line, not random weights
     if fmt is not None:
         what = fmt.describe(path)
         if needs_float:
@@ -142,8 +145,8 @@ def open_model(path: str | Path, device: str | None = None, dtype: str | None = 
         model = fmt.load(path, device, dtype, values)
         scheme = getattr(getattr(model, "quantization", None), "scheme", None)
         if quantize is not None and quantize != scheme:
-            raise UserError(f"{path} is already quantized to {scheme}; --quantize {quantize} needs the original "
-                            "float model")
+            raise UserError(f"{path} is {what}, already quantized to {scheme}; --quantize {quantize} needs the "
+                            "original float model")
         return model
     adapters = [] if adapter is None else [adapter] if isinstance(adapter, (str, Path)) else list(adapter)
     if quantize is not None:

@@ -5,8 +5,9 @@ quantization_config.json (model.quant.QuantizationConfig: scheme, group sizes, l
 codes, scales, zeros and the unquantized tensors under our own parameter names, INT4 in the portable layout) and the
 tokenizer files.
 
-Another quantized layout (e.g. a compressed-tensors / GPTQ folder, recognised by config.json's
-`quantization_config`) plugs in by adding one QuantizedFormat to FORMATS: `detect(path)` says whether a folder is in
+The compressed-tensors pack-quantized layout (artifacts/quant_formats.py: what transformers and vLLM load) is the
+second entry of FORMATS. Another layout (e.g. a GPTQ folder, recognised by config.json's `quantization_config`)
+plugs in by adding one QuantizedFormat to FORMATS: `detect(path)` says whether a folder is in
 that format, `describe(path)` names it in one phrase (for refusals), `load(path, device, dtype)` returns the
 Transformer ready to run. artifacts.open.open_model then opens it for every command.
 """
@@ -32,6 +33,7 @@ from model.quant import (FORMAT_VERSION, Int4Linear, Int8Linear, QuantizationCon
 from tokenizer import Tokenizer
 
 from .devices import check_device, default_dtype
+from .quant_formats import is_compressed_tensors_dir, load_compressed_tensors, native_marker
 
 QUANT_CONFIG = "quantization_config.json"
 WEIGHTS = "model.safetensors"
@@ -44,7 +46,7 @@ def is_quantized_dir(path: str | Path) -> bool:
     return (Path(path) / QUANT_CONFIG).is_file()
 
 
-def _copy_tokenizer(source: Path, tokenizer_path: Path, out: Path) -> None:
+def copy_tokenizer_files(source: Path, tokenizer_path: Path, out: Path) -> None:
     """The source folder's tokenizer files (tokenizer_config.json keeps a chat template), else ones made from
     tokenizer.model."""
     copied = False
@@ -85,9 +87,10 @@ def save_quantized(model: Transformer, out_dir: str | Path, source: str | Path, 
         tok = Tokenizer(tokenizer_path)
         hf_config = config_to_hf(model.config, dtype, tok.bos_id if tok.bos_id >= 0 else None,
                                  tok.eos_id if tok.eos_id >= 0 else None, tok.pad_id if tok.pad_id >= 0 else None)
-        write_json(tmp / "config.json", hf_config)
+        # A quantization_config transformers refuses (it would otherwise load this folder as random weights).
+        write_json(tmp / "config.json", {**hf_config, "quantization_config": native_marker(qconfig.scheme)})
         write_json(tmp / QUANT_CONFIG, asdict(qconfig))
-        _copy_tokenizer(Path(source), Path(tokenizer_path), tmp)
+        copy_tokenizer_files(Path(source), Path(tokenizer_path), tmp)
     return Path(out_dir)
 
 
@@ -178,8 +181,14 @@ class QuantizedFormat:
     """load(path, device, dtype, config_overrides) -> Transformer in eval mode, ready to run."""
 
 
+def describe_compressed_tensors(path: str | Path) -> str:
+    return "a compressed-tensors pack-quantized folder"
+
+
 FORMATS: list[QuantizedFormat] = [
     QuantizedFormat("inference.quantize", is_quantized_dir, describe_quantized, load_quantized),
+    QuantizedFormat("compressed-tensors", is_compressed_tensors_dir, describe_compressed_tensors,
+                    load_compressed_tensors),
 ]
 """Every quantized folder layout the opener recognises, tried in order."""
 

@@ -6,7 +6,8 @@ llm-compressor needs transformers 5.17), and the algorithm is a few dozen lines 
 The grid (scales, zeros) is an input, fixed per group before rounding ("static groups"): with act-order the columns are
 visited in decreasing Hessian-diagonal order, but each column keeps the grid of the group it sits in, so the result is
 the same contiguous group layout as round-to-nearest (no g_idx) and every INT4 kernel and reader takes it unchanged.
-Grid convention (the one of model.quant.quantize_int4): w ~= (q - 8) * scale + zero, q in [0, 15].
+Grid conventions: INT4 (model.quant.quantize_int4) w ~= (q - 8) * scale + zero, q in [0, 15]; INT8
+(quantize_int8) w ~= q * scale per output row, q in [-127, 127].
 """
 from __future__ import annotations
 
@@ -30,9 +31,11 @@ class HessianAccumulator:
         self.hessian += x.t() @ x
 
 
-def gptq_int4(weight: torch.Tensor, hessian: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-              group_size: int, act_order: bool = True, damp: float = 0.01, block_size: int = 128) -> torch.Tensor:
-    """Codes uint8 [N, K] in [0, 15] for `weight` [N, K] on the grid (scales, zeros) [N, K/group_size].
+def gptq_round(weight: torch.Tensor, hessian: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+               group_size: int, qmin: int, qmax: int, offset: int, act_order: bool = True, damp: float = 0.01,
+               block_size: int = 128) -> torch.Tensor:
+    """Integer codes (int32 [N, K], in [qmin, qmax]) for `weight` [N, K] on the grid w ~= (q - offset) * s + z,
+    (scales, zeros) [N, K/group_size] fixed per group.
 
     Each column is rounded, and its rounding error is pushed onto the columns not yet rounded through the inverse
     Hessian, which minimises ||X W^T - X Q^T|| for the calibration inputs X rather than ||W - Q||.
@@ -54,7 +57,7 @@ def gptq_int4(weight: torch.Tensor, hessian: torch.Tensor, scales: torch.Tensor,
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     group_of = perm // group_size  # the (original) group of each visited column
     scales, zeros = scales.float(), zeros.float()
-    codes = torch.empty(n, k, dtype=torch.uint8, device=w.device)
+    codes = torch.empty(n, k, dtype=torch.int32, device=w.device)
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
         w1, hinv1 = w[:, i1:i2].clone(), hinv[i1:i2, i1:i2]
@@ -63,10 +66,25 @@ def gptq_int4(weight: torch.Tensor, hessian: torch.Tensor, scales: torch.Tensor,
             col = w1[:, i]
             g = group_of[i1 + i]
             s, z = scales[:, g], zeros[:, g]
-            q = torch.round((col - z) / s + 8).clamp(0, 15)
-            codes[:, perm[i1 + i]] = q.to(torch.uint8)
-            e = (col - ((q - 8) * s + z)) / hinv1[i, i]
+            q = torch.round((col - z) / s + offset).clamp(qmin, qmax)
+            codes[:, perm[i1 + i]] = q.to(torch.int32)
+            e = (col - ((q - offset) * s + z)) / hinv1[i, i]
             w1[:, i:] -= e[:, None] * hinv1[i, i:][None, :]
             err1[:, i] = e
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
     return codes
+
+
+def gptq_int4(weight: torch.Tensor, hessian: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+              group_size: int, act_order: bool = True, damp: float = 0.01, block_size: int = 128) -> torch.Tensor:
+    """Codes uint8 [N, K] in [0, 15] for `weight` [N, K] on the INT4 grid (scales, zeros) [N, K/group_size]."""
+    return gptq_round(weight, hessian, scales, zeros, group_size, 0, 15, 8, act_order, damp,
+                      block_size).to(torch.uint8)
+
+
+def gptq_int8(weight: torch.Tensor, hessian: torch.Tensor, scales: torch.Tensor, act_order: bool = True,
+              damp: float = 0.01, block_size: int = 128) -> torch.Tensor:
+    """Codes int8 [N, K] in [-127, 127] for `weight` [N, K] on the symmetric per-row grid w ~= q * scales[:, None]."""
+    s = scales.float().reshape(-1, 1)
+    return gptq_round(weight, hessian, s, torch.zeros_like(s), weight.shape[1], -127, 127, 0, act_order, damp,
+                      block_size).to(torch.int8)

@@ -316,6 +316,8 @@ class QuantizationConfig:
     """Names of the quantized linear layers."""
     format_version: int = FORMAT_VERSION
     """Layout version of the folder; load_quantized refuses others."""
+    method: str = "rtn"
+    """How the codes were chosen: rtn (round to nearest) or gptq (calibrated, inference/calibration.py)."""
     int4_layout: str = "uint8 [out, in/2], even column in the high nibble; w = (q - 8) * scale + zero per group"
     """How the int4 tensors are stored (for readers other than this module)."""
     int8_layout: str = "int8 [out, in]; w = q * scale per output row"
@@ -328,7 +330,7 @@ def check_scheme(scheme: str) -> str:
     return scheme
 
 
-def _targets(model: Transformer, quantize_head: bool) -> list[tuple[str, nn.Linear]]:
+def quantization_targets(model: Transformer, quantize_head: bool) -> list[tuple[str, nn.Linear]]:
     """The linear layers to quantize: all but the embedding (not a Linear) and, unless asked, the output head."""
     return [(name, m) for name, m in model.named_modules()
             if isinstance(m, nn.Linear) and (quantize_head or name != "output")]
@@ -345,7 +347,7 @@ def plan_group_sizes(model: Transformer, group_size: int | None, quantize_head: 
     if group_size is not None and (group_size < 2 or group_size % 2):
         raise UserError(f"--group_size must be an even number >= 2, got {group_size}")
     sizes = {}
-    for name, linear in _targets(model, quantize_head):
+    for name, linear in quantization_targets(model, quantize_head):
         g = auto_group_size(linear.in_features, group_size)
         if linear.in_features % g:
             divisors = [d for d in KERNEL_GROUP_SIZES if linear.in_features % d == 0]
@@ -367,7 +369,7 @@ def quantize_model(model: Transformer, scheme: str, group_size: int | None = Non
     """
     check_scheme(scheme)
     sizes = plan_group_sizes(model, group_size, quantize_head) if scheme == "int4" else {}
-    targets = _targets(model, quantize_head)
+    targets = quantization_targets(model, quantize_head)
     for name, linear in tqdm(targets, desc=f"quantizing to {scheme}", unit="layer", leave=False,
                              disable=len(targets) < 50):
         is_head = name == "output"

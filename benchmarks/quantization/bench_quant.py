@@ -3,7 +3,8 @@
     python benchmarks/quantization/bench_quant.py --model runs/sample/train/hf --data_dir runs/sample/data \
         --out runs/quantbench/sample
 
-For each variant (fp32, int8, int4 and, with --with_head, int8/int4 with the output head quantized too):
+For each variant (fp32, bf16, int8, int4, int8+head / int4+head with the output head quantized too, and
+int4-gptq / int8-gptq: GPTQ calibrated on --calibration, inference/calibration.py):
 - linear weight bytes (the quantized layers: every linear but the embedding and the head; with the head as well
   for the +head variants) and the bytes of the whole model;
 - peak resident memory (ru_maxrss) of a fresh process that loads the variant (a saved quantized folder, loaded
@@ -41,12 +42,14 @@ from artifacts.quantized import save_quantized  # noqa: E402
 from model.quant import linear_weight_bytes, quantize_model  # noqa: E402
 
 
-def variant_args(name: str) -> tuple[str | None, bool]:
-    """(scheme, quantize_head) of a variant name: fp32, bf16 (the float model in bf16), int8, int4, int8+head..."""
+def variant_args(name: str) -> tuple[str | None, bool, str]:
+    """(scheme, quantize_head, method) of a variant name: fp32, bf16 (the float model in bf16), int8, int4,
+    int8+head, int4-gptq, int4-gptq+head..."""
     if name in ("fp32", "bf16"):
-        return None, False
+        return None, False, "rtn"
     scheme, _, head = name.partition("+")
-    return scheme, head == "head"
+    scheme, _, method = scheme.partition("-")
+    return scheme, head == "head", method or "rtn"
 
 
 # --- the per-variant worker process: memory and speed ----------------------------------------------------------
@@ -109,8 +112,13 @@ def perplexity(model, tokens: np.ndarray, window: int) -> float:
 
 
 @torch.inference_mode()
-def greedy(model, prompt: torch.Tensor, n: int) -> list[int]:
-    return model.generate(prompt[None], n)[0, len(prompt):].tolist()
+def greedy(model, prompts: list[torch.Tensor], n: int, batch: int = 16) -> list[list[int]]:
+    """n greedy tokens after each prompt (all of one length), `batch` prompts decoded together."""
+    out = []
+    for i in range(0, len(prompts), batch):
+        block = torch.stack(prompts[i:i + batch])
+        out += model.generate(block, n)[:, block.shape[1]:].tolist()
+    return out
 
 
 def identical_prefix(a: list[int], b: list[int]) -> int:
@@ -172,6 +180,10 @@ def main() -> None:
     p.add_argument("--new_tokens", type=int, default=128)
     p.add_argument("--prompt_len", type=int, default=16)
     p.add_argument("--prompts", type=int, default=16)
+    p.add_argument("--greedy_tokens", type=int, default=64, help="greedy tokens per prompt compared with fp32")
+    p.add_argument("--calibration", nargs="+", default=None, help="text for the -gptq variants (default data/sample)")
+    p.add_argument("--calibration_sequences", type=int, default=None)
+    p.add_argument("--calibration_seq_len", type=int, default=None)
     p.add_argument("--mmlu_dir")
     p.add_argument("--mmlu_subjects", nargs="*", default=[])
     p.add_argument("--ceval_dir")
@@ -218,19 +230,40 @@ def main() -> None:
     ref_greedy = None
     ref_letters: dict[str, list[int]] = {}
     results = {"model": args.model, "threads": torch.get_num_threads(), "torch": torch.__version__,
-               "new_tokens": args.new_tokens, "heldout_tokens": int(len(heldout)), "variants": {}}
+               "new_tokens": args.new_tokens, "heldout_tokens": int(len(heldout)),
+               "greedy_tokens": args.greedy_tokens, "variants": {}}
     fp32_bytes = linear_weight_bytes(ref_model)
     fp32_bytes_head = linear_weight_bytes(ref_model, include_head=True)
     paths: dict[str, Path] = {}
+    calibration = None
     for name in args.variants:
         print(f"== {name}", flush=True)
-        scheme, head = variant_args(name)
+        scheme, head, method = variant_args(name)
+        seconds = None
+        if method == "gptq" and calibration is None:
+            from inference.calibration import (DEFAULT_CALIBRATION, DEFAULT_SEQ_LEN, DEFAULT_SEQUENCES,
+                                               calibration_tokens)
+
+            calibration = calibration_tokens(args.calibration or [DEFAULT_CALIBRATION], tokenizer,
+                                             args.calibration_sequences or DEFAULT_SEQUENCES,
+                                             min(args.calibration_seq_len or DEFAULT_SEQ_LEN,
+                                                 ref_model.config.max_seq_len))
+            results["calibration"] = {"paths": [str(c) for c in args.calibration or [DEFAULT_CALIBRATION]],
+                                      "sequences": calibration.shape[0], "seq_len": calibration.shape[1]}
         if name == "bf16":
             model, path = open_model(args.model, "cpu", "bfloat16"), Path(args.model)
         elif scheme is None:
             model, path = ref_model, Path(args.model)
         else:
-            model = quantize_model(open_model(args.model, "cpu", "float32"), scheme, args.group_size, head, pack=False)
+            start = time.perf_counter()
+            float_model = open_model(args.model, "cpu", "float32")
+            if method == "gptq":
+                from inference.calibration import quantize_model_gptq
+
+                model = quantize_model_gptq(float_model, scheme, args.group_size, head, calibration)
+            else:
+                model = quantize_model(float_model, scheme, args.group_size, head, pack=False)
+            seconds = time.perf_counter() - start
             path = out / name.replace("+", "_")
             save_quantized(model, path, args.model, tokenizer.path, overwrite=True)
         row = {"linear_bytes": linear_weight_bytes(model, include_head=head),
@@ -239,6 +272,7 @@ def main() -> None:
                "group_sizes": sorted(set(getattr(model, "quantization", None).group_sizes.values()))
                if scheme == "int4" else None}
         row["linear_ratio"] = row["linear_bytes"] / row["linear_bytes_fp32"]
+        row["quantize_seconds"] = seconds
         paths[name] = path
         if not quality:
             results["variants"][name] = row
@@ -246,7 +280,7 @@ def main() -> None:
         row["ppl_heldout"] = perplexity(model, heldout, window)
         if text_tokens is not None:
             row["ppl_text"] = perplexity(model, text_tokens, window)
-        outs = [greedy(model, pr, 64) for pr in prompts]
+        outs = greedy(model, prompts, args.greedy_tokens)
         if ref_greedy is None:
             ref_greedy = outs
         row["greedy_identical_prefix"] = [identical_prefix(a, b) for a, b in zip(outs, ref_greedy)]
@@ -276,7 +310,8 @@ def markdown(results_file: str) -> str:
             b = v.get(key)
             return f"{b['accuracy']:.3f} ({b['same_as_fp32']:.0%}, n={b['questions']})" if b else "-"
         greedy_same = v.get("greedy_identical_prefix")
-        g = (f"{np.mean(greedy_same):.1f}/64 mean, {sum(x == 64 for x in greedy_same)}/{len(greedy_same)} all 64"
+        n = r.get("greedy_tokens", 64)
+        g = (f"{np.mean(greedy_same):.1f}/{n} mean, {sum(x == n for x in greedy_same)}/{len(greedy_same)} all {n}"
              if greedy_same else "-")
         gs = f", g={'/'.join(map(str, v['group_sizes']))}" if v.get("group_sizes") else ""
         rows.append(f"| {name}{gs} | {v['linear_bytes'] / 2**20:.2f} ({v['linear_ratio']:.3f}x) "
