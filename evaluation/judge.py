@@ -44,7 +44,8 @@ from tqdm import tqdm
 
 from artifacts.open import check_device, default_device, default_dtype
 from common.cli import parser as make_parser
-from common.cli import add_dataclass_args, dataclass_from_args, run_main
+from common.cli import run_main
+from common.reflect import add_dataclass_args, dataclass_from_args
 from common.io import check_output_dir, write_json, write_text
 from common.tensors import DTYPES
 from inference.quantize import add_quantize_args

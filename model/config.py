@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 ATTN_IMPLS = ("auto", "eager", "sdpa", "flash", "xformers", "flex")
+RUNTIME_MODEL_FIELDS = ("attn_impl", "activation_checkpointing", "fused_kernels")
+"""ModelConfig fields that change how the model runs, not its weights: they may differ when resuming or loading."""
 
 
 @dataclass

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from common import cli
+from common import cli, reflect
 from common.cli import entry_point
 from common.io import atomic_write, write_json
 from pretrain.shards import (FORMAT_VERSION, MANIFEST, SPLITS, STATE, STREAM_START, TOKENIZER_COPY,
@@ -365,11 +365,11 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
 @entry_point
 def main(argv: Sequence[str] | None = None) -> None:
     p = cli.parser("python -m pretrain.prepare_data", __doc__.split("\n\n")[0])
-    cli.add_dataclass_args(p, PrepareConfig, required=("tokenizer", "inputs", "output_dir"),
+    reflect.add_dataclass_args(p, PrepareConfig, required=("tokenizer", "inputs", "output_dir"),
                            rename={"inputs": "input"})
     args = p.parse_args(argv)
     try:
-        prepare(cli.dataclass_from_args(PrepareConfig, args))
+        prepare(reflect.dataclass_from_args(PrepareConfig, args))
     except KeyboardInterrupt:
         print("interrupted: finished shards are kept; rerun the same command to resume", file=sys.stderr)
         raise SystemExit(130) from None

@@ -13,7 +13,8 @@ from typing import Literal
 
 import pytest
 
-from common import cli
+from common import cli, reflect
+from common.errors import MissingFileError, UserError
 from common.io import atomic_dir, atomic_write, check_output_dir, write_json
 from fixtures_time import limit
 from pretrain import preflight
@@ -99,10 +100,10 @@ class Example:
 
 def test_flags_generated_from_a_dataclass():
     p = cli.parser("prog", "test")
-    cli.add_dataclass_args(p, Example, required=("inputs",), rename={"inputs": "input"})
+    reflect.add_dataclass_args(p, Example, required=("inputs",), rename={"inputs": "input"})
     args = p.parse_args(["--input", "a", "b", "--no_flag", "--mode", "b", "--limit", "3"])
-    assert cli.dataclass_from_args(Example, args) == Example(["a", "b"], "x", False, "b", 3)
-    assert cli.dataclass_from_args(Example, p.parse_args(["--input", "a"])) == Example(["a"])
+    assert reflect.dataclass_from_args(Example, args) == Example(["a", "b"], "x", False, "b", 3)
+    assert reflect.dataclass_from_args(Example, p.parse_args(["--input", "a"])) == Example(["a"])
     help_text = p.format_help()
     assert "Files to read." in help_text and "On by default. (default: True)" in help_text
     assert "(default: x)" in help_text and "--flag, --no_flag" in help_text
@@ -111,18 +112,25 @@ def test_flags_generated_from_a_dataclass():
 
 
 def test_expected_errors_are_one_line_and_bugs_keep_their_traceback(capsys):
+    # Only the user-error type is "expected" (issue 20): the same file-not-found is one line when raised as the
+    # user's mistake, and keeps its traceback when raised by Python itself (it may be a bug or a transient failure).
     @cli.entry_point
     def bad_input() -> None:
-        raise FileNotFoundError("data/x: no such file; pass --data_dir")
+        raise MissingFileError("data/x: no such file; pass --data_dir")
 
     with pytest.raises(SystemExit) as e:
         bad_input()
     # The line goes to stderr once, the status is 1, and the exception's text is the line (for callers that catch it).
     assert e.value.code == 1 and str(e.value) == "error: data/x: no such file; pass --data_dir"
     assert capsys.readouterr().err == "error: data/x: no such file; pass --data_dir\n"
-    result = subprocess.run([sys.executable, "-c", "from common import cli\ncli.run_main(open, 'missing/file')"],
+    code = ("from common import cli\nfrom common.errors import MissingFileError\n"
+            "def user(): raise MissingFileError('missing/file: No such file or directory')\ncli.run_main(user)")
+    result = subprocess.run([sys.executable, "-c", code],
                             capture_output=True, text=True, cwd=REPO, env=run_env(), timeout=limit(60))
     assert result.returncode == 1 and result.stderr == "error: missing/file: No such file or directory\n"
+    result = subprocess.run([sys.executable, "-c", "from common import cli\ncli.run_main(open, 'missing/file')"],
+                            capture_output=True, text=True, cwd=REPO, env=run_env(), timeout=limit(60))
+    assert result.returncode == 1 and "Traceback" in result.stderr and "FileNotFoundError" in result.stderr
 
     @cli.entry_point
     def bug() -> None:
@@ -130,9 +138,74 @@ def test_expected_errors_are_one_line_and_bugs_keep_their_traceback(capsys):
 
     with pytest.raises(TypeError):
         bug()
+    for error in (KeyError("a bug"), ValueError("a bug"), OSError(28, "No space left on device")):
+        @cli.entry_point
+        def failing() -> None:
+            raise error
+
+        with pytest.raises(type(error)):
+            failing()
     with pytest.raises(SystemExit) as e:
         cli.fail("stop", 2)
     assert e.value.code == 2 and str(e.value) == "error: stop" and capsys.readouterr().err == "error: stop\n"
+
+
+def test_help_shows_every_default_once():
+    p = cli.parser("prog", "test")
+    p.add_argument("--top_k", type=int, default=None)
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--tag", default=None, help="checkpoint tag (default: latest)")
+    p.add_argument("--name", help="a name")
+    text = " ".join(p.format_help().split())
+    assert "--top_k TOP_K (default: None)" in text and "--port PORT (default: 8000)" in text
+    assert "checkpoint tag (default: latest)" in text and "(default: latest) (default" not in text
+    assert "a name (default: None)" in text and text.count("(default:") == 4
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    steps: int = 3
+    """Steps."""
+    rate: float = 0.1
+    """Rate."""
+    mode: Literal["fast", "exact"] = "fast"
+    """Mode."""
+    names: list[str] = dataclasses.field(default_factory=list)
+    """Names."""
+    tag: str | None = None
+    """Tag."""
+
+
+@dataclasses.dataclass(frozen=True)
+@reflect.with_defaults(steps=10, names=["a"])
+class MoreSettings(Settings):
+    extra: bool = False
+    """Extra."""
+
+
+def test_one_reflection_layer_for_config_values_and_flags():
+    for value, annotation, expected in [("1e3", int, 1000), (5.0, int, 5), ("3e-4", float, 3e-4), ("on", bool, True),
+                                        ("a, b", list[str], ["a", "b"]), ("null", str | None, None), (7, str, "7"),
+                                        ("exact", Literal["fast", "exact"], "exact")]:
+        assert reflect.coerce("key", value, annotation) == expected
+    for value, annotation, message in [("two", int, "key: expected int, got 'two'"), (True, int, "expected int"),
+                                       (1.5, int, "expected int"), (True, str, "expected str"),
+                                       ("slow", Literal["fast", "exact"], "key must be one of fast, exact, got 'slow'")]:
+        with pytest.raises(UserError, match=message):
+            reflect.coerce("key", value, annotation)
+    # Flags go through the same checks, and a subclass changes defaults without declaring the fields again.
+    p = cli.parser("prog", "test")
+    reflect.add_dataclass_args(p, MoreSettings)
+    assert reflect.dataclass_from_args(MoreSettings, p.parse_args([])) == MoreSettings(10, 0.1, "fast", ["a"])
+    args = p.parse_args(["--steps", "2e3", "--mode", "exact", "--names", "x", "y", "--tag", "t", "--extra"])
+    assert reflect.dataclass_from_args(MoreSettings, args) == MoreSettings(2000, 0.1, "exact", ["x", "y"], "t", True)
+    assert "Steps. (default: 10)" in " ".join(p.format_help().split())
+    assert reflect.field_types(MoreSettings)["steps"] is int and reflect.field_help(MoreSettings)["steps"] == "Steps."
+    for bad in (["--steps", "x"], ["--mode", "slow"]):
+        with pytest.raises(SystemExit):
+            p.parse_args(bad)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        MoreSettings().steps = 1  # type: ignore[misc]
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -328,6 +328,10 @@ def test_run_writes_template_and_exports_with_it(base, tmp_path):
     run = tmp_path / "run"
     assert "52 records -> 52 samples" in result.stdout and "validation: 4 samples held out" in result.stdout
     assert (run / "chat_template.jinja").read_text().strip() == templates.get_template("chatml").jinja()
+    report = json.loads((run / "data_report.json").read_text())  # the counts README and docs/finetune.md promise
+    assert report["data_files"]["records"] == 52 and report["data_files"]["samples"] == 52
+    assert report["data_files"]["skipped_total"] == 0 and report["val_files"] is None
+    assert (report["train_samples"], report["val_samples"]) == (48, 4)
     rows = read_metrics(run)
     assert any("val_loss" in r for r in rows) and all(r["target_tokens_per_sec"] > 0 for r in rows if "loss" in r)
     export_main(["--run_dir", str(run), "--output_dir", str(tmp_path / "hf")])

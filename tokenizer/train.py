@@ -41,7 +41,7 @@ import psutil
 import sentencepiece as spm
 from tqdm import tqdm
 
-from common import cli
+from common import cli, reflect
 from common.io import replace_file
 from tokenizer.corpus import resolve_inputs
 from tokenizer.hf import HF_FILES, load_model_proto, save_hf_tokenizer
@@ -357,11 +357,11 @@ def train_tokenizer(cfg: TrainerConfig, progress: bool = True, verbose: bool = F
 def parse_args(argv: list[str] | None = None) -> tuple[TrainerConfig, argparse.Namespace]:
     p = cli.parser("python -m tokenizer.train",
                    "Train a SentencePiece BPE tokenizer (Baichuan-7B recipe) on .txt/.jsonl(.gz) corpora.")
-    cli.add_dataclass_args(p, TrainerConfig, required=("input", "output_dir"))
+    reflect.add_dataclass_args(p, TrainerConfig, required=("input", "output_dir"))
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--verbose", action="store_true", help="show SentencePiece's own log")
     args = p.parse_args(argv)
-    return cli.dataclass_from_args(TrainerConfig, args), args
+    return reflect.dataclass_from_args(TrainerConfig, args), args
 
 
 @cli.entry_point
