@@ -109,7 +109,10 @@ class FinetuneConfig(TrainConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        get_template(self.template)  # an unknown name is a one-line error here, before anything runs
+        try:  # an unknown name is a one-line error here, before anything runs
+            get_template(self.template)
+        except ValueError as e:  # finetune/templates.py's error names the template and the choices
+            raise UserError(f"template: {e}") from None
         if not self.data_files:
             raise UserError("data_files is empty: give at least one instruction file")
         not_runtime = sorted(set(self.model) - set(TUNABLE_MODEL_FIELDS))

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from common.cli import parser as cli_parser
 from common.cli import run_main
+from common.errors import MissingFileError, UserError
 from common.io import atomic_dir, check_output_dir, write_json
 from common.tensors import DTYPES
 from tokenizer.chat_template import CHAT_TEMPLATE_FILE
@@ -45,7 +46,7 @@ def export(run_dir: str | Path, output_dir: str | Path, tag: str | None = None, 
     run_dir = Path(run_dir)
     template_file = run_dir / CHAT_TEMPLATE_FILE
     if not template_file.is_file():
-        raise FileNotFoundError(f"{template_file} is missing: is {run_dir} a fine-tuning run directory? "
+        raise MissingFileError(f"{template_file} is missing: is {run_dir} a fine-tuning run directory? "
                                 "(pretraining runs export with python -m pretrain.export)")
     tag = resolve_tag(run_dir, tag)
     check_output_dir(output_dir, overwrite)
@@ -68,7 +69,7 @@ def base_hf_folder(run_dir: Path, model_path: str, model_tag: str | None) -> Pat
     if (base / "config.json").is_file():
         return base
     if not is_run_dir(base):
-        raise FileNotFoundError(f"{base}: the base model (model_path of {run_dir}) is gone; it is needed to merge "
+        raise MissingFileError(f"{base}: the base model (model_path of {run_dir}) is gone; it is needed to merge "
                                 "the adapter")
     out = run_dir / BASE_HF_DIR
     if not (out / "config.json").is_file():
@@ -86,7 +87,7 @@ def export_lora(run_dir: Path, meta: dict, out: Path, tag: str, dtype: str) -> N
 
     state = {k: v for k, v in consolidated_state_dict(run_dir, tag).items() if is_lora_name(k)}
     if not state:
-        raise ValueError(f"{run_dir / tag}: no adapter tensors in the checkpoint")
+        raise UserError(f"{run_dir / tag}: no adapter tensors in the checkpoint")
     base = base_hf_folder(run_dir, meta["model_path"], meta.get("model_tag"))
     save_adapter(state, LoRAConfig(**meta["lora"]), out / ADAPTER_DIR, base_model_name_or_path=base,
                  dtype=DTYPES[dtype])

@@ -3,19 +3,26 @@ truncation, data layouts and bad input, packing, the loss normalisation; plus sh
 equivalence, the CLI's one-line errors, export)."""
 from __future__ import annotations
 
+import dataclasses
 import gzip
+import inspect
 import json
+import re
 from pathlib import Path
 
 import pytest
 import torch
 
+from common import reflect
+from common.errors import UserError
 from common.tensors import IGNORE_INDEX
 from finetune import templates
 from finetune.config import FinetuneConfig, load_finetune_config
 from finetune.data import BadRecord, DataOptions, Fields, build_sample, load_samples, to_messages
 from finetune.export import add_chat_template
 from finetune.loader import InstructionLoader, pack
+from finetune.train import prepare_full, with_runtime
+from pretrain.config import TrainConfig
 from pretrain.metrics import read_metrics
 from tokenizer import Tokenizer
 from tokenizer.chat_template import encode_chat
@@ -213,6 +220,83 @@ def test_files_mixed_and_bad_records_counted_or_fatal(tok, tmp_path):
     empty.write_text(json.dumps({"instruction": "x"}) + "\n")
     with pytest.raises(ValueError, match="no usable instruction records"):
         load_samples([str(empty)], template, tok, DataOptions())
+
+
+def test_file_errors_name_line_column_and_record(tok, tmp_path):
+    template = templates.get_template("alpaca")
+    good = json.dumps({"instruction": "a", "output": "b"})
+    # A byte that is not UTF-8 on line 3 of a .jsonl, and on line 2 of a .json: the line in the file, the byte and
+    # its column, whatever buffer the decoder read it in.
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes((good + "\n" + good + "\n").encode() + b'{"instruction": "caf\xe9", "output": "b"}\n')
+    with pytest.raises(UserError, match=r"latin\.jsonl:3: not UTF-8 text \(byte 0xe9 at byte column 21\)"):
+        load_samples([str(latin)], template, tok, DataOptions())
+    big = tmp_path / "big.json"
+    big.write_bytes(b"[\n" + b"x" * 70_000 + b"\n\xff]")
+    with pytest.raises(UserError, match=r"big\.json:3: not UTF-8 text \(byte 0xff at byte column 1\)"):
+        load_samples([str(big)], template, tok, DataOptions())
+    # Bad JSON: the line and the column (1-based, in characters) where the parser stopped.
+    for name, text, where in [("c.jsonl", good + '\n  {"instruction": "一二", "output" "b"}\n', "c.jsonl:2: .* column 34"),
+                              ("c.json", '[\n' + good + ',\n  {"instruction": "一二",, "output": "b"}\n]',
+                               "c.json:3: .* column 24")]:
+        path = tmp_path / name
+        path.write_text(text, encoding="utf-8")
+        with pytest.raises(UserError, match=f"{where}"):
+            load_samples([str(path)], template, tok, DataOptions())
+    # A skipped record of a .json list is named by its 1-based number.
+    listed = tmp_path / "d.json"
+    listed.write_text(json.dumps([{"instruction": "a", "output": "b"}, {"instruction": "no output"}]))
+    _, report = load_samples([str(listed)], template, tok, DataOptions())
+    assert report.examples == [f"{listed}: record 2: missing field 'output'"]
+    assert report.to_dict()["skipped"] == {"missing field 'output'": 1} and report.to_dict()["samples"] == 1
+
+
+def test_inherited_fields_that_do_not_apply_are_refused_by_name(tmp_path):
+    for override, name in [("data_dir=runs/x", "data_dir"), ("model_preset=1b", "model_preset"),
+                           ("init_from_hf=hf", "init_from_hf")]:
+        with pytest.raises(UserError, match=f"command line: {name} does not apply to fine-tuning"):
+            load_finetune_config(None, [override])
+    path = tmp_path / "c.yaml"
+    path.write_text("data_dir: runs/x\n")
+    with pytest.raises(UserError, match=r"c\.yaml: data_dir does not apply to fine-tuning: the data are data_files"):
+        load_finetune_config(path)
+    with pytest.raises(UserError, match="model_preset does not apply to fine-tuning"):
+        FinetuneConfig(model_preset="1b")
+    # The defaults that differ from pretraining are FinetuneConfig's; the fields' types and help are TrainConfig's.
+    assert (FinetuneConfig().seq_len, TrainConfig().seq_len) == (256, 128)
+    source = inspect.getsource(FinetuneConfig)
+    assert not re.search(r"^\s+(seq_len|lr|run_dir|max_steps):", source, re.M)  # not declared again
+    assert reflect.field_help(FinetuneConfig)["seq_len"] == reflect.field_help(TrainConfig)["seq_len"]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        FinetuneConfig().lr = 1.0  # type: ignore[misc]
+    # train_only_embeddings: honoured by a full fine-tune, refused for LoRA.
+    with pytest.raises(UserError, match="train_only_embeddings needs finetuning_type=full"):
+        load_finetune_config(None, ["finetuning_type=lora", "train_only_embeddings=true"])
+    from model import ModelConfig, Transformer
+
+    model = Transformer(ModelConfig.from_preset("debug", vocab_size=64, dim=32, n_layers=1, n_heads=2))
+    prepare_full(model, dataclasses.replace(FinetuneConfig(), train_only_embeddings=True))
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {"tok_embeddings.weight", "output.weight"}
+    prepare_full(model, FinetuneConfig())
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_runtime_settings_build_the_model_not_mutate_it():
+    from model import ModelConfig, Transformer
+
+    model = Transformer(ModelConfig.from_preset("debug", vocab_size=64, dim=32, n_layers=1, n_heads=2,
+                                                tie_embeddings=True))
+    config = model.config
+    rebuilt = with_runtime(model, {"fused_kernels": False, "attn_impl": "eager", "activation_checkpointing": True})
+    assert model.config is config and config.fused_kernels and not config.activation_checkpointing  # untouched
+    assert (rebuilt.config.fused_kernels, rebuilt.config.attn_impl) == (False, "eager")
+    assert rebuilt.config.activation_checkpointing and rebuilt.output.weight is rebuilt.tok_embeddings.weight
+    tokens = torch.randint(0, 64, (1, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt.eval()(tokens), model.eval()(tokens))
+    assert with_runtime(model, {}) is model
+    with pytest.raises(UserError, match="model.dim: only"):
+        with_runtime(model, {"dim": 64})
 
 
 def test_config_file_spells_out_the_defaults_and_checks_keys():

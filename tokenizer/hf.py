@@ -38,6 +38,7 @@ from tokenizers import AddedToken, Regex, decoders, normalizers, processors
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers.models import BPE
 
+from common.errors import UserError
 from common.io import replace_file
 from tokenizer.tokenizer import MODEL_FILENAME, resolve_model_path
 
@@ -52,9 +53,9 @@ def load_model_proto(model_path: str | os.PathLike) -> sp_pb2.ModelProto:
     try:
         proto.ParseFromString(path.read_bytes())
     except Exception as e:  # protobuf raises DecodeError, but its class depends on the protobuf backend
-        raise ValueError(f"{path}: not a valid SentencePiece model ({e})") from None
+        raise UserError(f"{path}: not a valid SentencePiece model ({e})") from None
     if not proto.pieces:
-        raise ValueError(f"{path}: not a valid SentencePiece model (no pieces)")
+        raise UserError(f"{path}: not a valid SentencePiece model (no pieces)")
     return proto
 
 
@@ -62,14 +63,14 @@ def _check_supported(proto: sp_pb2.ModelProto, path: Path) -> None:
     spec, norm = proto.trainer_spec, proto.normalizer_spec
     if spec.model_type != sp_pb2.TrainerSpec.BPE:
         kind = sp_pb2.TrainerSpec.ModelType.Name(spec.model_type)
-        raise ValueError(f"{path}: only BPE SentencePiece models can be exported, this one is {kind}")
+        raise UserError(f"{path}: only BPE SentencePiece models can be exported, this one is {kind}")
     if norm.precompiled_charsmap or norm.remove_extra_whitespaces or not norm.escape_whitespaces:
-        raise ValueError(
+        raise UserError(
             f"{path}: only identity normalisation without whitespace collapsing can be exported exactly "
             "(train with normalization_rule_name=identity, remove_extra_whitespaces=false)"
         )
     if spec.treat_whitespace_as_suffix:
-        raise ValueError(f"{path}: treat_whitespace_as_suffix models cannot be exported")
+        raise UserError(f"{path}: treat_whitespace_as_suffix models cannot be exported")
 
 
 def build_hf_tokenizer(proto: sp_pb2.ModelProto) -> HFTokenizer:

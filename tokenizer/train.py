@@ -42,6 +42,7 @@ import sentencepiece as spm
 from tqdm import tqdm
 
 from common import cli, reflect
+from common.errors import UserError
 from common.io import replace_file
 from tokenizer.corpus import resolve_inputs
 from tokenizer.hf import HF_FILES, load_model_proto, save_hf_tokenizer
@@ -93,23 +94,23 @@ class TrainerConfig:
 
     def __post_init__(self) -> None:
         if not self.input:
-            raise ValueError("no --input given")
+            raise UserError("no --input given")
         for name in ("vocab_size", "max_piece_length", "max_sentences", "max_sentence_bytes"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"--{name} must be a positive integer, got {value!r}")
+                raise UserError(f"--{name} must be a positive integer, got {value!r}")
         if self.max_sentence_bytes < 16:
-            raise ValueError(f"--max_sentence_bytes must be at least 16, got {self.max_sentence_bytes}")
+            raise UserError(f"--max_sentence_bytes must be at least 16, got {self.max_sentence_bytes}")
         if not 0.0 < self.character_coverage <= 1.0:
-            raise ValueError(f"--character_coverage must be in (0, 1], got {self.character_coverage}")
+            raise UserError(f"--character_coverage must be in (0, 1], got {self.character_coverage}")
         for name in ("num_threads", "num_workers"):
             if getattr(self, name) < 0:
-                raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}")
+                raise UserError(f"--{name} must be >= 0, got {getattr(self, name)}")
         for sym in self.user_defined_symbols:
             if not sym or any(c.isspace() for c in sym):
-                raise ValueError(f"user-defined symbol {sym!r} must be non-empty and contain no whitespace")
+                raise UserError(f"user-defined symbol {sym!r} must be non-empty and contain no whitespace")
         if len(set(self.user_defined_symbols)) != len(self.user_defined_symbols):
-            raise ValueError(f"duplicate user-defined symbols: {self.user_defined_symbols}")
+            raise UserError(f"duplicate user-defined symbols: {self.user_defined_symbols}")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -245,13 +246,13 @@ def _prepare_output_dir(cfg: TrainerConfig) -> tuple[Path, Path, bool]:
     """
     out = Path(cfg.output_dir)
     if (out / MODEL_FILENAME).exists() and not cfg.overwrite:
-        raise ValueError(f"{out / MODEL_FILENAME} already exists; pass --overwrite or choose another --output_dir")
+        raise UserError(f"{out / MODEL_FILENAME} already exists; pass --overwrite or choose another --output_dir")
     created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=out, prefix=".tokenizer-tmp-"))
     except OSError as e:
-        raise ValueError(
+        raise UserError(
             f"{out}: cannot write the output directory ({e.strerror or e}); choose another --output_dir"
         ) from None
     return out, tmp, created
@@ -297,7 +298,7 @@ def train_tokenizer(cfg: TrainerConfig, progress: bool = True, verbose: bool = F
         sample, corpus, sampling = sample_sentences(files, spec, cfg.num_workers, progress)
         t_read = time.perf_counter() - t0
         if sampling.sentences_sampled == 0:
-            raise ValueError(f"the corpus holds no text ({corpus.summary()}); check --input and --text_field")
+            raise UserError(f"the corpus holds no text ({corpus.summary()}); check --input and --text_field")
         if progress:
             print(f"corpus: {corpus.summary()}", file=sys.stderr)
             cut = f", {sampling.lines_cut:,} long lines cut" if sampling.lines_cut else ""
