@@ -130,7 +130,7 @@ def check_output_dir(path: str | Path, overwrite: bool, flag: str = "--output_di
         raise UserError(f"{flag} {path} exists and is not a folder; choose another path")
     if path.is_dir() and any(path.iterdir()) and not overwrite:
         raise UserError(f"{flag} {path} already exists and is not empty; pass --overwrite to replace what it "
-                         "holds, or choose another folder")
+                        "holds, or choose another folder")
     return path
 
 

@@ -94,7 +94,7 @@ def read_records(path: Path, required: tuple[str, ...]) -> list[tuple[int, dict[
         missing = [k for k in required if not isinstance(record.get(k), str)]
         if missing:
             raise UserError(f"{where}: missing or non-text field(s) {', '.join(missing)}; each record needs "
-                             f"{', '.join(required)}")
+                            f"{', '.join(required)}")
     if not items:
         raise UserError(f"{path}: no records")
     return items
@@ -107,7 +107,7 @@ def read_eval_set(path: Path, prompts_path: Path) -> tuple[list[dict[str, Any]],
     for line, r in read_records(path, ("question", "std_answer", "class")):
         if class_key(r["class"]) not in prompts:
             raise UserError(f"{path}, line {line}: class {r['class']!r} has no grading instruction in {prompts_path} "
-                             f"(it has {', '.join(sorted(prompts))})")
+                            f"(it has {', '.join(sorted(prompts))})")
         questions.append({"line": line, "question": r["question"], "std_answer": r["std_answer"],
                           "class": r["class"]})
     return questions, prompts
@@ -339,7 +339,7 @@ def load_answers(path: Path, key: dict[str, Any], n: int) -> list[dict[str, Any]
         raise UserError(f"{path}: unreadable answers file; pass --overwrite to generate the answers again") from None
     if header.get("key") != key or len(records) != n:
         raise UserError(f"{path} holds answers for other settings (model, eval set or generation); pass --overwrite "
-                         "to generate them again, or use another --output_dir")
+                        "to generate them again, or use another --output_dir")
     return records
 
 

@@ -47,7 +47,7 @@ def export(run_dir: str | Path, output_dir: str | Path, tag: str | None = None, 
     template_file = run_dir / CHAT_TEMPLATE_FILE
     if not template_file.is_file():
         raise MissingFileError(f"{template_file} is missing: is {run_dir} a fine-tuning run directory? "
-                                "(pretraining runs export with python -m pretrain.export)")
+                               "(pretraining runs export with python -m pretrain.export)")
     tag = resolve_tag(run_dir, tag)
     check_output_dir(output_dir, overwrite)
     meta_file = run_dir / "finetune.json"
@@ -70,7 +70,7 @@ def base_hf_folder(run_dir: Path, model_path: str, model_tag: str | None) -> Pat
         return base
     if not is_run_dir(base):
         raise MissingFileError(f"{base}: the base model (model_path of {run_dir}) is gone; it is needed to merge "
-                                "the adapter")
+                               "the adapter")
     out = run_dir / BASE_HF_DIR
     if not (out / "config.json").is_file():
         print(f"exporting the base {base} as a Hugging Face folder to {out} (the adapter's base_model_name_or_path)")

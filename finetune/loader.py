@@ -77,7 +77,7 @@ class InstructionLoader:
         too_long = next((i for i, n in enumerate(positions) if n > seq_len), None)
         if too_long is not None:
             raise UserError(f"sample {too_long} of the {split} split has {positions[too_long] + 1} tokens, more "
-                             f"than seq_len + 1 = {seq_len + 1}; lower cutoff_len or raise seq_len")
+                            f"than seq_len + 1 = {seq_len + 1}; lower cutoff_len or raise seq_len")
         self.rows = pack(positions, seq_len) if packing else [[i] for i in range(len(samples))]
         self.data_hash = data_hash or fingerprint(samples)
         self.step = 0

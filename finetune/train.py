@@ -92,7 +92,7 @@ def split_validation(samples: list[Sample], val_size: int, seed: int) -> tuple[l
         return samples, []
     if val_size >= len(samples):
         raise UserError(f"val_size={val_size} would leave no training samples out of {len(samples)}; lower it "
-                         "or give val_files")
+                        "or give val_files")
     import numpy as np
 
     held = set(np.random.default_rng(seed).choice(len(samples), val_size, replace=False).tolist())
@@ -165,7 +165,7 @@ class FinetuneTask(Task):
         changed = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in self.run_meta().items() if differs(k, saved.get(k), v)]
         if changed:
             raise UserError(f"{self.cfg.run_dir} holds a fine-tuning run started with other settings "
-                             f"({', '.join(changed)}); use a new run_dir, or the original settings to resume")
+                            f"({', '.join(changed)}); use a new run_dir, or the original settings to resume")
 
     def run_meta(self) -> dict[str, Any]:
         """What a resume must not change; for LoRA also the adapter shape and the adapter the run STARTED from

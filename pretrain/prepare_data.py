@@ -338,7 +338,7 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
         stats.merge(CorpusStats(**file_stats[fi]))
     if writers["train"].num_tokens == 0:
         raise UserError(f"no training documents in {', '.join(cfg.inputs)} ({stats.summary()}); "
-                         "check the paths, --text_field and --val_fraction")
+                        "check the paths, --text_field and --val_fraction")
     if cfg.val_fraction > 0 and writers["val"].num_tokens == 0:
         print(f"warning: no document fell into the val split (val_fraction={cfg.val_fraction}); "
               "the corpus is too small for it", file=sys.stderr)

@@ -125,7 +125,7 @@ def init_distributed(cfg: TrainConfig) -> Dist:
     for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         if var not in os.environ:
             raise UserError(f"environment variable {var} is not set: start training with the deepspeed launcher "
-                             "(scripts/train.sh), or set RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT")
+                            "(scripts/train.sh), or set RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
@@ -143,7 +143,7 @@ def resolve_tokenizer(cfg: TrainConfig) -> Tokenizer:
     path = Path(cfg.tokenizer) if cfg.tokenizer else Path(cfg.data_dir) / "tokenizer.model"
     if not path.exists():
         raise MissingFileError(f"{path}: tokenizer not found; set tokenizer=PATH (the tokenizer.model the data "
-                                "was prepared with)")
+                               "was prepared with)")
     return Tokenizer(path)
 
 

@@ -18,6 +18,7 @@ from common.errors import MissingFileError, UserError
 from common.io import atomic_dir, atomic_write, check_output_dir, write_json
 from fixtures_time import limit
 from pretrain import preflight
+from tokenizer import Tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -273,6 +274,25 @@ def test_preflight_finds_data_of_another_tokenizer(tmp_path):
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+def test_preflight_finds_a_truncated_shard_of_any_split(tmp_path):
+    """Shard sizes are compared with the manifest before launching: a truncated val shard is one line naming it."""
+    import numpy as np
+    from fixtures_data import train_tiny_tokenizer, write_synthetic
+
+    from pretrain.config import TrainConfig
+
+    tok = train_tiny_tokenizer(tmp_path / "tok")
+    data = write_synthetic(tmp_path / "data", {"train": [np.arange(5, 40)] * 4, "val": [np.arange(5, 40)] * 4},
+                           vocab_size=512, tokenizer_sha256=Tokenizer(tok).sha256)
+    cfg = TrainConfig(data_dir=str(data), tokenizer=str(tok), model={"vocab_size": 512})
+    preflight.check_data(cfg)
+    shard = data / "val_00000.bin"
+    shard.write_bytes(shard.read_bytes()[:-3])
+    with pytest.raises(UserError, match=r"val_00000\.bin is truncated or corrupt \(\d+ bytes, expected \d+\); rerun "
+                                        "the prepare_data command"):
+        preflight.check_data(cfg)
+
+
 def run_train_sh(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(["bash", "scripts/train.sh", *args], capture_output=True, text=True, cwd=REPO,
                           env={**run_env(), "LLAMA_PYTHON": sys.executable}, timeout=limit(120))
@@ -292,6 +312,58 @@ def test_train_sh_stops_before_launching_on_what_it_can_check(tmp_path):
         in result.stderr
     assert "training a" not in result.stdout and not (tmp_path / "tokenizer").exists()
     assert not (tmp_path / "run").exists()
+
+
+def launch_stage_with(tmp_path: Path, rank_code: str) -> subprocess.CompletedProcess:
+    """scripts/launch.sh's launch_stage with a stand-in launcher: `rank_code` is the Python a rank runs, after the
+    launcher's own noise on stderr (DeepSpeed's sigkill_handler line)."""
+    rank = tmp_path / "rank.py"
+    rank.write_text("import os, sys\n" + rank_code)
+    launcher = tmp_path / "python"
+    launcher.write_text("#!/bin/bash\n"  # "$PYTHON -m deepspeed.launcher.runner ... SCRIPT --config ...": run SCRIPT
+                        f'for a in "$@"; do [[ "$a" == *.py ]] && script="$a"; done\n'
+                        f'{sys.executable} "$script"; status=$?\n'
+                        'echo "[ERROR] [launch.py:325:sigkill_handler] [\'python\', \'-u\'] exits with return code = '
+                        '$status" >&2\nexit $status\n')
+    launcher.chmod(0o755)
+    script = (f'source scripts/launch.sh; PYTHON={launcher}; CONFIG=c.yaml; CHECKED="MASTER_PORT=1"; '
+              f'launch_stage pretraining {rank} {tmp_path / "run"}')
+    return subprocess.run(["bash", "-c", script], capture_output=True, text=True, cwd=REPO, env=run_env(),
+                          timeout=limit(60))
+
+
+def test_a_ranks_user_error_is_the_last_line_and_other_failures_are_resumable(tmp_path):
+    result = launch_stage_with(tmp_path, "from common import cli\n"
+                               "open(os.environ['LLAMA_ERROR_FILE'], 'w').write('error: c.yaml: bad lr\\n')\n"
+                               "print('error: c.yaml: bad lr', file=sys.stderr)\nsys.exit(2)\n")
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and lines[-1] == "error: c.yaml: bad lr", result.stderr
+    assert "sigkill_handler" in result.stderr and "fix it first" in lines[-2]
+    # Any other failure (a full disk, a bug: exit 1 with a traceback) is called resumable.
+    result = launch_stage_with(tmp_path, "raise OSError(28, 'No space left on device')\n")
+    assert result.returncode == 1 and "Traceback" in result.stderr
+    assert "run the same command again to resume" in result.stderr.strip().splitlines()[-1]
+
+
+def test_launched_main_exit_status_user_error_or_resumable(tmp_path, monkeypatch, capsys):
+    from pretrain.train import USER_ERROR, launched_main
+
+    error_file = tmp_path / "error.txt"
+    monkeypatch.setenv("LLAMA_ERROR_FILE", str(error_file))
+
+    def user_error(path, overrides):
+        raise UserError("c.yaml: lr: expected float, got 'x'")
+
+    with pytest.raises(SystemExit) as e:
+        launched_main([], "prog", None, "lr=1", user_error)
+    assert e.value.code == USER_ERROR and error_file.read_text() == "error: c.yaml: lr: expected float, got 'x'\n"
+    assert capsys.readouterr().err == "error: c.yaml: lr: expected float, got 'x'\n"
+    for transient in (OSError(28, "No space left on device"), ConnectionResetError("peer"), KeyError("bug")):
+        def fails(path, overrides, error=transient):
+            raise error
+
+        with pytest.raises(type(transient)):  # its traceback, exit status 1: scripts/launch.sh says resume
+            launched_main([], "prog", None, "lr=1", fails)
 
 
 def test_run_sh_runs_later_commands_in_the_scripts_environment(tmp_path):
@@ -344,7 +416,7 @@ def test_finetune_sh_shares_the_launcher_and_its_preflight(tmp_path):
 
 
 def test_modules_without_deepspeed_do_not_import_it():
-    modules = ["artifacts", "common.cli", "common.io", "common.tensors", "evaluation.evaluate_mmlu",
+    modules = ["artifacts", "common.cli", "common.io", "common.reflect", "common.tensors", "evaluation.evaluate_mmlu",
                "evaluation.evaluate_zh", "inference.generate", "model", "pretrain.config", "pretrain.data",
                "pretrain.export", "pretrain.metrics", "pretrain.prepare_data", "pretrain.preflight", "pretrain.shards",
                "finetune.preflight", "tokenizer.stats", "tokenizer.train"]

@@ -21,7 +21,6 @@ from finetune.config import FinetuneConfig, load_finetune_config
 from finetune.data import BadRecord, DataOptions, Fields, build_sample, load_samples, to_messages
 from finetune.export import add_chat_template
 from finetune.loader import InstructionLoader, pack
-from finetune.train import prepare_full, with_runtime
 from pretrain.config import TrainConfig
 from pretrain.metrics import read_metrics
 from tokenizer import Tokenizer
@@ -270,6 +269,8 @@ def test_inherited_fields_that_do_not_apply_are_refused_by_name(tmp_path):
     with pytest.raises(dataclasses.FrozenInstanceError):
         FinetuneConfig().lr = 1.0  # type: ignore[misc]
     # train_only_embeddings: honoured by a full fine-tune, refused for LoRA.
+    from finetune.train import prepare_full  # imports DeepSpeed: only here (test_common checks module imports)
+
     with pytest.raises(UserError, match="train_only_embeddings needs finetuning_type=full"):
         load_finetune_config(None, ["finetuning_type=lora", "train_only_embeddings=true"])
     from model import ModelConfig, Transformer
@@ -282,6 +283,7 @@ def test_inherited_fields_that_do_not_apply_are_refused_by_name(tmp_path):
 
 
 def test_runtime_settings_build_the_model_not_mutate_it():
+    from finetune.train import with_runtime
     from model import ModelConfig, Transformer
 
     model = Transformer(ModelConfig.from_preset("debug", vocab_size=64, dim=32, n_layers=1, n_heads=2,

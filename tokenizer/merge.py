@@ -38,7 +38,7 @@ def merge_protos(base: sp_pb2.ModelProto, extra: sp_pb2.ModelProto, base_name: s
     if base_type != extra_type:
         name = sp_pb2.TrainerSpec.ModelType.Name
         raise UserError(f"cannot merge {extra_name} ({name(extra_type)}) into {base_name} ({name(base_type)}): "
-                         "both tokenizers must be the same model type")
+                        "both tokenizers must be the same model type")
     merged = sp_pb2.ModelProto()
     merged.CopyFrom(base)
     existing = {p.piece for p in base.pieces}
