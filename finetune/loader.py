@@ -126,7 +126,7 @@ class InstructionLoader:
         bounds.append(B * T)
         cu = np.asarray(bounds, dtype=np.int32)
         return Batch(torch.from_numpy(tokens), torch.from_numpy(targets), torch.from_numpy(positions),
-                     torch.from_numpy(cu), int(np.diff(cu).max()))
+                     torch.from_numpy(cu), int(np.diff(cu).max()), sum(map(sum, lengths)))
 
     def next_batch(self) -> Batch:
         batch = self.batch_at(self.step)

@@ -215,6 +215,8 @@ class Batch:
     convention, 0 first and B*T last); a segment is a document's piece of a row, or the padding of a row."""
     max_seqlen: int
     """Longest segment in cu_seqlens (flash-attn's varlen kernels want it without a device sync)."""
+    num_tokens: int
+    """Positions holding a real token, padding not counted: what the `tokens` metric adds up."""
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
         """The batch on `device` (pin the memory first for non_blocking copies to overlap with compute)."""
@@ -223,7 +225,7 @@ class Batch:
             return t.to(device, non_blocking=non_blocking)
 
         return Batch(move(self.tokens), move(self.targets), move(self.position_ids), move(self.cu_seqlens),
-                     self.max_seqlen)
+                     self.max_seqlen, self.num_tokens)
 
 
 def resume_step(mine: dict[str, Any], state: dict[str, Any], counter: str, per_step: int, what: str) -> int:
@@ -350,6 +352,7 @@ class DataLoader:
             position_ids=torch.from_numpy(positions.reshape(B, T)),
             cu_seqlens=torch.from_numpy(cu_seqlens.astype(np.int32)),
             max_seqlen=int(lengths.max()),
+            num_tokens=B * T - sum(T - n for _, n in short),
         )
 
     def next_batch(self) -> Batch:

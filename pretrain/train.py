@@ -452,7 +452,7 @@ def train_step(run: Run, stop: StopFlag, manual_norm: bool) -> StepResult:
     batches = [run.train_loader.next_batch() for _ in range(run.grad_accum)]
     counts = [num_targets(b) for b in batches]
     step_targets, step_tokens = (int(v) for v in all_reduce_sum(
-        [sum(counts), sum(b.tokens.numel() for b in batches)], run.d.device))
+        [sum(counts), sum(b.num_tokens for b in batches)], run.d.device))  # padding is not a token seen
     losses, norm = [], None
     for micro, batch in enumerate(batches):
         loss = forward(engine, batch, run.d.device)

@@ -340,6 +340,8 @@ def test_packing_fits_rows_and_covers_every_sample_once_per_epoch(tok, tmp_path)
     batch = loader.next_batch()
     cu = batch.cu_seqlens.tolist()
     assert cu[0] == 0 and cu[-1] == batch.tokens.numel() and batch.tokens.shape == (2, 96)
+    rows = [loader.rows[r] for r in loader.row_indices(0)]
+    assert batch.num_tokens == sum(len(samples[i].ids) - 1 for row in rows for i in row) < batch.tokens.numel()
     flat = batch.position_ids.flatten().tolist()
     assert all(flat[c] == 0 for c in cu[:-1])  # positions restart at every sample
     # Exact resume: a fresh loader given the state continues with the same batches.
