@@ -201,22 +201,23 @@ def _sentencepiece_progress(vocab_size: int, enabled: bool, verbose: bool) -> It
         real_stderr.close()
 
 
-def _sentencepiece_error(e: Exception, log: list[str], cfg: TrainerConfig) -> ValueError:
-    """A one-line, actionable message for a SentencePiece training failure."""
+def _sentencepiece_error(e: Exception, log: list[str], cfg: TrainerConfig) -> Exception:
+    """A one-line, actionable message for a SentencePiece training failure the settings cause (a UserError);
+    any other failure stays a RuntimeError with SentencePiece's last line, and keeps its traceback."""
     text = " ".join([str(e)] + log[-5:])
     if m := re.search(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)", text):
-        return ValueError(
+        return UserError(
             f"--vocab_size {cfg.vocab_size} is too small: the corpus needs {m.group(2)} vocabulary entries for its "
             f"characters and special/byte pieces at --character_coverage {cfg.character_coverage}; "
             "raise --vocab_size or lower --character_coverage"
         )
     if m := re.search(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)", text):
-        return ValueError(
+        return UserError(
             f"--vocab_size {cfg.vocab_size} is too large for this corpus sample (at most {m.group(2)} pieces can be "
             "learned); lower --vocab_size or add more text"
         )
     last = str(e).strip().splitlines()[-1] if str(e).strip() else (log[-1] if log else type(e).__name__)
-    return ValueError(f"SentencePiece training failed: {last}")
+    return RuntimeError(f"SentencePiece training failed: {last}")
 
 
 def train_sentencepiece(sentences: Iterable[str], cfg: TrainerConfig, model_prefix: Path,
