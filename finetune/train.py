@@ -182,8 +182,9 @@ class FinetuneTask(Task):
         """The model at model_path (fp32 on CPU; DeepSpeed moves, casts and partitions it), built with this
         config's runtime settings (model.attn_impl, model.fused_kernels, activation_checkpointing)."""
         cfg = self.cfg
-        model = load_model(cfg.model_path, "cpu", "float32", tag=cfg.model_tag)
-        model = with_runtime(model, {**cfg.model, "activation_checkpointing": cfg.activation_checkpointing}).train()
+        runtime = {key: cfg.model[key] for key in RUNTIME_MODEL_FIELDS if key in cfg.model}
+        runtime["activation_checkpointing"] = cfg.activation_checkpointing
+        model = with_runtime(load_model(cfg.model_path, "cpu", "float32", tag=cfg.model_tag), runtime).train()
         check_model(cfg, tokenizer, model.config, resuming, f"the original model_path (not {cfg.model_path})")
         return model
 

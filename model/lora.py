@@ -28,6 +28,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from common.errors import UserError
+
 from .model import Linear, Transformer
 
 # PEFT's projection name -> our module inside a block; projections stacked in one module are listed in the order
@@ -224,8 +226,8 @@ def prepare_lora(model: Transformer, cfg: LoRAConfig, init_adapter: str | Path |
         differ = [f"{k}={getattr(found, k)!r} (config: {getattr(cfg, k)!r})"
                   for k in ("r", "alpha", "target_modules", "use_rslora") if getattr(found, k) != getattr(cfg, k)]
         if differ:
-            raise ValueError(f"init_adapter {init_adapter} does not match the LoRA config: {', '.join(differ)}; "
-                             "set the LoRA fields to the adapter's")
+            raise UserError(f"init_adapter {init_adapter} does not match the LoRA config: {', '.join(differ)}; "
+                            "set the LoRA fields to the adapter's")
         for m in model.modules():
             if isinstance(m, LoRAAdapter):
                 m.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
