@@ -27,6 +27,7 @@ from common.cli import run_main
 from common.errors import MissingFileError, UserError
 from common.io import atomic_dir, check_output_dir, write_json
 from common.tensors import DTYPES
+from tokenizer.hf import add_chat_template
 from tokenizer.chat_template import CHAT_TEMPLATE_FILE
 from pretrain.export import export as export_run
 from artifacts.run_dir import consolidated_state_dict, is_run_dir, resolve_tag
@@ -35,19 +36,6 @@ ADAPTER_DIR, MERGED_DIR, BASE_HF_DIR = "adapter", "merged", "base_hf"
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json")
 """A Hugging Face folder's tokenizer files (those that exist are copied)."""
-
-
-def add_chat_template(hf_dir: str | Path, template: str | None) -> None:
-    """Store `template` as the chat template of the Hugging Face folder `hf_dir` (its tokenizer_config.json), and
-    turn split_special_tokens off; with template None, only the latter."""
-    path = Path(hf_dir) / "tokenizer_config.json"
-    config = json.loads(path.read_text()) if path.is_file() else {}
-    # BOS/EOS written by the template must come back as their ids. Plain text is still encoded as SentencePiece
-    # does; only the literal strings "<s>"/"</s>" in a message would now be read as the special tokens.
-    config["split_special_tokens"] = False
-    if template is not None:
-        config["chat_template"] = template
-    write_json(path, config)
 
 
 def export(run_dir: str | Path, output_dir: str | Path, tag: str | None = None, dtype: str = "float32",

@@ -19,12 +19,12 @@ from common.tensors import IGNORE_INDEX
 from finetune import templates
 from finetune.config import FinetuneConfig, load_finetune_config
 from finetune.data import BadRecord, DataOptions, Fields, build_sample, load_samples, to_messages
-from finetune.export import add_chat_template
 from finetune.loader import InstructionLoader, pack
 from pretrain.config import TrainConfig
 from pretrain.metrics import read_metrics
 from tokenizer import Tokenizer
 from tokenizer.chat_template import encode_chat
+from tokenizer.hf import add_chat_template
 from fixtures_finetune import (CONVERSATIONS, REPO, TINY_SFT, run_finetune, tiny_hf_model, train_tokenizer,
                                write_sample_files)
 

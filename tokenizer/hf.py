@@ -39,7 +39,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers.models import BPE
 
 from common.errors import UserError
-from common.io import replace_file
+from common.io import replace_file, write_json
 from tokenizer.tokenizer import MODEL_FILENAME, resolve_model_path
 
 _Piece = sp_pb2.ModelProto.SentencePiece
@@ -173,3 +173,17 @@ def save_hf_tokenizer(model_path: str | os.PathLike, out_dir: str | os.PathLike)
                 continue
             replace_file(tmp / name, target)
     return out_dir
+
+
+def add_chat_template(hf_dir: str | os.PathLike, template: str | None) -> None:
+    """Store `template` as the chat template of the Hugging Face folder `hf_dir` (its tokenizer_config.json) and
+    turn split_special_tokens off; with template None, only the latter. For a chat model's folder: fine-tuning's
+    export, its LoRA adapter and merged folders, and finetune.merge's output."""
+    path = Path(hf_dir) / "tokenizer_config.json"
+    config = json.loads(path.read_text()) if path.is_file() else {}
+    # BOS/EOS written by the template must come back as their ids. Plain text is still encoded as SentencePiece
+    # does; only the literal strings "<s>"/"</s>" in a message would now be read as the special tokens.
+    config["split_special_tokens"] = False
+    if template is not None:
+        config["chat_template"] = template
+    write_json(path, config)
