@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import copy
 import dataclasses
 import functools
 import inspect
@@ -103,10 +104,8 @@ def coerce(key: str, value: Any, annotation: Any) -> Any:
             pass
         else:
             value = int(number) if number.is_integer() else value
-    elif annotation in (int, float) and isinstance(value, bool):
-        value = None  # True is not a number, whatever Python says
-    elif annotation is str and isinstance(value, bool):
-        value = None
+    elif annotation in (int, float, str) and isinstance(value, bool):  # True is no number (nor text) here
+        raise UserError(f"{key}: expected {_type_name(annotation)}, got {value!r}")
     elif annotation is Any:
         return value
     try:
@@ -127,8 +126,8 @@ def with_defaults(**defaults: Any) -> Callable[[C], C]:
             if name not in inherited:
                 raise TypeError(f"{cls.__name__}: with_defaults({name}=...) names no field of {base.__name__}")
             own[name] = hints[name]
-            setattr(cls, name, dataclasses.field(default_factory=lambda v=value: list(v)) if isinstance(value, list)
-                    else value)
+            mutable = isinstance(value, (list, dict, set))  # each instance gets its own copy, as dataclass requires
+            setattr(cls, name, dataclasses.field(default_factory=lambda v=value: copy.copy(v)) if mutable else value)
         # Inherited fields first in the annotations, as dataclass orders them anyway.
         cls.__annotations__ = {**{k: own[k] for k in defaults}, **{k: v for k, v in own.items() if k not in defaults}}
         return cls

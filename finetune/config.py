@@ -13,7 +13,6 @@ model_path/tokenizer.model; `train_only_embeddings` applies to finetuning_type f
 from __future__ import annotations
 
 import sys
-import typing
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal, Sequence
 

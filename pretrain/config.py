@@ -137,6 +137,8 @@ class TrainConfig:
     wandb_project: str = "llama-pretrain"
     """Weights & Biases project name."""
 
+    stage: ClassVar[str] = "pretraining"
+    """The stage's name in messages."""
     not_applicable: ClassVar[dict[str, str]] = {}
     """Inherited fields a subclass's stage does not use -> what to set instead; setting one is an error."""
 
@@ -194,7 +196,7 @@ class TrainConfig:
 
 
 def not_applicable_message(cls: type[TrainConfig], name: str) -> str:
-    return f"{name} does not apply to {getattr(cls, 'stage', 'this stage')}: {cls.not_applicable[name]}"
+    return f"{name} does not apply to {cls.stage}: {cls.not_applicable[name]}"
 
 
 def _parse_scalar(text: str) -> Any:

@@ -189,7 +189,7 @@ def test_one_reflection_layer_for_config_values_and_flags():
                                         ("a, b", list[str], ["a", "b"]), ("null", str | None, None), (7, str, "7"),
                                         ("exact", Literal["fast", "exact"], "exact")]:
         assert reflect.coerce("key", value, annotation) == expected
-    for value, annotation, message in [("two", int, "key: expected int, got 'two'"), (True, int, "expected int"),
+    for value, annotation, message in [("two", int, "key: expected int, got 'two'"), (True, int, "key: expected int, got True"),
                                        (1.5, int, "expected int"), (True, str, "expected str"),
                                        ("slow", Literal["fast", "exact"], "key must be one of fast, exact, got 'slow'")]:
         with pytest.raises(UserError, match=message):
