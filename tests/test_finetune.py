@@ -282,23 +282,23 @@ def test_inherited_fields_that_do_not_apply_are_refused_by_name(tmp_path):
     assert all(p.requires_grad for p in model.parameters())
 
 
-def test_runtime_settings_build_the_model_not_mutate_it():
-    from finetune.train import with_runtime
-    from model import ModelConfig, Transformer
+def test_runtime_settings_change_how_the_model_runs_not_what_it_computes(base, tok, tmp_path):
+    """The model fine-tuning builds with other runtime fields computes what the plain model does (same weights),
+    and a model field that is not a runtime one is refused by name."""
+    from finetune.train import FinetuneTask
+    from model import Transformer
 
-    model = Transformer(ModelConfig.from_preset("debug", vocab_size=64, dim=32, n_layers=1, n_heads=2,
-                                                tie_embeddings=True))
-    config = model.config
-    rebuilt = with_runtime(model, {"fused_kernels": False, "attn_impl": "eager", "activation_checkpointing": True})
-    assert model.config is config and config.fused_kernels and not config.activation_checkpointing  # untouched
-    assert (rebuilt.config.fused_kernels, rebuilt.config.attn_impl) == (False, "eager")
-    assert rebuilt.config.activation_checkpointing and rebuilt.output.weight is rebuilt.tok_embeddings.weight
-    tokens = torch.randint(0, 64, (1, 8))
+    cfg = load_finetune_config(None, [f"model_path={base}", f"run_dir={tmp_path / 'run'}", "data_files=[x.json]",
+                                      "model.fused_kernels=false", "model.attn_impl=eager"])
+    model = FinetuneTask(cfg).build_model(tok, resuming=False, zero3_config=None)
+    plain = Transformer.from_hf(base).float().eval()
+    assert (model.config.fused_kernels, model.config.attn_impl) == (False, "eager")
+    assert dataclasses.replace(model.config, fused_kernels=True, attn_impl="auto") == plain.config
+    tokens = torch.randint(0, tok.vocab_size, (1, 12))
     with torch.no_grad():
-        torch.testing.assert_close(rebuilt.eval()(tokens), model.eval()(tokens))
-    assert with_runtime(model, {}) is model
-    with pytest.raises(UserError, match="model.dim: only"):
-        with_runtime(model, {"dim": 64})
+        torch.testing.assert_close(model.eval()(tokens), plain(tokens))
+    with pytest.raises(UserError, match="model.dim: the architecture comes from model_path"):
+        load_finetune_config(None, ["model.dim=64"])
 
 
 def test_config_file_spells_out_the_defaults_and_checks_keys():
