@@ -1,4 +1,4 @@
-"""One convention for every command: `error: ...` exits, defaults shown in --help, and an optional-module probe.
+"""One convention for every command: `error: ...` exits and defaults shown in --help.
 (Flags generated from config dataclasses live in common/reflect.py, with the config files' key checking.)
 
 A mistake in the user's input (a file, a config key, a flag) is raised as `common.errors.UserError` (or
@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
-import importlib.util
 import re
 import sys
 import typing
@@ -97,11 +96,3 @@ def entry_point(fn: Callable[..., T]) -> Callable[..., T]:
     def wrapper(*args: Any, **kwargs: Any) -> T:
         return run_main(fn, *args, **kwargs)
     return wrapper
-
-
-def has_module(name: str) -> bool:
-    """Whether `import name` would find a module, without importing it (optional extras: flash-attn, xformers)."""
-    try:
-        return importlib.util.find_spec(name) is not None
-    except (ImportError, ValueError):
-        return False

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from common.cli import has_module
+from common.imports import has_module
 
 
 def available(impl: str, device: torch.device) -> str | None:

@@ -9,7 +9,7 @@ import functools
 
 import torch
 
-from common.cli import has_module
+from common.imports import has_module
 
 
 @functools.cache
