@@ -14,6 +14,8 @@ import shutil
 from pathlib import Path
 from typing import IO, Any, Iterator
 
+from .errors import UserError
+
 # Folders made with tempfile.mkdtemp are 0700 and its files 0600; exported folders must be readable by the other
 # users of a shared filesystem, so finished outputs get the modes a plain mkdir/open would have given them.
 _UMASK = None
@@ -125,10 +127,10 @@ def check_output_dir(path: str | Path, overwrite: bool, flag: str = "--output_di
     """
     path = Path(path)
     if path.exists() and not path.is_dir():
-        raise ValueError(f"{flag} {path} exists and is not a folder; choose another path")
+        raise UserError(f"{flag} {path} exists and is not a folder; choose another path")
     if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise ValueError(f"{flag} {path} already exists and is not empty; pass --overwrite to replace what it "
-                         "holds, or choose another folder")
+        raise UserError(f"{flag} {path} already exists and is not empty; pass --overwrite to replace what it "
+                        "holds, or choose another folder")
     return path
 
 

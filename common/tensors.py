@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from .errors import UserError
+
 IGNORE_INDEX = -100
 """Target id that the loss skips (prompt tokens, padding, document tails): PyTorch's and transformers' value."""
 
@@ -15,4 +17,4 @@ def dtype_from_name(name: str, key: str = "--dtype") -> torch.dtype:
     try:
         return DTYPES[name]
     except KeyError:
-        raise ValueError(f"{key} {name!r} is not a dtype; choose one of {', '.join(DTYPES)}") from None
+        raise UserError(f"{key} {name!r} is not a dtype; choose one of {', '.join(DTYPES)}") from None

@@ -44,7 +44,9 @@ from tqdm import tqdm
 
 from artifacts.open import check_device, default_device, default_dtype
 from common.cli import parser as make_parser
-from common.cli import add_dataclass_args, dataclass_from_args, run_main
+from common.cli import run_main
+from common.errors import UserError
+from common.reflect import add_dataclass_args, dataclass_from_args
 from common.io import check_output_dir, write_json, write_text
 from common.tensors import DTYPES
 from artifacts import add_quantize_args
@@ -70,13 +72,13 @@ def read_records(path: Path, required: tuple[str, ...]) -> list[tuple[int, dict[
     try:
         text = Path(path).read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+        raise UserError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
     listed = text.lstrip().startswith("[")
     if listed:
         try:
             items = list(enumerate(json.loads(text)))
         except ValueError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
+            raise UserError(f"{path}: not valid JSON ({e})") from None
     else:
         items = []
         for n, line in enumerate(text.split("\n"), 1):
@@ -84,17 +86,17 @@ def read_records(path: Path, required: tuple[str, ...]) -> list[tuple[int, dict[
                 try:
                     items.append((n, json.loads(line)))
                 except ValueError as e:
-                    raise ValueError(f"{path}, line {n}: not valid JSON ({e})") from None
+                    raise UserError(f"{path}, line {n}: not valid JSON ({e})") from None
     for n, record in items:
         where = f"{path}, item {n}" if listed else f"{path}, line {n}"
         if not isinstance(record, dict):
-            raise ValueError(f"{where}: expected an object with {', '.join(required)}")
+            raise UserError(f"{where}: expected an object with {', '.join(required)}")
         missing = [k for k in required if not isinstance(record.get(k), str)]
         if missing:
-            raise ValueError(f"{where}: missing or non-text field(s) {', '.join(missing)}; each record needs "
-                             f"{', '.join(required)}")
+            raise UserError(f"{where}: missing or non-text field(s) {', '.join(missing)}; each record needs "
+                            f"{', '.join(required)}")
     if not items:
-        raise ValueError(f"{path}: no records")
+        raise UserError(f"{path}: no records")
     return items
 
 
@@ -104,8 +106,8 @@ def read_eval_set(path: Path, prompts_path: Path) -> tuple[list[dict[str, Any]],
     questions = []
     for line, r in read_records(path, ("question", "std_answer", "class")):
         if class_key(r["class"]) not in prompts:
-            raise ValueError(f"{path}, line {line}: class {r['class']!r} has no grading instruction in {prompts_path} "
-                             f"(it has {', '.join(sorted(prompts))})")
+            raise UserError(f"{path}, line {line}: class {r['class']!r} has no grading instruction in {prompts_path} "
+                            f"(it has {', '.join(sorted(prompts))})")
         questions.append({"line": line, "question": r["question"], "std_answer": r["std_answer"],
                           "class": r["class"]})
     return questions, prompts
@@ -156,9 +158,14 @@ def parse_score(reply: str) -> float | None:
 
 # --- the judge client --------------------------------------------------------------------------------------------
 
-class JudgeError(OSError):
-    """The endpoint cannot be used: unreachable, refusing, or answering something that is not a chat completion.
-    An OSError, so the command reports it as one `error: ...` line."""
+class JudgeError(UserError):
+    """The endpoint as given cannot be used: nothing listens there, it refuses the request (key, model name), or it
+    answers something that is not a chat completion. The user's settings: one `error: ...` line."""
+
+
+class JudgeUnavailable(ConnectionError):
+    """The endpoint answered busy or failing (HTTP 429 or 5xx) or timed out on every try: not the user's mistake,
+    so it keeps its traceback; running the same command again later resumes."""
 
 
 @dataclass
@@ -187,16 +194,19 @@ class Judge:
 
     def ask(self, body: dict[str, Any]) -> str:
         last = ""
+        transient = False  # a failure that may pass (busy, timeout), not one of the URL, key or model given
         for attempt in range(self.cfg.retries + 1):
             if attempt:
                 time.sleep(self.cfg.retry_wait * 2 ** (attempt - 1))
             try:
                 response = self.client.post(self.url, json=body)
-            except httpx.HTTPError as e:
+            except (httpx.HTTPError, httpx.InvalidURL) as e:
                 last = f"{type(e).__name__}: {e}"
+                transient |= not isinstance(e, (httpx.ConnectError, httpx.UnsupportedProtocol, httpx.InvalidURL))
                 continue
             if response.status_code == 429 or response.status_code >= 500:
                 last = f"HTTP {response.status_code}: {response.text[:200]}"
+                transient = True
                 continue
             if response.status_code >= 400:  # a wrong key, model name or URL does not get better by retrying
                 raise JudgeError(f"judge endpoint {self.url} refused the request: HTTP {response.status_code}: "
@@ -208,7 +218,9 @@ class Judge:
                 return content
             except (ValueError, KeyError, IndexError, TypeError) as e:
                 last = f"not a chat completion ({type(e).__name__}: {e}): {response.text[:200]!r}"
-        raise JudgeError(f"judge endpoint {self.url} failed after {self.cfg.retries + 1} tries; last: {last}")
+        error = JudgeUnavailable if transient else JudgeError
+        raise error(f"judge endpoint {self.url} failed after {self.cfg.retries + 1} tries; last: {last}"
+                    + ("" if transient else " (check --judge_base_url)"))
 
     def close(self) -> None:
         self.client.close()
@@ -324,10 +336,10 @@ def load_answers(path: Path, key: dict[str, Any], n: int) -> list[dict[str, Any]
         header = json.loads(lines[0])
         records = [json.loads(line) for line in lines[1:] if line]
     except (ValueError, IndexError):
-        raise ValueError(f"{path}: unreadable answers file; pass --overwrite to generate the answers again") from None
+        raise UserError(f"{path}: unreadable answers file; pass --overwrite to generate the answers again") from None
     if header.get("key") != key or len(records) != n:
-        raise ValueError(f"{path} holds answers for other settings (model, eval set or generation); pass --overwrite "
-                         "to generate them again, or use another --output_dir")
+        raise UserError(f"{path} holds answers for other settings (model, eval set or generation); pass --overwrite "
+                        "to generate them again, or use another --output_dir")
     return records
 
 
@@ -363,13 +375,13 @@ def build_parser():
 def check_args(args) -> None:
     for flag in ("max_new_tokens", "batch_size", "judge_concurrency"):
         if getattr(args, flag) < 1:
-            raise ValueError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+            raise UserError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
     if args.judge_retries < 0:
-        raise ValueError(f"--judge_retries must be >= 0, got {args.judge_retries}")
+        raise UserError(f"--judge_retries must be >= 0, got {args.judge_retries}")
     if args.limit is not None and args.limit < 1:
-        raise ValueError(f"--limit must be >= 1, got {args.limit}")
+        raise UserError(f"--limit must be >= 1, got {args.limit}")
     if not args.generate_only and not (args.judge_base_url and args.judge_model):
-        raise ValueError("--judge_base_url and --judge_model are needed to judge (or pass --generate_only)")
+        raise UserError("--judge_base_url and --judge_model are needed to judge (or pass --generate_only)")
 
 
 def run(args) -> dict[str, Any] | None:
@@ -429,9 +441,9 @@ def run(args) -> dict[str, Any] | None:
 
         try:
             scores = judge_all(judge, items, prompts, log, args.judge_concurrency, settled)
-        except JudgeError as e:
-            raise JudgeError(f"{e}. The {len(items)} answers are kept in {answers_path}; run the same command again "
-                             "to judge them without generating again") from None
+        except (JudgeError, JudgeUnavailable) as e:
+            raise type(e)(f"{e}. The {len(items)} answers are kept in {answers_path}; run the same command again "
+                          "to judge them without generating again") from None
         finally:
             judge.close()
     summary = summarize(items, scores)

@@ -6,63 +6,55 @@ Loaded exactly like the pretraining config (YAML/TOML file < key=value overrides
     python -m finetune.config --config config/finetune_debug.yaml [--get KEY] [key=value ...]
 
 Of the inherited fields, `data_dir`, `model_preset` and `init_from_hf` do not apply (the model comes from
-`model_path`); `model` may only set runtime switches (attn_impl, fused_kernels); `seq_len` is the length of a
-packed row (or the longest padded sample); `tokenizer` defaults to model_path/tokenizer.model.
+`model_path`) and setting one is an error naming it; `model` may only set runtime switches (RUNTIME_MODEL_FIELDS of
+model/config.py); `seq_len` is the length of a packed row (or the longest padded sample); `tokenizer` defaults to
+model_path/tokenizer.model; `train_only_embeddings` applies to finetuning_type full.
 """
 from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import ClassVar, Literal, Sequence
 
-from pretrain import config as pretrain_config
+from common import reflect
+from common.errors import UserError
 from finetune.templates import get_template
+from model.config import RUNTIME_MODEL_FIELDS
 from model.lora import LoRAConfig
+from pretrain import config as pretrain_config
 from pretrain.config import TrainConfig
 
-FINETUNING_TYPES = ("full", "lora")
+FinetuningType = Literal["full", "lora"]
 """Which parameters train: all of them, or LoRA adapters on a frozen base (model/lora.py)."""
-DATA_FORMATS = ("auto", "alpaca", "sharegpt", "openai")
-TRUNCATIONS = ("truncate", "drop")
-BAD_RECORDS = ("skip", "error")
-RUNTIME_MODEL_FIELDS = ("attn_impl", "fused_kernels")
+DataFormat = Literal["auto", "alpaca", "sharegpt", "openai"]
+Truncation = Literal["truncate", "drop"]
+BadRecords = Literal["skip", "error"]
+TUNABLE_MODEL_FIELDS = tuple(f for f in RUNTIME_MODEL_FIELDS if f != "activation_checkpointing")
+"""`model.*` keys a fine-tuning config may set: how the model runs, never its architecture (activation
+checkpointing has its own top-level key, as in pretraining)."""
 
 
-@dataclass
+@dataclass(frozen=True)
+@reflect.with_defaults(run_dir="runs/sample/sft", seq_len=256, max_steps=60, lr=1e-3, min_lr=1e-4, warmup_steps=5,
+                       weight_decay=0.0, eval_interval=20, eval_batches=4, save_interval=30,
+                       wandb_project="llama-finetune")
 class FinetuneConfig(TrainConfig):
     """A fine-tuning run. The defaults are the debug run on the shipped instruction sample
     (config/finetune_debug.yaml spells them out)."""
 
-    # --- defaults that differ from pretraining (same meaning as in TrainConfig) ---
-    run_dir: str = "runs/sample/sft"
-    """Output directory: checkpoints, configs, tokenizer.model, chat_template.jinja, metrics, loss curve."""
-    seq_len: int = 256
-    """Tokens per packed row (packing) or the most a padded micro batch may hold."""
-    max_steps: int = 60
-    """Optimizer steps to train for."""
-    lr: float = 1e-3
-    """Peak learning rate."""
-    min_lr: float = 1e-4
-    """Learning rate at the end of the cosine decay."""
-    warmup_steps: int = 5
-    """Steps of linear warmup."""
-    weight_decay: float = 0.0
-    """AdamW decoupled weight decay (matrices only)."""
-    eval_interval: int = 20
-    """Validation loss every N steps (and at the end); 0 disables it."""
-    eval_batches: int = 4
-    """Micro batches per rank used for each validation loss."""
-    save_interval: int = 30
-    """Save a checkpoint every N steps (and at the end)."""
-    wandb_project: str = "llama-finetune"
-    """Weights & Biases project name."""
+    stage: ClassVar[str] = "fine-tuning"
+    not_applicable: ClassVar[dict[str, str]] = {
+        "data_dir": "the data are data_files (instruction files)",
+        "model_preset": "the architecture comes from model_path",
+        "init_from_hf": "set model_path to the model to tune",
+    }
 
     # --- starting point ---
     model_path: str = "runs/sample/train"
     """The model to tune: a Hugging Face LLaMA folder or one of our training run directories."""
     model_tag: str | None = None
     """Checkpoint of a run directory model_path (default: its latest)."""
-    finetuning_type: str = "full"
+    finetuning_type: FinetuningType = "full"
     """Which parameters train: 'full' (all of them) or 'lora' (adapters on the frozen base, set in `lora`)."""
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     """LoRA adapters (finetuning_type lora): a section `lora: {r, alpha, dropout, target_modules, use_rslora}` or
@@ -80,7 +72,7 @@ class FinetuneConfig(TrainConfig):
     """Validation files; empty: hold out val_size records of data_files."""
     val_size: int = 16
     """Records of data_files held out for validation when val_files is empty (0: none)."""
-    data_format: str = "auto"
+    data_format: DataFormat = "auto"
     """'alpaca' (instruction/input/output, optional system and history), 'sharegpt' (conversations with
     from/value), 'openai' (messages with role/content), or 'auto': decided per record by its keys."""
     instruction_field: str = "instruction"
@@ -93,7 +85,7 @@ class FinetuneConfig(TrainConfig):
     """Key of an optional system text (alpaca and sharegpt layouts)."""
     history_field: str = "history"
     """Alpaca-layout key of optional earlier turns: a list of [instruction, reply] pairs."""
-    bad_records: str = "skip"
+    bad_records: BadRecords = "skip"
     """A record with missing fields, non-alternating roles or an empty reply: 'skip' (counted, the first few
     reported with file and line) or 'error' (stop at the first). Invalid JSON is always an error."""
 
@@ -103,7 +95,7 @@ class FinetuneConfig(TrainConfig):
     cutoff_len: int | None = None
     """Most tokens of one sample (BOS to last EOS); None: seq_len + 1 (a sample of n tokens fills n - 1
     positions). Longer samples are handled by `truncation`."""
-    truncation: str = "truncate"
+    truncation: Truncation = "truncate"
     """'truncate': keep the leading whole turns that fit; when even the first does not, cut its reply (which
     then has no EOS); a sample whose prompt alone fills cutoff_len is skipped. 'drop': skip every longer sample.
     Both are counted in the data report."""
@@ -116,25 +108,25 @@ class FinetuneConfig(TrainConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name, allowed in (("finetuning_type", FINETUNING_TYPES), ("data_format", DATA_FORMATS),
-                              ("truncation", TRUNCATIONS), ("bad_records", BAD_RECORDS)):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
-        get_template(self.template)  # an unknown name is a one-line error here, before anything runs
+        try:  # an unknown name is a one-line error here, before anything runs
+            get_template(self.template)
+        except ValueError as e:  # finetune/templates.py's error names the template and the choices
+            raise UserError(f"template: {e}") from None
         if not self.data_files:
-            raise ValueError("data_files is empty: give at least one instruction file")
-        if self.init_from_hf is not None:
-            raise ValueError("init_from_hf does not apply to fine-tuning: set model_path to the model to tune")
-        not_runtime = sorted(set(self.model) - set(RUNTIME_MODEL_FIELDS))
+            raise UserError("data_files is empty: give at least one instruction file")
+        not_runtime = sorted(set(self.model) - set(TUNABLE_MODEL_FIELDS))
         if not_runtime:
-            raise ValueError(f"model.{not_runtime[0]}: the architecture comes from model_path; only "
-                             f"{', '.join('model.' + f for f in RUNTIME_MODEL_FIELDS)} may be set")
+            raise UserError(f"model.{not_runtime[0]}: the architecture comes from model_path; only "
+                            f"{', '.join('model.' + f for f in TUNABLE_MODEL_FIELDS)} may be set")
         if self.cutoff_len is not None and not 2 <= self.cutoff_len <= self.seq_len + 1:
-            raise ValueError(f"cutoff_len must be in [2, seq_len + 1 = {self.seq_len + 1}], got {self.cutoff_len}")
+            raise UserError(f"cutoff_len must be in [2, seq_len + 1 = {self.seq_len + 1}], got {self.cutoff_len}")
         if self.init_adapter is not None and self.finetuning_type != "lora":
-            raise ValueError("init_adapter is a LoRA adapter to start from: it needs finetuning_type=lora")
+            raise UserError("init_adapter is a LoRA adapter to start from: it needs finetuning_type=lora")
+        if self.train_only_embeddings and self.finetuning_type != "full":
+            raise UserError("train_only_embeddings needs finetuning_type=full (LoRA adapters train instead of the "
+                            "embeddings); set one of them")
         if self.val_size < 0:
-            raise ValueError(f"val_size must be >= 0, got {self.val_size}")
+            raise UserError(f"val_size must be >= 0, got {self.val_size}")
 
     @property
     def max_sample_len(self) -> int:

@@ -25,6 +25,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from common.errors import MissingFileError, UserError
 from common.tensors import IGNORE_INDEX
 from finetune.templates import EncodeStats, encode_turns
 from tokenizer import Tokenizer
@@ -48,7 +49,7 @@ class Fields:
     history: str = "history"
 
 
-class BadRecord(ValueError):
+class BadRecord(UserError):
     """A record that is valid JSON but not a usable conversation; the message says why."""
 
 
@@ -56,44 +57,57 @@ class BadRecord(ValueError):
 # Files
 
 
-def _open_text(path: Path):
-    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")
+def _byte_lines(path: Path) -> Iterator[bytes]:
+    """The file's lines as bytes, streamed (a .jsonl may be larger than memory), gunzipped for .gz."""
+    try:
+        with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
+            yield from f
+    except (gzip.BadGzipFile, EOFError) as e:
+        raise UserError(f"{path}: cannot read ({e}); is it a complete gzip file?") from None
+
+
+def _decode(path: Path, data: bytes, first_line: int = 1) -> str:
+    """`data` as UTF-8 text; a byte that is not gives the line and column where it is (counted in `data`, whose
+    first line is `first_line`), not a position inside the decoder's buffer."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = first_line + data.count(b"\n", 0, e.start)
+        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise UserError(f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x} at byte column {column}); save "
+                        "the file as UTF-8 (e.g. iconv -f GB18030 -t UTF-8)") from None
 
 
 def read_records(path: str | Path) -> Iterator[tuple[str, Any]]:
-    """(location "file:line", record) for every record of a .json/.jsonl file (gzipped or not)."""
+    """(location "file:line" or "file: record N", 1-based, record) for every record of a .json/.jsonl file
+    (gzipped or not)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: instruction file not found")
+        raise MissingFileError(f"{path}: instruction file not found")
     name = path.name.removesuffix(".gz")
-    try:
-        if name.endswith(".jsonl"):
-            with _open_text(path) as f:
-                for lineno, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        yield f"{path}:{lineno}", json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno}); fix or "
-                                         "remove that line") from None
-        elif name.endswith(".json"):
-            with _open_text(path) as f:
-                text = f.read()
+    if name.endswith(".jsonl"):
+        for lineno, raw in enumerate(_byte_lines(path), 1):
+            line = _decode(path, raw, lineno)
+            if not line.strip():
+                continue
             try:
-                data = json.loads(text)
+                yield f"{path}:{lineno}", json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(data, list):
-                raise ValueError(f"{path}: a .json instruction file must hold a list of records, not "
-                                 f"{type(data).__name__} (use .jsonl for one record per line)")
-            # A record's line: where its text starts (records of a pretty-printed list span several lines).
-            for i, record in enumerate(data):
-                yield f"{path}: record {i}", record
-        else:
-            raise ValueError(f"{path}: unknown instruction file type; use .json (a list) or .jsonl, optionally .gz")
-    except (UnicodeDecodeError, gzip.BadGzipFile, EOFError) as e:
-        raise ValueError(f"{path}: cannot read ({e})") from None
+                raise UserError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno}); fix or "
+                                "remove that line") from None
+    elif name.endswith(".json"):
+        text = _decode(path, b"".join(_byte_lines(path)))
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(data, list):
+            raise UserError(f"{path}: a .json instruction file must hold a list of records, not "
+                            f"{type(data).__name__} (use .jsonl for one record per line)")
+        for i, record in enumerate(data, 1):
+            yield f"{path}: record {i}", record
+    else:
+        raise UserError(f"{path}: unknown instruction file type; use .json (a list) or .jsonl, optionally .gz")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -164,7 +178,7 @@ def to_messages(record: Any, data_format: str = "auto", fields: Fields = Fields(
                 raise BadRecord(f"messages[{i}] must be {{\"role\": system|user|assistant, \"content\": text}}")
             messages.append({"role": turn["role"], "content": turn["content"]})
     else:
-        raise ValueError(f"unknown data_format {fmt!r}")
+        raise UserError(f"unknown data_format {fmt!r}")
     return messages
 
 
@@ -192,6 +206,13 @@ class DataReport:
         self.skipped[re.split(r"[;:]| \(", reason, maxsplit=1)[0]] += 1  # the kind, without the details
         if len(self.examples) < REPORTED_SKIPS:
             self.examples.append(f"{where}: {reason}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The counts as data_report.json holds them (skipped: reason -> count, most frequent first)."""
+        return {"records": self.records, "samples": self.samples, "tokens": self.tokens,
+                "target_tokens": self.target_tokens, "truncated": self.truncated,
+                "skipped": dict(self.skipped.most_common()), "skipped_total": sum(self.skipped.values()),
+                "skipped_examples": list(self.examples), "boundary_merges": self.boundary_merges}
 
     def summary(self, split: str) -> str:
         lines = [f"{split}: {self.records} records -> {self.samples} samples, {self.tokens:,} tokens, "
@@ -276,7 +297,7 @@ def encode_records(records: Iterator[tuple[str, Any]], template: ChatFormat, tok
                                              options.mask_history)
         except ValueError as e:  # BadRecord, or a conversation check_conversation refused
             if options.bad_records == "error":
-                raise ValueError(f"{where}: {e} (bad_records=skip skips such records)") from None
+                raise UserError(f"{where}: {e} (bad_records=skip skips such records)") from None
             report.skip(where, str(e))
             continue
         report.truncated += truncated
@@ -297,5 +318,5 @@ def load_samples(files: list[str], template: ChatFormat, tokenizer: Tokenizer, o
         samples += encode_records(read_records(path), template, tokenizer, options, report)
     if not samples:
         detail = f"; e.g. {report.examples[0]}" if report.examples else ""
-        raise ValueError(f"{', '.join(files)}: no usable instruction records ({report.records} read){detail}")
+        raise UserError(f"{', '.join(files)}: no usable instruction records ({report.records} read){detail}")
     return samples, report

@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from common.cli import entry_point, parser
+from common.errors import MissingFileError, UserError
 from common.io import atomic_dir, check_output_dir
 from common.tensors import DTYPES
 
@@ -40,7 +41,7 @@ class TensorFolder:
                  single: str = "model.safetensors"):
         self.path = Path(path)
         if not self.path.is_dir():
-            raise FileNotFoundError(f"{self.path}: folder not found")
+            raise MissingFileError(f"{self.path}: folder not found")
         self.file_of: dict[str, Path] = {}
         for index in index_names:
             if (self.path / index).is_file():
@@ -52,8 +53,8 @@ class TensorFolder:
                 with safe_open(str(self.path / single), "pt") as f:
                     self.file_of = {k: self.path / single for k in f.keys()}
             else:
-                raise FileNotFoundError(f"{self.path}: no {single} (nor a sharded index); only safetensors "
-                                        "folders are read here (convert .bin folders with save_pretrained)")
+                raise MissingFileError(f"{self.path}: no {single} (nor a sharded index); only safetensors "
+                                       "folders are read here (convert .bin folders with save_pretrained)")
         self._handles: dict[Path, object] = {}
 
     def names(self) -> list[str]:
@@ -130,12 +131,12 @@ def make_delta(base_path: str | Path, target_path: str | Path, output_dir: str |
     if base.names() != target.names():
         only_b = sorted(set(base.names()) - set(target.names()))[:3]
         only_t = sorted(set(target.names()) - set(base.names()))[:3]
-        raise ValueError(f"base {base.path} and target {target.path} hold different tensors (only in base: "
-                         f"{only_b}, only in target: {only_t}); a delta needs the same architecture")
+        raise UserError(f"base {base.path} and target {target.path} hold different tensors (only in base: "
+                        f"{only_b}, only in target: {only_t}); a delta needs the same architecture")
     for name in base.names():
         if base.meta(name)[1] != target.meta(name)[1]:
-            raise ValueError(f"tensor {name} has shape {base.meta(name)[1]} in base {base.path} but "
-                             f"{target.meta(name)[1]} in target {target.path}; a delta needs the same shapes")
+            raise UserError(f"tensor {name} has shape {base.meta(name)[1]} in base {base.path} but "
+                            f"{target.meta(name)[1]} in target {target.path}; a delta needs the same shapes")
     config = {"format": "delta", "arithmetic": "float32", "base_sha256": checksum(base, "base checksum"),
               "base_vocab_size": base.vocab_size(), "base": str(base.path.resolve()),
               "target_dtypes": {n: str(target.meta(n)[0]).removeprefix("torch.") for n in target.names()}}
@@ -160,21 +161,21 @@ def apply_delta(base_path: str | Path, delta_path: str | Path, output_dir: str |
     check_output_dir(output_dir, overwrite)
     config_file = delta_path / DELTA_CONFIG
     if not config_file.is_file():
-        raise FileNotFoundError(f"{delta_path}: no {DELTA_CONFIG}; not a folder written by `finetune.delta make`")
+        raise MissingFileError(f"{delta_path}: no {DELTA_CONFIG}; not a folder written by `finetune.delta make`")
     config = json.loads(config_file.read_text())
     delta = TensorFolder(delta_path, (DELTA_INDEX,), "delta.safetensors")
     base = TensorFolder(base_path)
     vocab = base.vocab_size()
     if vocab != config["base_vocab_size"]:
-        raise ValueError(f"delta {delta_path} was made for a base with a {config['base_vocab_size']}-token "
-                         f"vocabulary, but base {base.path} has {vocab}: apply it to the base it was made from")
+        raise UserError(f"delta {delta_path} was made for a base with a {config['base_vocab_size']}-token "
+                        f"vocabulary, but base {base.path} has {vocab}: apply it to the base it was made from")
     digest = checksum(base, "base checksum")
     if digest != config["base_sha256"]:
-        raise ValueError(f"delta {delta_path} was made from a base with weights sha256 "
-                         f"{config['base_sha256'][:16]}…, but base {base.path} has {digest[:16]}…: apply it to the "
-                         "base it was made from")
+        raise UserError(f"delta {delta_path} was made from a base with weights sha256 "
+                        f"{config['base_sha256'][:16]}…, but base {base.path} has {digest[:16]}…: apply it to the "
+                        "base it was made from")
     if base.names() != delta.names():
-        raise ValueError(f"delta {delta_path} and base {base.path} hold different tensors")
+        raise UserError(f"delta {delta_path} and base {base.path} hold different tensors")
     dtypes = {n: DTYPES[d] for n, d in config["target_dtypes"].items()}
 
     def compute(name: str) -> torch.Tensor:

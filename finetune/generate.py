@@ -30,6 +30,7 @@ from tqdm import tqdm
 from artifacts import add_quantize_args, check_device, default_device, default_dtype, load_tokenizer, open_model
 from common.cli import parser as cli_parser
 from common.cli import run_main
+from common.errors import UserError
 from common.io import atomic_write, write_json
 from common.tensors import DTYPES
 from finetune.data import BadRecord, Fields, read_records, to_messages
@@ -46,7 +47,7 @@ def read_prompts(path: str, fields: Fields) -> list[dict[str, Any]]:
         try:
             data = json.loads(p.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
-            raise ValueError(f"{p}:{e.lineno}: invalid JSON ({e.msg})") from None
+            raise UserError(f"{p}:{e.lineno}: invalid JSON ({e.msg})") from None
         if isinstance(data, list) and all(isinstance(x, str) for x in data):  # DreamerGPT: a list of prompts
             return [{"source": str(p), "index": i, "messages": [{"role": "user", "content": x}]}
                     for i, x in enumerate(data)]
@@ -55,13 +56,13 @@ def read_prompts(path: str, fields: Fields) -> list[dict[str, Any]]:
         try:
             messages = to_messages(record, "auto", fields)
         except BadRecord as e:
-            raise ValueError(f"{where}: {e}") from None
+            raise UserError(f"{where}: {e}") from None
         if messages and messages[-1]["role"] == "assistant":
             item = {"source": str(p), "index": i, "messages": messages[:-1], "reference": messages[-1]["content"]}
         else:
             item = {"source": str(p), "index": i, "messages": messages}
         if not item["messages"] or item["messages"][-1]["role"] != "user":
-            raise ValueError(f"{where}: the conversation must end with a user turn (or a reply to drop)")
+            raise UserError(f"{where}: the conversation must end with a user turn (or a reply to drop)")
         items.append(item)
     return items
 
@@ -91,22 +92,22 @@ def main(argv: list[str] | None = None) -> None:
 def generate(args: argparse.Namespace) -> None:
     out = Path(args.output)
     if out.exists() and not args.overwrite:
-        raise ValueError(f"--output {out} exists; pass --overwrite to replace it")
+        raise UserError(f"--output {out} exists; pass --overwrite to replace it")
     if args.batch_size <= 0 or args.max_new_tokens <= 0:
-        raise ValueError("--batch_size and --max_new_tokens must be positive")
+        raise UserError("--batch_size and --max_new_tokens must be positive")
     sampling = sampling_from_args(args)
     fields = Fields(instruction=args.instruction_field, output=args.output_field)
     items = [item for path in args.input for item in read_prompts(path, fields)]
     if not items:
-        raise ValueError(f"{', '.join(args.input)}: no prompts")
+        raise UserError(f"{', '.join(args.input)}: no prompts")
     if args.system is not None:
         for item in items:
             item["messages"] = [{"role": "system", "content": args.system}] + \
                 [m for m in item["messages"] if m["role"] != "system"]
     template = get_template(args.template).jinja() if args.template else read_chat_template(args.model)
     if template is None:
-        raise ValueError(f"{args.model} stores no chat template (no chat_template.jinja, no chat_template in "
-                         "tokenizer_config.json); pass --template NAME")
+        raise UserError(f"{args.model} stores no chat template (no chat_template.jinja, no chat_template in "
+                        "tokenizer_config.json); pass --template NAME")
     device = args.device or default_device()
     check_device(device)
     model = open_model(args.model, device, args.dtype or default_dtype(device), tag=args.tag, adapter=args.adapter,
@@ -119,12 +120,12 @@ def generate(args: argparse.Namespace) -> None:
             # stays text here too.
             prompts.append(encode_chat(template, tok, item["messages"], sanitize_control_tokens=True))
         except TemplateError as e:  # e.g. the template's own raise_exception on roles it does not accept
-            raise ValueError(f"{item['source']} prompt {item['index']}: chat template error: {e}") from None
+            raise UserError(f"{item['source']} prompt {item['index']}: chat template error: {e}") from None
     too_long = [i for i, ids in enumerate(prompts) if len(ids) >= model.config.max_seq_len]
     if too_long:
         item = items[too_long[0]]
-        raise ValueError(f"{item['source']} prompt {item['index']} has {len(prompts[too_long[0]])} tokens; the "
-                         f"model's context is {model.config.max_seq_len}")
+        raise UserError(f"{item['source']} prompt {item['index']} has {len(prompts[too_long[0]])} tokens; the "
+                        f"model's context is {model.config.max_seq_len}")
 
     generator = torch.Generator(device=device)
     if sampling.seed is not None:

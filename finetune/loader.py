@@ -20,6 +20,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from common.errors import UserError
 from common.tensors import IGNORE_INDEX
 from finetune.data import Sample
 from pretrain.data import Batch, permute, resume_step
@@ -65,7 +66,7 @@ class InstructionLoader:
                  world_size: int = 1, seed: int = 0, shuffle: bool = True, packing: bool = True,
                  split: str = "train", data_hash: str | None = None) -> None:
         if not samples:
-            raise ValueError(f"the {split} split has no samples")
+            raise UserError(f"the {split} split has no samples")
         if world_size <= 0 or not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank {rank} and world_size {world_size}")
         self.samples = samples
@@ -75,8 +76,8 @@ class InstructionLoader:
         positions = [len(s.ids) - 1 for s in samples]  # a sample of n tokens is n - 1 (input, target) pairs
         too_long = next((i for i, n in enumerate(positions) if n > seq_len), None)
         if too_long is not None:
-            raise ValueError(f"sample {too_long} of the {split} split has {positions[too_long] + 1} tokens, more "
-                             f"than seq_len + 1 = {seq_len + 1}; lower cutoff_len or raise seq_len")
+            raise UserError(f"sample {too_long} of the {split} split has {positions[too_long] + 1} tokens, more "
+                            f"than seq_len + 1 = {seq_len + 1}; lower cutoff_len or raise seq_len")
         self.rows = pack(positions, seq_len) if packing else [[i] for i in range(len(samples))]
         self.data_hash = data_hash or fingerprint(samples)
         self.step = 0
@@ -125,7 +126,7 @@ class InstructionLoader:
         bounds.append(B * T)
         cu = np.asarray(bounds, dtype=np.int32)
         return Batch(torch.from_numpy(tokens), torch.from_numpy(targets), torch.from_numpy(positions),
-                     torch.from_numpy(cu), int(np.diff(cu).max()))
+                     torch.from_numpy(cu), int(np.diff(cu).max()), sum(map(sum, lengths)))
 
     def next_batch(self) -> Batch:
         batch = self.batch_at(self.step)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch.nn as nn
 
+from common.errors import UserError
 from model import Transformer
 from model.lora import LoRAAdapter, LoRAConfig, inject_lora, mark_only_lora_trainable
 from model.lora_peft import apply_adapter
@@ -25,8 +26,8 @@ def prepare_lora(model: Transformer, cfg: LoRAConfig, init_adapter: str | Path |
         differ = [f"{k}={getattr(found, k)!r} (config: {getattr(cfg, k)!r})"
                   for k in ("r", "alpha", "target_modules", "use_rslora") if getattr(found, k) != getattr(cfg, k)]
         if differ:
-            raise ValueError(f"init_adapter {init_adapter} does not match the LoRA config: {', '.join(differ)}; "
-                             "set the LoRA fields to the adapter's")
+            raise UserError(f"init_adapter {init_adapter} does not match the LoRA config: {', '.join(differ)}; "
+                            "set the LoRA fields to the adapter's")
         for m in model.modules():
             if isinstance(m, LoRAAdapter):
                 m.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()

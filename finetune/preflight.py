@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Sequence
 
 from common import cli
+from common.errors import MissingFileError
 from finetune.config import FinetuneConfig, load_finetune_config
 from pretrain.preflight import preflight
 
@@ -27,14 +28,14 @@ def model_ready(path: str | Path) -> bool:
 def check_finetuning(cfg: FinetuneConfig) -> dict[str, str]:  # type: ignore[override]
     missing = not model_ready(cfg.model_path)
     if missing and cfg.model_path != FinetuneConfig.model_path:
-        raise FileNotFoundError(f"model_path {cfg.model_path}: neither a Hugging Face folder (config.json) nor a "
-                                "training run directory (latest); set model_path to the model to tune")
+        raise MissingFileError(f"model_path {cfg.model_path}: neither a Hugging Face folder (config.json) nor a "
+                               "training run directory (latest); set model_path to the model to tune")
     for name in (*cfg.data_files, *cfg.val_files):
         if not Path(name).is_file():
-            raise FileNotFoundError(f"{name}: instruction file not found (data_files / val_files)")
+            raise MissingFileError(f"{name}: instruction file not found (data_files / val_files)")
     if cfg.init_adapter is not None and not (Path(cfg.init_adapter) / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"init_adapter {cfg.init_adapter}: no adapter_config.json; give a PEFT adapter "
-                                "folder (a LoRA run's export writes one: <run_dir>/hf/adapter)")
+        raise MissingFileError(f"init_adapter {cfg.init_adapter}: no adapter_config.json; give a PEFT adapter "
+                               "folder (a LoRA run's export writes one: <run_dir>/hf/adapter)")
     return {"MODEL_PATH": cfg.model_path, "MODEL_MISSING": str(int(missing)),
             "FINETUNING_TYPE": cfg.finetuning_type}
 

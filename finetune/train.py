@@ -21,22 +21,26 @@ import torch.nn as nn
 
 from artifacts import open_model
 from common.io import write_text
-from finetune.config import RUNTIME_MODEL_FIELDS, FinetuneConfig, load_finetune_config
-from finetune.data import DataOptions, Sample, load_samples
+from common.errors import MissingFileError, UserError
+from finetune.config import FinetuneConfig, load_finetune_config
+from finetune.data import DataOptions, DataReport, Sample, load_samples
 from finetune.loader import InstructionLoader, fingerprint
-from finetune.templates import get_template
-from tokenizer.chat_template import CHAT_TEMPLATE_FILE
-from model import Transformer
 from finetune.lora import prepare_lora
-from pretrain.train import Dist, Run, Task, launched_main, saved_model_config
+from finetune.templates import get_template
+from model import Transformer
+from model.config import RUNTIME_MODEL_FIELDS
+from pretrain.train import Dist, Run, Task, check_model, freeze_all_but_embeddings, launched_main
 from pretrain.train import train as train_core
 from tokenizer import Tokenizer
 
 
 def prepare_full(model: Transformer, cfg: FinetuneConfig) -> nn.Module:
-    """Full-parameter fine-tuning: every parameter trains."""
+    """Full-parameter fine-tuning: every parameter trains, or only the embeddings and the output head with
+    train_only_embeddings (as in pretraining: the first stage after a vocabulary extension)."""
     for p in model.parameters():
         p.requires_grad_(True)
+    if cfg.train_only_embeddings:
+        freeze_all_but_embeddings(model)
     return model
 
 
@@ -52,13 +56,24 @@ PREPARE: dict[str, Callable[[Transformer, FinetuneConfig], nn.Module]] = {"full"
                                                                            "lora": prepare_adapter}
 
 
+DATA_REPORT_FILE = "data_report.json"
+"""In the run directory: records read, samples kept, and records skipped by reason, per split."""
+
+
+def data_report(train: DataReport, val: DataReport | None, train_samples: int, val_samples: int) -> dict[str, Any]:
+    """The data_report.json of a run: the load counts of data_files (and val_files), and the samples each split
+    trains or validates on after the val_size hold-out."""
+    return {"data_files": train.to_dict(), "val_files": None if val is None else val.to_dict(),
+            "train_samples": train_samples, "val_samples": val_samples}
+
+
 def split_validation(samples: list[Sample], val_size: int, seed: int) -> tuple[list[Sample], list[Sample]]:
     """Hold out val_size samples, chosen by a seeded draw (the same on every rank and every restart)."""
     if val_size == 0:
         return samples, []
     if val_size >= len(samples):
-        raise ValueError(f"val_size={val_size} would leave no training samples out of {len(samples)}; lower it "
-                         "or give val_files")
+        raise UserError(f"val_size={val_size} would leave no training samples out of {len(samples)}; lower it "
+                        "or give val_files")
     import numpy as np
 
     held = set(np.random.default_rng(seed).choice(len(samples), val_size, replace=False).tolist())
@@ -73,22 +88,29 @@ class FinetuneTask(Task):
         self.cfg: FinetuneConfig = cfg
         self.template = get_template(cfg.template)
         self.samples: dict[str, list[Sample]] = {}
+        self.data_report: dict[str, Any] = {}
         # An adapter run's checkpoints hold only the adapter and its optimizer state; the frozen base comes from
         # model_path again on every start (build_model), so resuming restores exactly the same model.
         self.checkpoint_frozen = cfg.finetuning_type == "full"
 
     def tokenizer(self) -> Tokenizer:
-        """The model's tokenizer, and every sample tokenized: bad data stops the run before any rank starts."""
+        """The model's tokenizer, after the checks on run_dir that must come before anything is written."""
         cfg = self.cfg
         if Path(cfg.run_dir).resolve() == Path(cfg.model_path).resolve():
-            raise ValueError(f"run_dir {cfg.run_dir} is model_path: write the fine-tuning run to another folder")
+            raise UserError(f"run_dir {cfg.run_dir} is model_path: write the fine-tuning run to another folder")
         self.check_resume()
         path = Path(cfg.tokenizer) if cfg.tokenizer else Path(cfg.model_path) / "tokenizer.model"
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: tokenizer not found; set tokenizer=PATH (the model's tokenizer.model)")
+            raise MissingFileError(f"{path}: tokenizer not found; set tokenizer=PATH (the model's tokenizer.model)")
         tokenizer = Tokenizer(path)
         if tokenizer.bos_id < 0 or tokenizer.eos_id < 0:
-            raise ValueError(f"{path}: the tokenizer needs BOS and EOS tokens for chat templates")
+            raise UserError(f"{path}: the tokenizer needs BOS and EOS tokens for chat templates")
+        return tokenizer
+
+    def prepare_data(self, tokenizer: Tokenizer) -> None:
+        """Every sample tokenized: bad data stops the run before any process group exists. Rank 0 prints the
+        counts and writes them to run_dir/data_report.json."""
+        cfg = self.cfg
         options = DataOptions.from_config(cfg)
         train, report = load_samples(cfg.data_files, self.template, tokenizer, options)
         if cfg.val_files:
@@ -96,6 +118,9 @@ class FinetuneTask(Task):
         else:
             train, val = split_validation(train, cfg.val_size, cfg.seed)
             val_report = None
+        if cfg.eval_interval and not val:
+            raise UserError("eval_interval is set but there is no validation data: give val_files, val_size > 0, "
+                            "or set eval_interval=0")
         self.samples = {"train": train, "val": val}
         if os.environ.get("RANK", "0") == "0":
             print(report.summary("data " + ", ".join(cfg.data_files)), flush=True)
@@ -103,10 +128,7 @@ class FinetuneTask(Task):
                 print(val_report.summary("validation " + ", ".join(cfg.val_files)), flush=True)
             else:
                 print(f"validation: {len(val)} samples held out of data_files (val_size)", flush=True)
-        if cfg.eval_interval and not val:
-            raise ValueError("eval_interval is set but there is no validation data: give val_files, val_size > 0, "
-                             "or set eval_interval=0")
-        return tokenizer
+            self.data_report = data_report(report, val_report, len(train), len(val))
 
     def check_resume(self) -> None:
         """A run directory is resumed only with the template, base model and finetuning type it was started with:
@@ -123,8 +145,8 @@ class FinetuneTask(Task):
 
         changed = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in self.run_meta().items() if differs(k, saved.get(k), v)]
         if changed:
-            raise ValueError(f"{self.cfg.run_dir} holds a fine-tuning run started with other settings "
-                             f"({', '.join(changed)}); use a new run_dir, or the original settings to resume")
+            raise UserError(f"{self.cfg.run_dir} holds a fine-tuning run started with other settings "
+                            f"({', '.join(changed)}); use a new run_dir, or the original settings to resume")
 
     def run_meta(self) -> dict[str, Any]:
         """What a resume must not change; for LoRA also the adapter shape and the adapter the run STARTED from
@@ -138,26 +160,14 @@ class FinetuneTask(Task):
         return meta
 
     def build_model(self, tokenizer: Tokenizer, resuming: bool, zero3_config: dict[str, Any] | None) -> Transformer:
-        """The model at model_path (fp32 on CPU; DeepSpeed moves, casts and partitions it)."""
+        """The model at model_path (fp32 on CPU; DeepSpeed moves, casts and partitions it), built with this
+        config's runtime settings (model.attn_impl, model.fused_kernels, activation_checkpointing)."""
         cfg = self.cfg
-        # The runtime settings go into the config the model is built with (fused_kernels is read at build time).
         runtime = {key: cfg.model[key] for key in RUNTIME_MODEL_FIELDS if key in cfg.model}
         runtime["activation_checkpointing"] = cfg.activation_checkpointing
         model = open_model(cfg.model_path, "cpu", "float32", tag=cfg.model_tag, runtime=runtime,
                            needs_float="fine-tuning (model_path)").train()
-        if tokenizer.vocab_size > model.config.vocab_size:
-            raise ValueError(f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} tokens but the model at "
-                             f"{cfg.model_path} only {model.config.vocab_size}")
-        if cfg.seq_len > model.config.max_seq_len:
-            raise ValueError(f"seq_len {cfg.seq_len} exceeds the model's max_seq_len {model.config.max_seq_len}")
-        saved = saved_model_config(cfg.run_dir) if resuming else None
-        if saved is not None:
-            mine = model.config.to_dict()
-            changed = [k for k, v in saved.to_dict().items()
-                       if k not in (*RUNTIME_MODEL_FIELDS, "activation_checkpointing") and mine.get(k) != v]
-            if changed:
-                raise ValueError(f"{cfg.run_dir} holds a fine-tuning run of a different model ({', '.join(changed)} "
-                                 f"differ from {cfg.model_path}); use a new run_dir or the original model_path")
+        check_model(cfg, tokenizer, model.config, resuming, f"the original model_path (not {cfg.model_path})")
         return model
 
     def prepare_model(self, model: Transformer) -> nn.Module:
@@ -173,8 +183,9 @@ class FinetuneTask(Task):
 
     def run_files(self) -> dict[str, Any]:
         meta = json.dumps(self.run_meta(), indent=2) + "\n"
+        report = json.dumps(self.data_report, indent=2) + "\n"
         return {CHAT_TEMPLATE_FILE: lambda p: write_text(p, self.template.jinja() + "\n"),
-                "finetune.json": lambda p: write_text(p, meta)}
+                "finetune.json": lambda p: write_text(p, meta), DATA_REPORT_FILE: lambda p: write_text(p, report)}
 
     def done_message(self, run: Run) -> str:
         run_dir = self.cfg.run_dir

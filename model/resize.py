@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import save_file
 
 from common.cli import entry_point, parser
+from common.errors import MissingFileError, UserError
 from common.io import atomic_dir
 
 from .hf import read_hf_state_dict
@@ -40,7 +41,7 @@ def resize_rows(weight: torch.Tensor, new_rows: int, init: str, std: float, gene
     elif init == "normal":
         extra = torch.randn(new_rows - old, weight.shape[1], generator=generator) * std
     else:
-        raise ValueError(f"unknown init {init!r}; choose one of: {', '.join(INITS)}")
+        raise UserError(f"unknown init {init!r}; choose one of: {', '.join(INITS)}")
     return torch.cat([w32, extra]).to(weight.dtype)
 
 
@@ -53,11 +54,11 @@ def resize_hf(model: str | Path, output_dir: str | Path, vocab_size: int | None 
 
     src = Path(model)
     if not (src / "config.json").is_file():
-        raise FileNotFoundError(f"{src}: no config.json; expected a Hugging Face LLaMA folder")
+        raise MissingFileError(f"{src}: no config.json; expected a Hugging Face LLaMA folder")
     if init not in INITS:
-        raise ValueError(f"--init must be one of {', '.join(INITS)}, got {init!r}")
+        raise UserError(f"--init must be one of {', '.join(INITS)}, got {init!r}")
     if pad_to_multiple_of < 1:
-        raise ValueError(f"--pad_to_multiple_of must be >= 1, got {pad_to_multiple_of}")
+        raise UserError(f"--pad_to_multiple_of must be >= 1, got {pad_to_multiple_of}")
     config = json.loads((src / "config.json").read_text())
     old_vocab = config["vocab_size"]
     tok = Tokenizer(tokenizer) if tokenizer is not None else None
@@ -67,20 +68,20 @@ def resize_hf(model: str | Path, output_dir: str | Path, vocab_size: int | None 
         tok_in_use = tok
     if vocab_size is None:
         if tok is None:
-            raise ValueError("give --vocab_size or --tokenizer (the new vocabulary size is taken from it)")
+            raise UserError("give --vocab_size or --tokenizer (the new vocabulary size is taken from it)")
         vocab_size = tok.vocab_size
     vocab_size = -(-vocab_size // pad_to_multiple_of) * pad_to_multiple_of
     if vocab_size < old_vocab:
         if tok_in_use is None:
-            raise ValueError(f"shrinking {src} from {old_vocab} to {vocab_size} rows needs --tokenizer, to know "
-                             "which ids are in use")
+            raise UserError(f"shrinking {src} from {old_vocab} to {vocab_size} rows needs --tokenizer, to know "
+                            "which ids are in use")
     if tok_in_use is not None and vocab_size < tok_in_use.vocab_size:
-        raise ValueError(f"cannot resize to {vocab_size} rows: tokenizer {tok_in_use.path} uses ids up to "
-                         f"{tok_in_use.vocab_size - 1}; give --vocab_size >= {tok_in_use.vocab_size}")
+        raise UserError(f"cannot resize to {vocab_size} rows: tokenizer {tok_in_use.path} uses ids up to "
+                        f"{tok_in_use.vocab_size - 1}; give --vocab_size >= {tok_in_use.vocab_size}")
     state = read_hf_state_dict(src)
     tied = config.get("tie_word_embeddings", False)
     if EMBEDDING not in state or (not tied and OUTPUT not in state):
-        raise ValueError(f"{src}: no {EMBEDDING} / {OUTPUT} tensor; is this a LLaMA folder?")
+        raise UserError(f"{src}: no {EMBEDDING} / {OUTPUT} tensor; is this a LLaMA folder?")
     generator = torch.Generator().manual_seed(seed)
     std = config.get("initializer_range", 0.02)
     for name in (EMBEDDING,) if tied else (EMBEDDING, OUTPUT):

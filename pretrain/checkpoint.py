@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 from artifacts.run_dir import (LATEST, latest_tag, list_checkpoints, resolve_tag, tag_for,  # noqa: F401
                                weights_only_loading)
+from common.errors import UserError
 from common.io import fsync_tree, write_text
 
 def _is_rank0() -> bool:
@@ -71,13 +72,13 @@ def load_checkpoint(engine: Any, run_dir: str | Path, tag: str | None = None, fr
             if frozen_excluded:
                 _check_trainable_saved(engine, Path(run_dir) / tag)
     except ZeRORuntimeException as e:  # ZeRO shards are per rank: another world size cannot load them
-        raise ValueError(f"{Path(run_dir) / tag}: {e} Resume with the number of ranks that wrote it.") from None
+        raise UserError(f"{Path(run_dir) / tag}: {e} Resume with the number of ranks that wrote it.") from None
     except RuntimeError as e:
         if "Error(s) in loading state_dict" not in str(e):
             raise
         detail = " ".join(str(e).split())[:300]
-        raise ValueError(f"{Path(run_dir) / tag} does not fit the model being trained ({detail}); it was written "
-                         "by another model or model code: resume with that, or use a new run_dir") from None
+        raise UserError(f"{Path(run_dir) / tag} does not fit the model being trained ({detail}); it was written "
+                        "by another model or model code: resume with that, or use a new run_dir") from None
     if load_path is None:
         raise RuntimeError(f"{Path(run_dir) / tag}: DeepSpeed could not load this checkpoint")
     return tag, client_state or {}
@@ -95,5 +96,5 @@ def _check_trainable_saved(engine: Any, ckpt: Path) -> None:
     trainable = {n for n, p in engine.module.named_parameters() if p.requires_grad}
     missing = sorted(trainable - saved)
     if missing:
-        raise ValueError(f"{ckpt} lacks trained parameters of this run ({', '.join(missing[:3])}): it was written "
-                         "by another kind of run; resume with that, or use a new run_dir")
+        raise UserError(f"{ckpt} lacks trained parameters of this run ({', '.join(missing[:3])}): it was written "
+                        "by another kind of run; resume with that, or use a new run_dir")

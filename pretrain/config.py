@@ -1,7 +1,9 @@
 """Training configuration: one typed dataclass, loaded from YAML or TOML with key=value overrides.
 
 Precedence: dataclass defaults < config file < command line. Every key is checked: an unknown key or a value of
-the wrong type is a one-line error naming the key. The DeepSpeed JSON is derived from this config (see
+the wrong type is a one-line error naming the key (common/reflect.py checks and converts every value, the same way
+as for command-line flags). A config is immutable once built: derive another with `dataclasses.replace`. The
+DeepSpeed JSON is derived from this config (see
 `deepspeed_config`), so batch size, precision and clipping are written in one place.
 """
 from __future__ import annotations
@@ -12,23 +14,23 @@ import json
 import math
 import sys
 import tomllib
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, ClassVar, Literal, Sequence
 
 import yaml
 
-from common import cli
+from common import cli, reflect
+from common.errors import MissingFileError, UserError
 from model.config import ModelConfig
 
-PRECISIONS = ("auto", "bf16", "fp16", "fp32")
-NAN_POLICIES = ("skip", "stop")
-WANDB_MODES = ("offline", "online", "disabled")
+Precision = Literal["auto", "bf16", "fp16", "fp32"]
+NanPolicy = Literal["skip", "stop"]
+WandbMode = Literal["offline", "online", "disabled"]
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     """Everything a pretraining run needs. The defaults are the debug run on the shipped sample corpus
     (config/debug.yaml spells them out)."""
@@ -98,7 +100,7 @@ class TrainConfig:
     # --- engine ---
     zero_stage: int = 0
     """DeepSpeed ZeRO stage: 0 (plain data parallel), 1 (optimizer states), 2 (+gradients), 3 (+parameters)."""
-    precision: str = "auto"
+    precision: Precision = "auto"
     """'auto' (bf16 on a GPU that supports it, else fp32), 'bf16', 'fp16' (GPU only, loss scaling) or 'fp32'."""
     offload_optimizer: bool = False
     """ZeRO-Offload: keep optimizer states in CPU memory and step with DeepSpeedCPUAdam (needs zero_stage >= 1)."""
@@ -123,49 +125,58 @@ class TrainConfig:
     """Save a checkpoint at max_steps. Throughput runs turn it off: a 1B model's ZeRO checkpoint is ~17 GB."""
     keep_last: int = 2
     """Checkpoints to keep; older ones are deleted after a successful save."""
-    nan_policy: str = "skip"
+    nan_policy: NanPolicy = "skip"
     """What to do with a NaN/inf loss: 'skip' the step (no update, counted in metrics) or 'stop' the run."""
     max_skipped_steps: int = 10
     """With nan_policy=skip, stop after this many consecutive skipped steps (training has diverged)."""
     tensorboard: bool = True
     """Write TensorBoard events to run_dir/tensorboard."""
-    wandb_mode: str = "offline"
+    wandb_mode: WandbMode = "offline"
     """Weights & Biases: 'offline' (logs in run_dir/wandb, sync later), 'online' or 'disabled'. Skipped quietly
     when wandb is not installed."""
     wandb_project: str = "llama-pretrain"
     """Weights & Biases project name."""
+
+    stage: ClassVar[str] = "pretraining"
+    """The stage's name in messages."""
+    not_applicable: ClassVar[dict[str, str]] = {}
+    """Inherited fields a subclass's stage does not use -> what to set instead; setting one is an error."""
 
     def __post_init__(self) -> None:
         positive = ("seq_len", "micro_batch_size", "global_batch_size", "max_steps", "log_interval", "keep_last",
                     "eval_batches", "dist_timeout_minutes", "max_skipped_steps")
         for name in positive:
             if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+                raise UserError(f"{name} must be > 0, got {getattr(self, name)}")
         for name in ("warmup_steps", "eval_interval", "save_interval", "weight_decay", "grad_clip", "min_lr"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+                raise UserError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+            raise UserError(f"lr must be > 0, got {self.lr}")
         if self.min_lr > self.lr:
-            raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
+            raise UserError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
         if self.lr_decay_steps is not None and self.lr_decay_steps <= self.warmup_steps:
-            raise ValueError(f"lr_decay_steps ({self.lr_decay_steps}) must be > warmup_steps ({self.warmup_steps})")
+            raise UserError(f"lr_decay_steps ({self.lr_decay_steps}) must be > warmup_steps ({self.warmup_steps})")
         for name, value in (("beta1", self.beta1), ("beta2", self.beta2)):
             if not 0 <= value < 1:
-                raise ValueError(f"{name} must be in [0, 1), got {value}")
+                raise UserError(f"{name} must be in [0, 1), got {value}")
         if self.zero_stage not in (0, 1, 2, 3):
-            raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+            raise UserError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
         if self.offload_optimizer and self.zero_stage == 0:
-            raise ValueError("offload_optimizer needs zero_stage 1, 2 or 3")
+            raise UserError("offload_optimizer needs zero_stage 1, 2 or 3")
         if self.offload_params and self.zero_stage != 3:
-            raise ValueError("offload_params needs zero_stage 3")
-        for name, allowed in (("precision", PRECISIONS), ("nan_policy", NAN_POLICIES), ("wandb_mode", WANDB_MODES)):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+            raise UserError("offload_params needs zero_stage 3")
+        for name, annotation in reflect.field_types(type(self)).items():  # direct construction: Literal fields
+            if typing.get_origin(annotation) is Literal:
+                reflect.coerce(name, getattr(self, name), annotation)
+        defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+        for name, instead in self.not_applicable.items():
+            if getattr(self, name) != defaults[name]:
+                raise UserError(not_applicable_message(type(self), name))
         model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
         unknown = sorted(set(self.model) - model_fields)
         if unknown:
-            raise ValueError(f"unknown model field(s) {', '.join(unknown)}; valid: {', '.join(sorted(model_fields))}")
+            raise UserError(f"unknown model field(s) {', '.join(unknown)}; valid: {', '.join(sorted(model_fields))}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -181,64 +192,11 @@ class TrainConfig:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Loading: file + overrides, with type checking/coercion per field.
+# Loading: file + overrides, each value checked against its field's type by common/reflect.py.
 
 
-def _field_types(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _coerce(key: str, value: Any, annotation: Any) -> Any:
-    """Convert `value` (from YAML/TOML or a command-line string) to the field's annotated type, or raise."""
-    args = typing.get_args(annotation)
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "~")):
-            if type(None) in args:
-                return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(key, value, inner[0])
-    if annotation is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0", "on", "off"):
-            return value.lower() in ("true", "yes", "1", "on")
-    elif annotation is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                number = float(value.replace("_", ""))
-            except ValueError:
-                pass
-            else:
-                if number.is_integer():
-                    return int(number)
-    elif annotation is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # PyYAML reads 3e-4 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    elif annotation is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-    elif typing.get_origin(annotation) is dict or annotation is dict:
-        if isinstance(value, dict):
-            return value
-    elif typing.get_origin(annotation) is list:
-        # A list from YAML, or from the command line as YAML flow syntax ([a, b]) or comma-separated text.
-        items = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
-        if isinstance(items, list):
-            inner = (typing.get_args(annotation) or (Any,))[0]
-            return [_coerce(f"{key}[{i}]", v, inner) for i, v in enumerate(items)]
-    else:
-        return value
-    name = getattr(annotation, "__name__", str(annotation))
-    raise ValueError(f"{key}: expected {name}, got {value!r}")
+def not_applicable_message(cls: type[TrainConfig], name: str) -> str:
+    return f"{name} does not apply to {cls.stage}: {cls.not_applicable[name]}"
 
 
 def _parse_scalar(text: str) -> Any:
@@ -253,66 +211,65 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     """The mapping in a .yaml/.yml/.toml file (TOML tables or YAML mappings; nesting is kept for `model`)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: config file not found")
+        raise MissingFileError(f"{path}: config file not found")
     try:
         if path.suffix == ".toml":
             data = tomllib.loads(path.read_text())
         elif path.suffix in (".yaml", ".yml"):
             data = yaml.safe_load(path.read_text()) or {}
         else:
-            raise ValueError(f"{path}: config must be .yaml, .yml or .toml")
-    except (yaml.YAMLError, tomllib.TOMLDecodeError) as e:
+            raise UserError(f"{path}: config must be .yaml, .yml or .toml")
+    except (yaml.YAMLError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         detail = str(e).replace("\n", " ")
-        raise ValueError(f"{path}: cannot parse config: {detail}") from None
+        raise UserError(f"{path}: cannot parse config: {detail}") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: config must be a mapping of key: value, got {type(data).__name__}")
+        raise UserError(f"{path}: config must be a mapping of key: value, got {type(data).__name__}")
     return data
 
 
-def _apply(values: dict[str, Any], raw: dict[str, Any], where: str, cls: type[TrainConfig] | None = None) -> None:
-    """Check and coerce `raw` into `values` (field of `cls`, default TrainConfig -> value)."""
-    train_types = _field_types(cls or TrainConfig)
-    model_types = _field_types(ModelConfig)
+def _apply(values: dict[str, Any], raw: dict[str, Any], where: str, cls: type[TrainConfig]) -> None:
+    """Check and convert `raw` (key -> value, from a file or the command line) into `values`."""
+    train_types = reflect.field_types(cls)
+    model_types = reflect.field_types(ModelConfig)
     sections = _sections(cls)
     for key, value in raw.items():
         head, dot, sub = key.partition(".")
         if head in sections and (dot or isinstance(value, dict)):
             # A nested config section (e.g. fine-tuning's `lora:`): a mapping, or dotted keys on the command line.
-            section_types = _field_types(sections[head])
+            section_types = reflect.field_types(sections[head])
             for sub, subvalue in ({sub: value} if dot else value).items():
                 if sub not in section_types:
-                    raise ValueError(f"{where}: unknown field '{head}.{sub}'; valid: {', '.join(section_types)}")
-                values.setdefault(head, {})[sub] = _coerce(f"{where}: {head}.{sub}", subvalue, section_types[sub])
-            continue
-        if key == "model" and isinstance(value, dict):
-            for sub, subvalue in value.items():
+                    raise UserError(f"{where}: unknown field '{head}.{sub}'; valid: {', '.join(section_types)}")
+                values.setdefault(head, {})[sub] = reflect.coerce(f"{where}: {head}.{sub}", subvalue,
+                                                                  section_types[sub])
+        elif head == "model" and (dot or isinstance(value, dict)):
+            for sub, subvalue in ({sub: value} if dot else value).items():
                 if sub not in model_types:
-                    raise ValueError(f"{where}: unknown model field 'model.{sub}'; valid: {', '.join(model_types)}")
-                values.setdefault("model", {})[sub] = _coerce(f"{where}: model.{sub}", subvalue, model_types[sub])
-        elif key.startswith("model."):
-            sub = key[len("model."):]
-            if sub not in model_types:
-                raise ValueError(f"{where}: unknown model field '{key}'; valid: {', '.join(model_types)}")
-            values.setdefault("model", {})[sub] = _coerce(f"{where}: {key}", value, model_types[sub])
+                    raise UserError(f"{where}: unknown model field 'model.{sub}'; valid: {', '.join(model_types)}")
+                values.setdefault("model", {})[sub] = reflect.coerce(f"{where}: model.{sub}", subvalue,
+                                                                     model_types[sub])
+        elif key in cls.not_applicable:
+            raise UserError(f"{where}: {not_applicable_message(cls, key)}")
         elif key in train_types:
-            values[key] = _coerce(f"{where}: {key}", value, train_types[key])
+            values[key] = reflect.coerce(f"{where}: {key}", value, train_types[key])
         else:
-            source = sys.modules[(cls or TrainConfig).__module__].__file__ or "pretrain/config.py"
-            raise ValueError(f"{where}: unknown config key '{key}'; see {Path(source).parent.name}/"
-                             f"{Path(source).name} for the valid keys")
+            source = sys.modules[cls.__module__].__file__ or "pretrain/config.py"
+            raise UserError(f"{where}: unknown config key '{key}'; see {Path(source).parent.name}/"
+                            f"{Path(source).name} for the valid keys")
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = (),
                 cls: type[TrainConfig] | None = None) -> TrainConfig:
     """`cls` (default TrainConfig, or a subclass such as finetune's) from defaults < `path` (YAML/TOML) <
     `overrides` ("key=value", "model.dim=128")."""
+    cls = cls or TrainConfig
     values: dict[str, Any] = {}
     if path is not None:
         _apply(values, read_config_file(path), str(path), cls)
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key.strip():
-            raise ValueError(f"override {item!r} must look like key=value")
+            raise UserError(f"override {item!r} must look like key=value")
         _apply(values, {key.strip(): _parse_scalar(text)}, "command line", cls)
     values["model"] = {**values.get("model", {})}
     for name, section in _sections(cls).items():
@@ -320,14 +277,14 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = (),
             try:
                 values[name] = section(**values[name])
             except ValueError as e:
-                raise ValueError(f"{name}: {e}") from None
-    return (cls or TrainConfig)(**values)
+                raise UserError(f"{name}: {e}") from None
+    return cls(**values)
 
 
-def _sections(cls: type[TrainConfig] | None) -> dict[str, type]:
+def _sections(cls: type[TrainConfig]) -> dict[str, type]:
     """Fields of `cls` that are config dataclasses of their own, set as a mapping (`lora: {r: 8}`) or dotted keys
     (`lora.r=8`); `model` is a plain mapping checked against ModelConfig instead (the preset fills the rest)."""
-    return {k: t for k, t in _field_types(cls or TrainConfig).items() if dataclasses.is_dataclass(t)}
+    return {k: t for k, t in reflect.field_types(cls).items() if dataclasses.is_dataclass(t)}
 
 
 def save_config(cfg: TrainConfig, path: str | Path) -> None:
@@ -342,7 +299,7 @@ def grad_accum_steps(cfg: TrainConfig, world_size: int) -> int:
     """Gradient accumulation steps so that micro * accumulation * world_size == global batch."""
     per_step = cfg.micro_batch_size * world_size
     if cfg.global_batch_size % per_step:
-        raise ValueError(
+        raise UserError(
             f"global_batch_size ({cfg.global_batch_size}) must be divisible by micro_batch_size "
             f"({cfg.micro_batch_size}) x world size ({world_size}) = {per_step}; change one of them"
         )
@@ -354,7 +311,7 @@ def resolve_precision(precision: str, cuda: bool, bf16_supported: bool) -> str:
     if precision == "auto":
         return "bf16" if cuda and bf16_supported else "fp32"
     if precision == "fp16" and not cuda:
-        raise ValueError("precision fp16 needs a GPU; use fp32 or bf16 on CPU")
+        raise UserError("precision fp16 needs a GPU; use fp32 or bf16 on CPU")
     return precision
 
 
@@ -414,20 +371,20 @@ def deepspeed_config(cfg: TrainConfig, world_size: int, precision: str) -> dict[
         return ds
     path = Path(cfg.deepspeed_config)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: DeepSpeed config not found (deepspeed_config)")
+        raise MissingFileError(f"{path}: DeepSpeed config not found (deepspeed_config)")
     try:
         user = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+        raise UserError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
     if not isinstance(user, dict):
-        raise ValueError(f"{path}: DeepSpeed config must be a JSON object")
+        raise UserError(f"{path}: DeepSpeed config must be a JSON object")
     for key in ("optimizer", "scheduler"):
         if key in user:
-            raise ValueError(f"{path}: remove '{key}': the optimizer and LR schedule come from the training config")
+            raise UserError(f"{path}: remove '{key}': the optimizer and LR schedule come from the training config")
     for keys, owner in _OWNED.items():
         mine, theirs = _lookup(ds, keys), _lookup(user, keys)
         if theirs is not None and theirs != "auto" and theirs != mine:
-            raise ValueError(
+            raise UserError(
                 f"{path}: '{'.'.join(keys)}' is {theirs!r} but the training config gives {mine!r}; "
                 f"set {owner} in the training config instead"
             )
@@ -462,7 +419,7 @@ def main(argv: Sequence[str] | None = None, cls: type[TrainConfig] | None = None
         value: Any = cfg
         for part in args.get.split("."):  # a section's field: lora.r
             if not dataclasses.is_dataclass(value) or part not in {f.name for f in dataclasses.fields(value)}:
-                raise ValueError(f"unknown config key '{args.get}'")
+                raise UserError(f"unknown config key '{args.get}'")
             value = getattr(value, part)
         print("" if value is None else value)
     else:

@@ -31,8 +31,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from common.errors import UserError
 from common.tensors import IGNORE_INDEX
-from pretrain.shards import INDEX_DTYPE, MANIFEST, check_shard, load_manifest
+from pretrain.shards import INDEX_DTYPE, MANIFEST, check_shards, load_manifest
 MAX_OPEN_SHARDS = 256
 """Shards kept mapped at once (each holds two file descriptors); reopening one costs ~0.1 ms, so shuffled reads over
 more shards than this are slower. Capped further by the open-file limit, see _max_open_shards."""
@@ -139,7 +140,7 @@ class TokenShards:
         path = self.data_dir / MANIFEST
         info = self.manifest["splits"].get(split)
         if info is None:
-            raise ValueError(f"{path}: no '{split}' split; the splits are {', '.join(self.manifest['splits'])}")
+            raise UserError(f"{path}: no '{split}' split; the splits are {', '.join(self.manifest['splits'])}")
         self.dtype = np.dtype(self.manifest["dtype"]).newbyteorder("<")
         self.eos_id: int = self.manifest["eos_id"]
         self.shards: list[dict[str, Any]] = info["shards"]
@@ -147,11 +148,8 @@ class TokenShards:
         self.num_documents: int = sum(s["num_documents"] for s in self.shards)
         if self.num_tokens < 2:
             hint = " (prepare it with --val_fraction > 0 or a bigger corpus)" if split == "val" else ""
-            raise ValueError(f"{path}: the {split} split is empty ({self.num_tokens} tokens){hint}")
-        for shard in self.shards:
-            problem = check_shard(self.data_dir, shard, self.dtype.itemsize)
-            if problem:
-                raise ValueError(f"{problem}; rerun the prepare_data command that made {self.data_dir} to rebuild it")
+            raise UserError(f"{path}: the {split} split is empty ({self.num_tokens} tokens){hint}")
+        check_shards(self.data_dir, self.shards, self.dtype.itemsize)
         self.offsets: list[int] = np.cumsum([0] + [s["num_tokens"] for s in self.shards]).tolist()
         self._open: OrderedDict[int, tuple[_Mapped, _DocIndex]] = OrderedDict()
         self._max_open = _max_open_shards()
@@ -217,6 +215,8 @@ class Batch:
     convention, 0 first and B*T last); a segment is a document's piece of a row, or the padding of a row."""
     max_seqlen: int
     """Longest segment in cu_seqlens (flash-attn's varlen kernels want it without a device sync)."""
+    num_tokens: int
+    """Positions holding a real token, padding not counted: what the `tokens` metric adds up."""
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
         """The batch on `device` (pin the memory first for non_blocking copies to overlap with compute)."""
@@ -225,7 +225,7 @@ class Batch:
             return t.to(device, non_blocking=non_blocking)
 
         return Batch(move(self.tokens), move(self.targets), move(self.position_ids), move(self.cu_seqlens),
-                     self.max_seqlen)
+                     self.max_seqlen, self.num_tokens)
 
 
 def resume_step(mine: dict[str, Any], state: dict[str, Any], counter: str, per_step: int, what: str) -> int:
@@ -235,11 +235,11 @@ def resume_step(mine: dict[str, Any], state: dict[str, Any], counter: str, per_s
     changed = [k for k in mine if k != counter and state.get(k) != mine[k]]
     if changed:
         detail = ", ".join(f"{k} {str(state.get(k))[:16]!r} -> {str(mine[k])[:16]!r}" for k in changed)
-        raise ValueError(f"cannot resume {what}: {detail} changed since the checkpoint; restore the original data "
-                         "and settings, or start a new run_dir")
+        raise UserError(f"cannot resume {what}: {detail} changed since the checkpoint; restore the original data "
+                        "and settings, or start a new run_dir")
     if state[counter] % per_step:
-        raise ValueError(f"cannot resume {what}: {state[counter]} {counter} consumed is not a multiple of "
-                         f"world_size x micro_batch_size = {per_step}")
+        raise UserError(f"cannot resume {what}: {state[counter]} {counter} consumed is not a multiple of "
+                        f"world_size x micro_batch_size = {per_step}")
     return state[counter] // per_step
 
 
@@ -262,7 +262,7 @@ class DataLoader:
         """Open `split` of the prepared `data_dir`; tokenizer_sha256/vocab_size, when given, are checked against
         its manifest (pass the model's). Raises ValueError/FileNotFoundError naming the file on any problem."""
         if seq_len <= 0 or micro_batch_size <= 0:
-            raise ValueError(f"seq_len and micro_batch_size must be positive, got {seq_len} and {micro_batch_size}")
+            raise UserError(f"seq_len and micro_batch_size must be positive, got {seq_len} and {micro_batch_size}")
         if world_size <= 0 or not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank {rank} and world_size {world_size}")
         self.data = TokenShards(data_dir, split, tokenizer_sha256, vocab_size)
@@ -280,7 +280,7 @@ class DataLoader:
         self._block: tuple[Any, np.ndarray] = (None, np.empty(0))
         per_step = world_size * micro_batch_size
         if self.windows_per_epoch < per_step:
-            raise ValueError(
+            raise UserError(
                 f"{self.data.data_dir / MANIFEST}: the {split} split has {self.data.num_tokens:,} tokens, "
                 f"{self.windows_per_epoch} windows of seq_len + 1 = {seq_len + 1}, fewer than world_size x "
                 f"micro_batch_size = {world_size} x {micro_batch_size}; use fewer ranks, a smaller micro_batch_size "
@@ -352,6 +352,7 @@ class DataLoader:
             position_ids=torch.from_numpy(positions.reshape(B, T)),
             cu_seqlens=torch.from_numpy(cu_seqlens.astype(np.int32)),
             max_seqlen=int(lengths.max()),
+            num_tokens=B * T - sum(T - n for _, n in short),
         )
 
     def next_batch(self) -> Batch:

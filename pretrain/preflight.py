@@ -17,9 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
+import numpy as np
+
 from common import cli
+from common.errors import MissingFileError, UserError
 from pretrain.config import TrainConfig, grad_accum_steps, load_config
-from pretrain.shards import MANIFEST, load_manifest
+from pretrain.shards import MANIFEST, check_shards, load_manifest
 from tokenizer import Tokenizer
 
 DEFAULT_PORT = 29500
@@ -37,8 +40,8 @@ def read_hostfile(path: str | Path) -> list[Host]:
     """The hosts of a DeepSpeed hostfile (`<host> slots=<n>` lines, # comments); an error names file and line."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: hostfile not found (--hostfile); write one line per node: "
-                                "'<host> slots=<processes>'")
+        raise MissingFileError(f"{path}: hostfile not found (--hostfile); write one line per node: "
+                               "'<host> slots=<processes>'")
     hosts: list[Host] = []
     for number, raw in enumerate(path.read_text().splitlines(), 1):
         line = raw.strip()
@@ -46,25 +49,25 @@ def read_hostfile(path: str | Path) -> list[Host]:
             continue
         match = HOST_LINE.match(line)
         if not match or int(match.group(2)) < 1:
-            raise ValueError(f"{path}, line {number}: {line!r} is not '<host> slots=<n>' with n a positive "
-                             "number of processes, e.g. 'localhost slots=1'")
+            raise UserError(f"{path}, line {number}: {line!r} is not '<host> slots=<n>' with n a positive "
+                            "number of processes, e.g. 'localhost slots=1'")
         if any(h.name == match.group(1) for h in hosts):
-            raise ValueError(f"{path}, line {number}: host {match.group(1)!r} is listed twice; give each node "
-                             "one line")
+            raise UserError(f"{path}, line {number}: host {match.group(1)!r} is listed twice; give each node "
+                            "one line")
         hosts.append(Host(match.group(1), int(match.group(2))))
     if not hosts:
-        raise ValueError(f"{path}: no hosts; write one line per node: '<host> slots=<processes>'")
+        raise UserError(f"{path}: no hosts; write one line per node: '<host> slots=<processes>'")
     return hosts
 
 
 def world_size(hosts: list[Host], num_nodes: int = -1, num_gpus: int = -1) -> tuple[int, int]:
     """(number of nodes, total ranks) that `deepspeed --num_nodes --num_gpus` launches from these hosts."""
     if num_nodes == 0 or num_nodes < -1:
-        raise ValueError(f"--num_nodes must be positive, got {num_nodes}")
+        raise UserError(f"--num_nodes must be positive, got {num_nodes}")
     if num_gpus == 0 or num_gpus < -1:
-        raise ValueError(f"--num_gpus must be positive, got {num_gpus}")
+        raise UserError(f"--num_gpus must be positive, got {num_gpus}")
     if num_nodes > len(hosts):
-        raise ValueError(f"--num_nodes {num_nodes} but the hostfile lists only {len(hosts)} host(s)")
+        raise UserError(f"--num_nodes {num_nodes} but the hostfile lists only {len(hosts)} host(s)")
     used = hosts[:num_nodes] if num_nodes != -1 else hosts
     return len(used), sum(num_gpus if num_gpus != -1 else h.slots for h in used)
 
@@ -76,10 +79,14 @@ def check_data(cfg: TrainConfig) -> None:
         return  # scripts/train.sh prepares it (or says why it cannot) before launching
     path = Path(cfg.tokenizer) if cfg.tokenizer else data_dir / "tokenizer.model"
     if not path.exists():
-        raise FileNotFoundError(f"{path}: tokenizer not found; set tokenizer=PATH (the tokenizer.model the data "
-                                "was prepared with)")
+        raise MissingFileError(f"{path}: tokenizer not found; set tokenizer=PATH (the tokenizer.model the data "
+                               "was prepared with)")
     vocab = cfg.model.get("vocab_size") if not cfg.init_from_hf else None
-    load_manifest(data_dir, Tokenizer(path).sha256, vocab)
+    manifest = load_manifest(data_dir, Tokenizer(path).sha256, vocab)
+    # Shard sizes against the manifest: a truncated shard found here, not by a rank after DeepSpeed's start-up.
+    itemsize = np.dtype(manifest["dtype"]).itemsize
+    for info in manifest["splits"].values():
+        check_shards(data_dir, info["shards"], itemsize)
 
 
 def free_port(addr: str) -> int:
@@ -95,11 +102,11 @@ def check_port(addr: str, port: int) -> None:
         try:
             s.bind((addr, port))
         except socket.gaierror:
-            raise ValueError(f"--master_addr {addr}: unknown host") from None
+            raise UserError(f"--master_addr {addr}: unknown host") from None
         except OSError as e:
             if e.errno == errno.EADDRINUSE:
-                raise ValueError(f"port {port} on {addr} is in use (another job?); pass a free one with "
-                                 "--master_port PORT") from None
+                raise UserError(f"port {port} on {addr} is in use (another job?); pass a free one with "
+                                "--master_port PORT") from None
             if e.errno in (errno.EADDRNOTAVAIL, errno.EACCES):
                 return  # the master is another machine (or a privileged port): that node checks its own
             raise
@@ -125,13 +132,13 @@ def preflight(argv: Sequence[str] | None, prog: str, doc: str, load: Callable[..
     hosts = read_hostfile(args.hostfile)
     nodes, world = world_size(hosts, args.num_nodes, args.num_gpus)
     if not 0 <= args.node_rank < nodes:
-        raise ValueError(f"--node_rank {args.node_rank} is not one of the {nodes} node(s) of {args.hostfile} "
-                         f"(0 to {nodes - 1})")
+        raise UserError(f"--node_rank {args.node_rank} is not one of the {nodes} node(s) of {args.hostfile} "
+                        f"(0 to {nodes - 1})")
     try:
         grad_accum_steps(cfg, world)
     except ValueError as e:
-        raise ValueError(f"{e} (world size {world}: {nodes} node(s) of {args.hostfile}"
-                         f"{f' x --num_gpus {args.num_gpus}' if args.num_gpus != -1 else ''})") from None
+        raise UserError(f"{e} (world size {world}: {nodes} node(s) of {args.hostfile}"
+                        f"{f' x --num_gpus {args.num_gpus}' if args.num_gpus != -1 else ''})") from None
     extra = check(cfg)
     port = args.master_port
     if port is None and nodes == 1:

@@ -36,8 +36,9 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from common import cli
+from common import cli, reflect
 from common.cli import entry_point
+from common.errors import UserError
 from common.io import atomic_write, write_json
 from pretrain.shards import (FORMAT_VERSION, MANIFEST, SPLITS, STATE, STREAM_START, TOKENIZER_COPY,
                              Position, ShardWriter, build_manifest, check_shard, choose_dtype, write_manifest)
@@ -86,11 +87,11 @@ class PrepareConfig:
 
     def __post_init__(self) -> None:
         if not 0 <= self.val_fraction < 1:
-            raise ValueError(f"--val_fraction must be in [0, 1), got {self.val_fraction}")
+            raise UserError(f"--val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.shard_tokens <= 0:
-            raise ValueError(f"--shard_tokens must be positive, got {self.shard_tokens}")
+            raise UserError(f"--shard_tokens must be positive, got {self.shard_tokens}")
         if self.num_workers <= 0:
-            raise ValueError(f"--num_workers must be positive, got {self.num_workers}")
+            raise UserError(f"--num_workers must be positive, got {self.num_workers}")
 
 
 @functools.lru_cache(maxsize=1)
@@ -216,7 +217,7 @@ def _load_state(out: Path, fingerprint: dict[str, Any], overwrite: bool) -> dict
         return None
     if not state_path.exists():
         if (out / MANIFEST).exists() or any(out.glob("train_*.bin")):
-            raise ValueError(
+            raise UserError(
                 f"{out} already holds prepared data without a {STATE} to resume from; "
                 "pass --overwrite to replace it or choose another --output_dir"
             )
@@ -224,11 +225,11 @@ def _load_state(out: Path, fingerprint: dict[str, Any], overwrite: bool) -> dict
     try:
         state = json.loads(state_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{state_path}: unreadable resume state ({e}); pass --overwrite to start over") from None
+        raise UserError(f"{state_path}: unreadable resume state ({e}); pass --overwrite to start over") from None
     old = state.get("fingerprint", {})
     changed = sorted(k for k in fingerprint if old.get(k) != fingerprint[k])
     if changed:
-        raise ValueError(
+        raise UserError(
             f"{out} was prepared with different {', '.join(changed)}; rerun with the original arguments to resume, "
             "pass --overwrite to start over, or choose another --output_dir"
         )
@@ -290,9 +291,9 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
     """Tokenize cfg.inputs into shards in cfg.output_dir (resuming an interrupted run); return the manifest."""
     tok = Tokenizer(cfg.tokenizer)
     if tok.eos_id < 0:
-        raise ValueError(f"{tok.path}: the tokenizer has no EOS token, which marks document ends; use one that has")
+        raise UserError(f"{tok.path}: the tokenizer has no EOS token, which marks document ends; use one that has")
     if cfg.bos and tok.bos_id < 0:
-        raise ValueError(f"{tok.path}: --bos given but the tokenizer has no BOS token")
+        raise UserError(f"{tok.path}: --bos given but the tokenizer has no BOS token")
     files = resolve_inputs(cfg.inputs)
     dtype = choose_dtype(tok.vocab_size)
     out = Path(cfg.output_dir)
@@ -336,8 +337,8 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
     for fi in sorted(file_stats):
         stats.merge(CorpusStats(**file_stats[fi]))
     if writers["train"].num_tokens == 0:
-        raise ValueError(f"no training documents in {', '.join(cfg.inputs)} ({stats.summary()}); "
-                         "check the paths, --text_field and --val_fraction")
+        raise UserError(f"no training documents in {', '.join(cfg.inputs)} ({stats.summary()}); "
+                        "check the paths, --text_field and --val_fraction")
     if cfg.val_fraction > 0 and writers["val"].num_tokens == 0:
         print(f"warning: no document fell into the val split (val_fraction={cfg.val_fraction}); "
               "the corpus is too small for it", file=sys.stderr)
@@ -365,11 +366,11 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
 @entry_point
 def main(argv: Sequence[str] | None = None) -> None:
     p = cli.parser("python -m pretrain.prepare_data", __doc__.split("\n\n")[0])
-    cli.add_dataclass_args(p, PrepareConfig, required=("tokenizer", "inputs", "output_dir"),
+    reflect.add_dataclass_args(p, PrepareConfig, required=("tokenizer", "inputs", "output_dir"),
                            rename={"inputs": "input"})
     args = p.parse_args(argv)
     try:
-        prepare(cli.dataclass_from_args(PrepareConfig, args))
+        prepare(reflect.dataclass_from_args(PrepareConfig, args))
     except KeyboardInterrupt:
         print("interrupted: finished shards are kept; rerun the same command to resume", file=sys.stderr)
         raise SystemExit(130) from None

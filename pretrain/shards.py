@@ -23,6 +23,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from common.errors import MissingFileError, UserError
 from common.io import replace_file, write_json
 
 FORMAT_VERSION = 1
@@ -40,7 +41,7 @@ def choose_dtype(vocab_size: int) -> np.dtype:
         return np.dtype("<u2")
     if vocab_size <= 1 << 32:
         return np.dtype("<u4")
-    raise ValueError(f"vocab_size {vocab_size} does not fit in uint32 token ids")
+    raise UserError(f"vocab_size {vocab_size} does not fit in uint32 token ids")
 
 
 def shard_name(split: str, index: int) -> str:
@@ -70,6 +71,15 @@ def check_shard(data_dir: Path, shard: dict[str, Any], itemsize: int) -> str | N
         if size != expected:
             return f"{path} is truncated or corrupt ({size} bytes, expected {expected})"
     return None
+
+
+def check_shards(data_dir: Path, shards: Sequence[dict[str, Any]], itemsize: int) -> None:
+    """A UserError for the first shard whose files are missing or not the size the manifest gives: a stat per
+    file, so the launch preflight finds a truncated shard in milliseconds."""
+    for shard in shards:
+        problem = check_shard(data_dir, shard, itemsize)
+        if problem:
+            raise UserError(f"{problem}; rerun the prepare_data command that made {data_dir} to rebuild it")
 
 
 class ShardWriter:
@@ -249,35 +259,35 @@ def load_manifest(
     data_dir = Path(data_dir)
     path = data_dir / MANIFEST
     if not data_dir.is_dir():
-        raise FileNotFoundError(f"{data_dir}: no such data directory; create it with "
-                                f"python -m pretrain.prepare_data --output_dir {data_dir} ...")
+        raise MissingFileError(f"{data_dir}: no such data directory; create it with "
+                               f"python -m pretrain.prepare_data --output_dir {data_dir} ...")
     if not path.is_file():
         if (data_dir / STATE).exists():
-            raise FileNotFoundError(f"{path} is missing: preparing {data_dir} was interrupted; "
-                                    "rerun the same prepare_data command to finish it")
-        raise FileNotFoundError(f"{path} is missing: {data_dir} is not a prepared dataset; "
-                                f"run python -m pretrain.prepare_data --output_dir {data_dir} ... first")
+            raise MissingFileError(f"{path} is missing: preparing {data_dir} was interrupted; "
+                                   "rerun the same prepare_data command to finish it")
+        raise MissingFileError(f"{path} is missing: {data_dir} is not a prepared dataset; "
+                               f"run python -m pretrain.prepare_data --output_dir {data_dir} ... first")
     try:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e}); rerun prepare_data to rewrite it") from None
+        raise UserError(f"{path}: not valid JSON ({e}); rerun prepare_data to rewrite it") from None
     if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
         version = manifest.get("format_version") if isinstance(manifest, dict) else None
-        raise ValueError(f"{path}: format_version {version!r} is not {FORMAT_VERSION}; "
-                         "re-prepare the data with this version of prepare_data")
+        raise UserError(f"{path}: format_version {version!r} is not {FORMAT_VERSION}; "
+                        "re-prepare the data with this version of prepare_data")
     for key in ("tokenizer_sha256", "vocab_size", "eos_id", "dtype", "splits"):
         if key not in manifest:
-            raise ValueError(f"{path}: missing key '{key}'; re-prepare the data with prepare_data")
+            raise UserError(f"{path}: missing key '{key}'; re-prepare the data with prepare_data")
     if manifest["dtype"] != choose_dtype(manifest["vocab_size"]).name:
-        raise ValueError(f"{path}: dtype {manifest['dtype']!r} does not match vocab_size {manifest['vocab_size']}")
+        raise UserError(f"{path}: dtype {manifest['dtype']!r} does not match vocab_size {manifest['vocab_size']}")
     if tokenizer_sha256 is not None and tokenizer_sha256 != manifest["tokenizer_sha256"]:
-        raise ValueError(
+        raise UserError(
             f"{path}: the data was tokenized with a different tokenizer (sha256 {manifest['tokenizer_sha256'][:12]}... "
             f"vs {tokenizer_sha256[:12]}...); train with {data_dir / 'tokenizer.model'} or re-prepare the data "
             "with your tokenizer"
         )
     if vocab_size is not None and vocab_size < manifest["vocab_size"]:
-        raise ValueError(
+        raise UserError(
             f"{path}: token ids go up to vocab_size {manifest['vocab_size']} but the model's vocab_size is "
             f"{vocab_size}; set the model's vocab_size to at least {manifest['vocab_size']} or re-prepare the data"
         )

@@ -35,6 +35,7 @@ import torch.nn as nn
 from deepspeed.ops.adam import DeepSpeedCPUAdam
 
 from common import cli
+from common.errors import MissingFileError, UserError
 from common.io import replace_file, tmp_path_for
 from common.distributed import init_deepspeed_distributed
 from common.tensors import IGNORE_INDEX
@@ -123,8 +124,8 @@ def init_distributed(cfg: TrainConfig) -> Dist:
     """Join the process group the launcher described (RANK, WORLD_SIZE, MASTER_ADDR... in the environment)."""
     for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         if var not in os.environ:
-            raise ValueError(f"environment variable {var} is not set: start training with the deepspeed launcher "
-                             "(scripts/train.sh), or set RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT")
+            raise UserError(f"environment variable {var} is not set: start training with the deepspeed launcher "
+                            "(scripts/train.sh), or set RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
@@ -141,14 +142,35 @@ def init_distributed(cfg: TrainConfig) -> Dist:
 def resolve_tokenizer(cfg: TrainConfig) -> Tokenizer:
     path = Path(cfg.tokenizer) if cfg.tokenizer else Path(cfg.data_dir) / "tokenizer.model"
     if not path.exists():
-        raise FileNotFoundError(f"{path}: tokenizer not found; set tokenizer=PATH (the tokenizer.model the data "
-                                "was prepared with)")
+        raise MissingFileError(f"{path}: tokenizer not found; set tokenizer=PATH (the tokenizer.model the data "
+                               "was prepared with)")
     return Tokenizer(path)
 
 
 def saved_model_config(run_dir: str | Path) -> ModelConfig | None:
     path = Path(run_dir) / "model_config.json"
     return ModelConfig.from_dict(json.loads(path.read_text())) if path.is_file() else None
+
+
+def check_model(cfg: TrainConfig, tokenizer: Tokenizer, config: ModelConfig, resuming: bool,
+                what: str = "the model settings") -> None:
+    """What every stage checks of the model it is about to train: the tokenizer fits its vocabulary, seq_len its
+    context, and a resumed run has the architecture its checkpoints hold (RUNTIME_MODEL_FIELDS may differ).
+    `what` names the setting a user would change back to resume."""
+    if tokenizer.vocab_size > config.vocab_size:
+        raise UserError(f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} tokens but the model's vocab_size "
+                        f"is {config.vocab_size}; set model.vocab_size >= {tokenizer.vocab_size}, or use the "
+                        "model's own tokenizer")
+    if cfg.seq_len > config.max_seq_len:
+        raise UserError(f"seq_len={cfg.seq_len} exceeds the model's max_seq_len={config.max_seq_len}; raise "
+                        "model.max_seq_len (with a larger model.rope_theta or rope scaling, docs/long_context.md)")
+    saved = saved_model_config(cfg.run_dir) if resuming else None
+    if saved is not None:
+        changed = [k for k, v in saved.to_dict().items() if k not in RUNTIME_MODEL_FIELDS and getattr(config, k) != v]
+        if changed:
+            details = ", ".join(f"{k} {getattr(saved, k)!r} -> {getattr(config, k)!r}" for k in changed)
+            raise UserError(f"{cfg.run_dir} holds a run of a different model ({details}); use a new run_dir or "
+                            f"{what}")
 
 
 def build_model(cfg: TrainConfig, tokenizer: Tokenizer, resuming: bool,
@@ -164,24 +186,17 @@ def build_model(cfg: TrainConfig, tokenizer: Tokenizer, resuming: bool,
                                                          cfg.activation_checkpointing})
     else:
         mc = cfg.model_config(tokenizer.vocab_size)
+        # A resumed run continues the architecture its checkpoints hold (an init_from_hf run's came from the HF
+        # folder); only its runtime fields come from this config.
         saved = saved_model_config(cfg.run_dir) if resuming else None
         if saved is not None:
-            runtime = {k: getattr(mc, k) for k in RUNTIME_MODEL_FIELDS}
-            changed = [k for k, v in saved.to_dict().items() if k not in runtime and getattr(mc, k) != v]
-            if changed and not cfg.init_from_hf:
-                details = ", ".join(f"{k} {getattr(saved, k)!r} -> {getattr(mc, k)!r}" for k in changed)
-                raise ValueError(f"{cfg.run_dir} holds a run of a different model ({details}); use a new run_dir "
-                                 "or the original model settings")
-            mc = ModelConfig.from_dict({**saved.to_dict(), **runtime})
+            if not cfg.init_from_hf:
+                check_model(cfg, tokenizer, mc, resuming, "the original model settings")
+            mc = ModelConfig.from_dict({**saved.to_dict(), **{k: getattr(mc, k) for k in RUNTIME_MODEL_FIELDS}})
         partitioned = deepspeed.zero.Init(config_dict_or_path=zero3_config) if zero3_config else nullcontext()
         with partitioned:
             model = Transformer(mc)
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise ValueError(f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} tokens but the model's vocab_size "
-                         f"is {model.config.vocab_size}; set model.vocab_size >= {tokenizer.vocab_size}")
-    if cfg.seq_len > model.config.max_seq_len:
-        raise ValueError(f"seq_len={cfg.seq_len} exceeds the model's max_seq_len={model.config.max_seq_len}; raise "
-                         "model.max_seq_len (with a larger model.rope_theta or rope scaling, docs/long_context.md)")
+    check_model(cfg, tokenizer, model.config, resuming=False)
     if cfg.train_only_embeddings:
         freeze_all_but_embeddings(model)
     return model
@@ -244,10 +259,13 @@ class Task:
         self.cfg = cfg
 
     def tokenizer(self) -> Tokenizer:
-        """The tokenizer, with every check that can fail before any process group exists."""
-        tokenizer = resolve_tokenizer(self.cfg)
-        load_manifest(self.cfg.data_dir, tokenizer.sha256)  # fail fast on bad data, before any rank builds a model
-        return tokenizer
+        """The tokenizer, with every check of it that can fail before any process group exists."""
+        return resolve_tokenizer(self.cfg)
+
+    def prepare_data(self, tokenizer: Tokenizer) -> None:
+        """Check (and for a stage that needs it, load) the data before any process group exists, so bad data
+        stops every rank before a model is built."""
+        load_manifest(self.cfg.data_dir, tokenizer.sha256)
 
     def build_model(self, tokenizer: Tokenizer, resuming: bool, zero3_config: dict[str, Any] | None) -> Transformer:
         return build_model(self.cfg, tokenizer, resuming, zero3_config)
@@ -434,7 +452,7 @@ def train_step(run: Run, stop: StopFlag, manual_norm: bool) -> StepResult:
     batches = [run.train_loader.next_batch() for _ in range(run.grad_accum)]
     counts = [num_targets(b) for b in batches]
     step_targets, step_tokens = (int(v) for v in all_reduce_sum(
-        [sum(counts), sum(b.tokens.numel() for b in batches)], run.d.device))
+        [sum(counts), sum(b.num_tokens for b in batches)], run.d.device))  # padding is not a token seen
     losses, norm = [], None
     for micro, batch in enumerate(batches):
         loss = forward(engine, batch, run.d.device)
@@ -489,6 +507,7 @@ def train(cfg: TrainConfig, task: Task | None = None) -> None:
     """Run `task` (default: pretraining) to cfg.max_steps, resuming from cfg.run_dir's latest checkpoint."""
     task = task or Task(cfg)
     tokenizer = task.tokenizer()
+    task.prepare_data(tokenizer)
     d = init_distributed(cfg)
     stop = StopFlag()
     stop.install(announce=d.rank == 0)  # before the slow setup: an early Ctrl-C still ends cleanly at step one
@@ -561,7 +580,12 @@ def train(cfg: TrainConfig, task: Task | None = None) -> None:
 
 USER_ERROR = 2
 """Exit status of a run stopped by a mistake in its input (config, data, diverged training): scripts/train.sh then
-says to fix it rather than to resume, since the same command would stop the same way."""
+says to fix it rather than to resume, since the same command would stop the same way. Any other failure (a full
+disk, a dropped connection, a bug) keeps its traceback and exits 1, which scripts/launch.sh calls resumable."""
+
+ERROR_FILE_VARIABLE = "LLAMA_ERROR_FILE"
+"""Set by scripts/launch.sh: where a rank writes its `error: ...` line, which the script prints again as the last
+line of the run, after the launcher's own complaints about the rank's exit status."""
 
 
 def launched_main(argv: list[str] | None, prog: str, doc: str | None, example: str,
@@ -578,7 +602,14 @@ def launched_main(argv: list[str] | None, prog: str, doc: str | None, example: s
     try:
         run(args.config, args.overrides)
     except (*cli.EXPECTED_ERRORS, TrainingStopped) as e:
-        cli.fail(cli.error_message(e), USER_ERROR)  # scripts/launch.sh: fix it rather than resume
+        message = cli.error_message(e)
+        error_file = os.environ.get(ERROR_FILE_VARIABLE)
+        if error_file:  # every rank that fails writes the same kind of line; one of them is shown
+            try:
+                Path(error_file).write_text(f"error: {message}\n")
+            except OSError:  # the script then points to the line above instead
+                pass
+        cli.fail(message, USER_ERROR)  # scripts/launch.sh: fix it rather than resume
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -113,11 +113,18 @@ launch_stage() {
     # Ctrl-C: the ranks catch it, finish their step, save and exit. The launcher processes ignore it (else each
     # prints a KeyboardInterrupt traceback), and ranks inherit that until the training script installs its own
     # handler, so a Ctrl-C during start-up ends them through the launcher's SIGTERM without a traceback.
-    local status=0 interrupted=0 latest_before
+    local status=0 interrupted=0 latest_before error_file
     latest_before="$(cat "$run_dir/latest" 2>/dev/null || true)"
+    # A rank that stops on a user error writes its `error: ...` line here too (pretrain/train.py launched_main), so
+    # that line can be the last one printed, after the launcher's own report of the rank's exit status.
+    error_file="$(mktemp "${TMPDIR:-/tmp}/llama-error.XXXXXX")"
+    export LLAMA_ERROR_FILE="$error_file"
     trap 'interrupted=1' INT
     ( trap '' INT; exec "${launch[@]}" "$script" --config "$CONFIG" ${OVERRIDES[@]+"${OVERRIDES[@]}"} ) || status=$?
     trap - INT
+    local error_line=""
+    error_line="$(head -n 1 "$error_file" 2>/dev/null || true)"
+    rm -f "$error_file"
     if [[ "$interrupted" == 1 ]]; then
         # A stop always saves, and the ranks say so; an unchanged `latest` means they were still starting up.
         if [[ "$(cat "$run_dir/latest" 2>/dev/null || true)" == "$latest_before" ]]; then
@@ -126,8 +133,14 @@ launch_stage() {
         fi
         exit 130
     elif [[ "$status" == 2 ]]; then  # the training script's USER_ERROR: bad config or data, or a diverged run
-        echo "error: $stage stopped on the 'error:' line above; fix that first (the same command would stop the" \
-             "same way)" >&2
+        if [[ -n "$error_line" ]]; then
+            echo "$stage stopped on a mistake in its input; fix it first (the same command would stop the same" \
+                 "way):" >&2
+            echo "$error_line" >&2
+        else
+            echo "error: $stage stopped on the 'error:' line above; fix that first (the same command would stop" \
+                 "the same way)" >&2
+        fi
         exit 2
     elif [[ "$status" != 0 ]]; then
         echo "$stage did not finish (exit status $status); once the cause above is dealt with, run the same" \

@@ -13,10 +13,12 @@ from typing import Literal
 
 import pytest
 
-from common import cli
+from common import cli, reflect
+from common.errors import MissingFileError, UserError
 from common.io import atomic_dir, atomic_write, check_output_dir, write_json
 from fixtures_time import limit
 from pretrain import preflight
+from tokenizer import Tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -99,10 +101,10 @@ class Example:
 
 def test_flags_generated_from_a_dataclass():
     p = cli.parser("prog", "test")
-    cli.add_dataclass_args(p, Example, required=("inputs",), rename={"inputs": "input"})
+    reflect.add_dataclass_args(p, Example, required=("inputs",), rename={"inputs": "input"})
     args = p.parse_args(["--input", "a", "b", "--no_flag", "--mode", "b", "--limit", "3"])
-    assert cli.dataclass_from_args(Example, args) == Example(["a", "b"], "x", False, "b", 3)
-    assert cli.dataclass_from_args(Example, p.parse_args(["--input", "a"])) == Example(["a"])
+    assert reflect.dataclass_from_args(Example, args) == Example(["a", "b"], "x", False, "b", 3)
+    assert reflect.dataclass_from_args(Example, p.parse_args(["--input", "a"])) == Example(["a"])
     help_text = p.format_help()
     assert "Files to read." in help_text and "On by default. (default: True)" in help_text
     assert "(default: x)" in help_text and "--flag, --no_flag" in help_text
@@ -111,18 +113,25 @@ def test_flags_generated_from_a_dataclass():
 
 
 def test_expected_errors_are_one_line_and_bugs_keep_their_traceback(capsys):
+    # Only the user-error type is "expected" (issue 20): the same file-not-found is one line when raised as the
+    # user's mistake, and keeps its traceback when raised by Python itself (it may be a bug or a transient failure).
     @cli.entry_point
     def bad_input() -> None:
-        raise FileNotFoundError("data/x: no such file; pass --data_dir")
+        raise MissingFileError("data/x: no such file; pass --data_dir")
 
     with pytest.raises(SystemExit) as e:
         bad_input()
     # The line goes to stderr once, the status is 1, and the exception's text is the line (for callers that catch it).
     assert e.value.code == 1 and str(e.value) == "error: data/x: no such file; pass --data_dir"
     assert capsys.readouterr().err == "error: data/x: no such file; pass --data_dir\n"
-    result = subprocess.run([sys.executable, "-c", "from common import cli\ncli.run_main(open, 'missing/file')"],
+    code = ("from common import cli\nfrom common.errors import MissingFileError\n"
+            "def user(): raise MissingFileError('missing/file: No such file or directory')\ncli.run_main(user)")
+    result = subprocess.run([sys.executable, "-c", code],
                             capture_output=True, text=True, cwd=REPO, env=run_env(), timeout=limit(60))
     assert result.returncode == 1 and result.stderr == "error: missing/file: No such file or directory\n"
+    result = subprocess.run([sys.executable, "-c", "from common import cli\ncli.run_main(open, 'missing/file')"],
+                            capture_output=True, text=True, cwd=REPO, env=run_env(), timeout=limit(60))
+    assert result.returncode == 1 and "Traceback" in result.stderr and "FileNotFoundError" in result.stderr
 
     @cli.entry_point
     def bug() -> None:
@@ -130,9 +139,74 @@ def test_expected_errors_are_one_line_and_bugs_keep_their_traceback(capsys):
 
     with pytest.raises(TypeError):
         bug()
+    for error in (KeyError("a bug"), ValueError("a bug"), OSError(28, "No space left on device")):
+        @cli.entry_point
+        def failing() -> None:
+            raise error
+
+        with pytest.raises(type(error)):
+            failing()
     with pytest.raises(SystemExit) as e:
         cli.fail("stop", 2)
     assert e.value.code == 2 and str(e.value) == "error: stop" and capsys.readouterr().err == "error: stop\n"
+
+
+def test_help_shows_every_default_once():
+    p = cli.parser("prog", "test")
+    p.add_argument("--top_k", type=int, default=None)
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--tag", default=None, help="checkpoint tag (default: latest)")
+    p.add_argument("--name", help="a name")
+    text = " ".join(p.format_help().split())
+    assert "--top_k TOP_K (default: None)" in text and "--port PORT (default: 8000)" in text
+    assert "checkpoint tag (default: latest)" in text and "(default: latest) (default" not in text
+    assert "a name (default: None)" in text and text.count("(default:") == 4
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    steps: int = 3
+    """Steps."""
+    rate: float = 0.1
+    """Rate."""
+    mode: Literal["fast", "exact"] = "fast"
+    """Mode."""
+    names: list[str] = dataclasses.field(default_factory=list)
+    """Names."""
+    tag: str | None = None
+    """Tag."""
+
+
+@dataclasses.dataclass(frozen=True)
+@reflect.with_defaults(steps=10, names=["a"])
+class MoreSettings(Settings):
+    extra: bool = False
+    """Extra."""
+
+
+def test_one_reflection_layer_for_config_values_and_flags():
+    for value, annotation, expected in [("1e3", int, 1000), (5.0, int, 5), ("3e-4", float, 3e-4), ("on", bool, True),
+                                        ("a, b", list[str], ["a", "b"]), ("null", str | None, None), (7, str, "7"),
+                                        ("exact", Literal["fast", "exact"], "exact")]:
+        assert reflect.coerce("key", value, annotation) == expected
+    for value, annotation, message in [("two", int, "key: expected int, got 'two'"), (True, int, "key: expected int, got True"),
+                                       (1.5, int, "expected int"), (True, str, "expected str"),
+                                       ("slow", Literal["fast", "exact"], "key must be one of fast, exact, got 'slow'")]:
+        with pytest.raises(UserError, match=message):
+            reflect.coerce("key", value, annotation)
+    # Flags go through the same checks, and a subclass changes defaults without declaring the fields again.
+    p = cli.parser("prog", "test")
+    reflect.add_dataclass_args(p, MoreSettings)
+    assert reflect.dataclass_from_args(MoreSettings, p.parse_args([])) == MoreSettings(10, 0.1, "fast", ["a"])
+    args = p.parse_args(["--steps", "2e3", "--mode", "exact", "--names", "x", "y", "--tag", "t", "--extra"])
+    assert reflect.dataclass_from_args(MoreSettings, args) == MoreSettings(2000, 0.1, "exact", ["x", "y"], "t", True)
+    assert "Steps. (default: 10)" in " ".join(p.format_help().split())
+    assert reflect.field_types(MoreSettings)["steps"] is int and reflect.field_help(MoreSettings)["steps"] == "Steps."
+    for bad in (["--steps", "x"], ["--mode", "slow"]):
+        with pytest.raises(SystemExit):
+            p.parse_args(bad)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        MoreSettings().steps = 1  # type: ignore[misc]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -200,6 +274,25 @@ def test_preflight_finds_data_of_another_tokenizer(tmp_path):
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+def test_preflight_finds_a_truncated_shard_of_any_split(tmp_path):
+    """Shard sizes are compared with the manifest before launching: a truncated val shard is one line naming it."""
+    import numpy as np
+    from fixtures_data import train_tiny_tokenizer, write_synthetic
+
+    from pretrain.config import TrainConfig
+
+    tok = train_tiny_tokenizer(tmp_path / "tok")
+    data = write_synthetic(tmp_path / "data", {"train": [np.arange(5, 40)] * 4, "val": [np.arange(5, 40)] * 4},
+                           vocab_size=512, tokenizer_sha256=Tokenizer(tok).sha256)
+    cfg = TrainConfig(data_dir=str(data), tokenizer=str(tok), model={"vocab_size": 512})
+    preflight.check_data(cfg)
+    shard = data / "val_00000.bin"
+    shard.write_bytes(shard.read_bytes()[:-3])
+    with pytest.raises(UserError, match=r"val_00000\.bin is truncated or corrupt \(\d+ bytes, expected \d+\); rerun "
+                                        "the prepare_data command"):
+        preflight.check_data(cfg)
+
+
 def run_train_sh(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(["bash", "scripts/train.sh", *args], capture_output=True, text=True, cwd=REPO,
                           env={**run_env(), "LLAMA_PYTHON": sys.executable}, timeout=limit(120))
@@ -219,6 +312,58 @@ def test_train_sh_stops_before_launching_on_what_it_can_check(tmp_path):
         in result.stderr
     assert "training a" not in result.stdout and not (tmp_path / "tokenizer").exists()
     assert not (tmp_path / "run").exists()
+
+
+def launch_stage_with(tmp_path: Path, rank_code: str) -> subprocess.CompletedProcess:
+    """scripts/launch.sh's launch_stage with a stand-in launcher: `rank_code` is the Python a rank runs, after the
+    launcher's own noise on stderr (DeepSpeed's sigkill_handler line)."""
+    rank = tmp_path / "rank.py"
+    rank.write_text("import os, sys\n" + rank_code)
+    launcher = tmp_path / "python"
+    launcher.write_text("#!/bin/bash\n"  # "$PYTHON -m deepspeed.launcher.runner ... SCRIPT --config ...": run SCRIPT
+                        f'for a in "$@"; do [[ "$a" == *.py ]] && script="$a"; done\n'
+                        f'{sys.executable} "$script"; status=$?\n'
+                        'echo "[ERROR] [launch.py:325:sigkill_handler] [\'python\', \'-u\'] exits with return code = '
+                        '$status" >&2\nexit $status\n')
+    launcher.chmod(0o755)
+    script = (f'source scripts/launch.sh; PYTHON={launcher}; CONFIG=c.yaml; CHECKED="MASTER_PORT=1"; '
+              f'launch_stage pretraining {rank} {tmp_path / "run"}')
+    return subprocess.run(["bash", "-c", script], capture_output=True, text=True, cwd=REPO, env=run_env(),
+                          timeout=limit(60))
+
+
+def test_a_ranks_user_error_is_the_last_line_and_other_failures_are_resumable(tmp_path):
+    result = launch_stage_with(tmp_path, "from common import cli\n"
+                               "open(os.environ['LLAMA_ERROR_FILE'], 'w').write('error: c.yaml: bad lr\\n')\n"
+                               "print('error: c.yaml: bad lr', file=sys.stderr)\nsys.exit(2)\n")
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and lines[-1] == "error: c.yaml: bad lr", result.stderr
+    assert "sigkill_handler" in result.stderr and "fix it first" in lines[-2]
+    # Any other failure (a full disk, a bug: exit 1 with a traceback) is called resumable.
+    result = launch_stage_with(tmp_path, "raise OSError(28, 'No space left on device')\n")
+    assert result.returncode == 1 and "Traceback" in result.stderr
+    assert "run the same command again to resume" in result.stderr.strip().splitlines()[-1]
+
+
+def test_launched_main_exit_status_user_error_or_resumable(tmp_path, monkeypatch, capsys):
+    from pretrain.train import USER_ERROR, launched_main
+
+    error_file = tmp_path / "error.txt"
+    monkeypatch.setenv("LLAMA_ERROR_FILE", str(error_file))
+
+    def user_error(path, overrides):
+        raise UserError("c.yaml: lr: expected float, got 'x'")
+
+    with pytest.raises(SystemExit) as e:
+        launched_main([], "prog", None, "lr=1", user_error)
+    assert e.value.code == USER_ERROR and error_file.read_text() == "error: c.yaml: lr: expected float, got 'x'\n"
+    assert capsys.readouterr().err == "error: c.yaml: lr: expected float, got 'x'\n"
+    for transient in (OSError(28, "No space left on device"), ConnectionResetError("peer"), KeyError("bug")):
+        def fails(path, overrides, error=transient):
+            raise error
+
+        with pytest.raises(type(transient)):  # its traceback, exit status 1: scripts/launch.sh says resume
+            launched_main([], "prog", None, "lr=1", fails)
 
 
 def test_run_sh_runs_later_commands_in_the_scripts_environment(tmp_path):
@@ -271,7 +416,7 @@ def test_finetune_sh_shares_the_launcher_and_its_preflight(tmp_path):
 
 
 def test_modules_without_deepspeed_do_not_import_it():
-    modules = ["artifacts", "common.cli", "common.io", "common.tensors", "evaluation.evaluate_mmlu",
+    modules = ["artifacts", "common.cli", "common.io", "common.reflect", "common.tensors", "evaluation.evaluate_mmlu",
                "evaluation.evaluate_zh", "inference.generate", "model", "pretrain.config", "pretrain.data",
                "pretrain.export", "pretrain.metrics", "pretrain.prepare_data", "pretrain.preflight", "pretrain.shards",
                "finetune.preflight", "tokenizer.stats", "tokenizer.train"]

@@ -107,8 +107,10 @@ def test_last_window_is_padded_not_dropped(tmp_path):
     data = write_synthetic(tmp_path / "data", {"train": counting_documents([20, 5])}, eos_id=3)  # 25 tokens
     loader = DataLoader(data, "train", T, B, shuffle=False)
     assert loader.windows_per_epoch == 2
-    loader.next_batch()
+    first = loader.next_batch()
     last = loader.next_batch()
+    assert (first.num_tokens, last.num_tokens) == (16, 8)  # the `tokens` metric does not count the padding
+    assert last.to("cpu").num_tokens == 8
     assert last.tokens[0, :8].tolist() == list(range(16, 24)) and (last.tokens[0, 8:] == 3).all()
     assert last.targets[0, :8].tolist() == list(range(17, 25)) and (last.targets[0, 8:] == IGNORE_INDEX).all()
     # Document 2 starts at token 20 (row offset 4); the padding is a segment of its own.

@@ -10,6 +10,7 @@ import pytest
 import torch
 from fixtures_eval import eval_assets  # noqa: F401  (pytest fixture)
 
+from common.errors import UserError
 from evaluation import judge
 from evaluation.backends import load
 from evaluation.generation import encode_prompts, question_template
@@ -116,15 +117,18 @@ class FakeJudge:
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 outer.requests.append((self.path, self.headers.get("Authorization"), body))
+                status = 200
                 if outer.mode == "garbage":
                     data = b"<html>not json</html>"
+                elif outer.mode == "busy":
+                    data, status = b"overloaded", 503
                 else:
                     content = body["messages"][0]["content"]
                     qid = next(k for k in SCRIPT if f" {k} " in content)
                     n = outer.calls[qid] = outer.calls.get(qid, 0) + 1
                     reply = SCRIPT[qid][min(n, len(SCRIPT[qid])) - 1]
                     data = json.dumps({"choices": [{"message": {"role": "assistant", "content": reply}}]}).encode()
-                self.send_response(200)
+                self.send_response(status)
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)
@@ -237,6 +241,14 @@ def test_unreachable_or_garbage_judge_fails_clearly_and_keeps_the_answers(eval_a
         judge.main(judge_argv(eval_assets, tmp_path, garbage.url))
     err = capsys.readouterr().err
     assert "reusing the 5 answers" in err and "not a chat completion" in err and "failed after 2 tries" in err
+
+    # A judge that stays busy (HTTP 503) is not the user's mistake: the error keeps its traceback (not one line),
+    # still says the answers are kept, and is not a UserError.
+    busy = fake_judge("busy")
+    with pytest.raises(judge.JudgeUnavailable, match="HTTP 503.*answers are kept in") as e:
+        judge.main(judge_argv(eval_assets, tmp_path, busy.url))
+    assert not isinstance(e.value, UserError) and len(busy.requests) >= 2  # each request tried twice
+    assert "error:" not in capsys.readouterr().err
 
     good = fake_judge()
     judge.main(judge_argv(eval_assets, tmp_path, good.url))

@@ -3,22 +3,28 @@ truncation, data layouts and bad input, packing, the loss normalisation; plus sh
 equivalence, the CLI's one-line errors, export)."""
 from __future__ import annotations
 
+import dataclasses
 import gzip
+import inspect
 import json
+import re
 from pathlib import Path
 
 import pytest
 import torch
 
+from common import reflect
+from common.errors import UserError
 from common.tensors import IGNORE_INDEX
 from finetune import templates
 from finetune.config import FinetuneConfig, load_finetune_config
 from finetune.data import BadRecord, DataOptions, Fields, build_sample, load_samples, to_messages
-from finetune.export import add_chat_template
 from finetune.loader import InstructionLoader, pack
+from pretrain.config import TrainConfig
 from pretrain.metrics import read_metrics
 from tokenizer import Tokenizer
 from tokenizer.chat_template import encode_chat
+from tokenizer.hf import add_chat_template
 from fixtures_finetune import (CONVERSATIONS, REPO, TINY_SFT, run_finetune, tiny_hf_model, train_tokenizer,
                                write_sample_files)
 
@@ -215,6 +221,86 @@ def test_files_mixed_and_bad_records_counted_or_fatal(tok, tmp_path):
         load_samples([str(empty)], template, tok, DataOptions())
 
 
+def test_file_errors_name_line_column_and_record(tok, tmp_path):
+    template = templates.get_template("alpaca")
+    good = json.dumps({"instruction": "a", "output": "b"})
+    # A byte that is not UTF-8 on line 3 of a .jsonl, and on line 2 of a .json: the line in the file, the byte and
+    # its column, whatever buffer the decoder read it in.
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes((good + "\n" + good + "\n").encode() + b'{"instruction": "caf\xe9", "output": "b"}\n')
+    with pytest.raises(UserError, match=r"latin\.jsonl:3: not UTF-8 text \(byte 0xe9 at byte column 21\)"):
+        load_samples([str(latin)], template, tok, DataOptions())
+    big = tmp_path / "big.json"
+    big.write_bytes(b"[\n" + b"x" * 70_000 + b"\n\xff]")
+    with pytest.raises(UserError, match=r"big\.json:3: not UTF-8 text \(byte 0xff at byte column 1\)"):
+        load_samples([str(big)], template, tok, DataOptions())
+    # Bad JSON: the line and the column (1-based, in characters) where the parser stopped.
+    for name, text, where in [("c.jsonl", good + '\n  {"instruction": "一二", "output" "b"}\n', "c.jsonl:2: .* column 34"),
+                              ("c.json", '[\n' + good + ',\n  {"instruction": "一二",, "output": "b"}\n]',
+                               "c.json:3: .* column 24")]:
+        path = tmp_path / name
+        path.write_text(text, encoding="utf-8")
+        with pytest.raises(UserError, match=f"{where}"):
+            load_samples([str(path)], template, tok, DataOptions())
+    # A skipped record of a .json list is named by its 1-based number.
+    listed = tmp_path / "d.json"
+    listed.write_text(json.dumps([{"instruction": "a", "output": "b"}, {"instruction": "no output"}]))
+    _, report = load_samples([str(listed)], template, tok, DataOptions())
+    assert report.examples == [f"{listed}: record 2: missing field 'output'"]
+    assert report.to_dict()["skipped"] == {"missing field 'output'": 1} and report.to_dict()["samples"] == 1
+
+
+def test_inherited_fields_that_do_not_apply_are_refused_by_name(tmp_path):
+    for override, name in [("data_dir=runs/x", "data_dir"), ("model_preset=1b", "model_preset"),
+                           ("init_from_hf=hf", "init_from_hf")]:
+        with pytest.raises(UserError, match=f"command line: {name} does not apply to fine-tuning"):
+            load_finetune_config(None, [override])
+    path = tmp_path / "c.yaml"
+    path.write_text("data_dir: runs/x\n")
+    with pytest.raises(UserError, match=r"c\.yaml: data_dir does not apply to fine-tuning: the data are data_files"):
+        load_finetune_config(path)
+    with pytest.raises(UserError, match="model_preset does not apply to fine-tuning"):
+        FinetuneConfig(model_preset="1b")
+    # The defaults that differ from pretraining are FinetuneConfig's; the fields' types and help are TrainConfig's.
+    assert (FinetuneConfig().seq_len, TrainConfig().seq_len) == (256, 128)
+    source = inspect.getsource(FinetuneConfig)
+    assert not re.search(r"^\s+(seq_len|lr|run_dir|max_steps):", source, re.M)  # not declared again
+    assert reflect.field_help(FinetuneConfig)["seq_len"] == reflect.field_help(TrainConfig)["seq_len"]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        FinetuneConfig().lr = 1.0  # type: ignore[misc]
+    # train_only_embeddings: honoured by a full fine-tune, refused for LoRA.
+    from finetune.train import prepare_full  # imports DeepSpeed: only here (test_common checks module imports)
+
+    with pytest.raises(UserError, match="train_only_embeddings needs finetuning_type=full"):
+        load_finetune_config(None, ["finetuning_type=lora", "train_only_embeddings=true"])
+    from model import ModelConfig, Transformer
+
+    model = Transformer(ModelConfig.from_preset("debug", vocab_size=64, dim=32, n_layers=1, n_heads=2))
+    prepare_full(model, dataclasses.replace(FinetuneConfig(), train_only_embeddings=True))
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {"tok_embeddings.weight", "output.weight"}
+    prepare_full(model, FinetuneConfig())
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_runtime_settings_change_how_the_model_runs_not_what_it_computes(base, tok, tmp_path):
+    """The model fine-tuning builds with other runtime fields computes what the plain model does (same weights),
+    and a model field that is not a runtime one is refused by name."""
+    from finetune.train import FinetuneTask
+    from model import Transformer
+
+    cfg = load_finetune_config(None, [f"model_path={base}", f"run_dir={tmp_path / 'run'}", "data_files=[x.json]",
+                                      "model.fused_kernels=false", "model.attn_impl=eager"])
+    model = FinetuneTask(cfg).build_model(tok, resuming=False, zero3_config=None)
+    plain = Transformer.from_hf(base).float().eval()
+    assert (model.config.fused_kernels, model.config.attn_impl) == (False, "eager")
+    assert dataclasses.replace(model.config, fused_kernels=True, attn_impl="auto") == plain.config
+    tokens = torch.randint(0, tok.vocab_size, (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(tokens), plain(tokens))
+    with pytest.raises(UserError, match="model.dim: the architecture comes from model_path"):
+        load_finetune_config(None, ["model.dim=64"])
+
+
 def test_config_file_spells_out_the_defaults_and_checks_keys():
     assert load_finetune_config(REPO / "config" / "finetune_debug.yaml") == FinetuneConfig()
     cfg = load_finetune_config(REPO / "config" / "finetune_7b.yaml")
@@ -254,6 +340,8 @@ def test_packing_fits_rows_and_covers_every_sample_once_per_epoch(tok, tmp_path)
     batch = loader.next_batch()
     cu = batch.cu_seqlens.tolist()
     assert cu[0] == 0 and cu[-1] == batch.tokens.numel() and batch.tokens.shape == (2, 96)
+    rows = [loader.rows[r] for r in loader.row_indices(0)]
+    assert batch.num_tokens == sum(len(samples[i].ids) - 1 for row in rows for i in row) < batch.tokens.numel()
     flat = batch.position_ids.flatten().tolist()
     assert all(flat[c] == 0 for c in cu[:-1])  # positions restart at every sample
     # Exact resume: a fresh loader given the state continues with the same batches.
@@ -328,6 +416,10 @@ def test_run_writes_template_and_exports_with_it(base, tmp_path):
     run = tmp_path / "run"
     assert "52 records -> 52 samples" in result.stdout and "validation: 4 samples held out" in result.stdout
     assert (run / "chat_template.jinja").read_text().strip() == templates.get_template("chatml").jinja()
+    report = json.loads((run / "data_report.json").read_text())  # the counts README and docs/finetune.md promise
+    assert report["data_files"]["records"] == 52 and report["data_files"]["samples"] == 52
+    assert report["data_files"]["skipped_total"] == 0 and report["val_files"] is None
+    assert (report["train_samples"], report["val_samples"]) == (48, 4)
     rows = read_metrics(run)
     assert any("val_loss" in r for r in rows) and all(r["target_tokens_per_sec"] > 0 for r in rows if "loss" in r)
     export_main(["--run_dir", str(run), "--output_dir", str(tmp_path / "hf")])

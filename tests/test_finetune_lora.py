@@ -141,6 +141,12 @@ def test_export_writes_a_peft_adapter_and_a_merged_folder(exported, setup):
     assert (ours - before).abs().max() > 1e-4  # the adapter changed the model
     tokenizer = AutoTokenizer.from_pretrained(exported / "merged")
     assert tokenizer.chat_template == (exported.parent / "chat_template.jinja").read_text().strip()
+    # The adapter folder carries the tokenizer and the template too, and "</s>" between turns is the EOS token.
+    for folder in ("adapter", "merged"):
+        tokenizer = AutoTokenizer.from_pretrained(exported / folder)
+        assert tokenizer.chat_template == (exported.parent / "chat_template.jinja").read_text().strip()
+        ids = tokenizer("hi</s>there", add_special_tokens=False)["input_ids"]
+        assert tokenizer.eos_token_id in ids, (folder, ids)
 
 
 

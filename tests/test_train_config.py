@@ -2,6 +2,7 @@
 schedule. Nothing here needs DeepSpeed (tests/test_train.py has the engine-side pieces)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -88,7 +89,7 @@ def test_deepspeed_config_is_derived_and_user_json_merged(tmp_path):
     user = tmp_path / "ds.json"
     user.write_text(json.dumps({"zero_optimization": {"stage": 2, "reduce_bucket_size": 1000},
                                 "train_batch_size": "auto", "comms_logger": {"enabled": True}}))
-    cfg.deepspeed_config = str(user)
+    cfg = dataclasses.replace(cfg, deepspeed_config=str(user))  # configs are immutable once built
     merged = deepspeed_config(cfg, world_size=2, precision="bf16")
     assert merged["zero_optimization"]["reduce_bucket_size"] == 1000 and merged["comms_logger"] == {"enabled": True}
     assert merged["train_batch_size"] == 16 and merged["zero_optimization"]["offload_optimizer"]["device"] == "cpu"

@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from common.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 SUFFIXES = (".txt", ".jsonl", ".txt.gz", ".jsonl.gz")
@@ -116,7 +118,7 @@ def resolve_inputs(paths: Sequence[str | os.PathLike]) -> list[Path]:
             where = f"directory {entry}"
         elif p.is_file():
             if not is_supported(p):
-                raise ValueError(f"{entry}: unsupported file type; expected one of {', '.join(SUFFIXES)}")
+                raise UserError(f"{entry}: unsupported file type; expected one of {', '.join(SUFFIXES)}")
             matches = [p]
             where = entry
         elif glob.has_magic(entry):
@@ -124,12 +126,12 @@ def resolve_inputs(paths: Sequence[str | os.PathLike]) -> list[Path]:
             matches = [q for q in matches if q.is_file() and is_supported(q)]
             where = f"glob {entry}"
         else:
-            raise ValueError(f"{entry}: no such file or directory")
+            raise UserError(f"{entry}: no such file or directory")
         if not matches:
-            raise ValueError(f"{where}: matches no {'/'.join(SUFFIXES)} file")
+            raise UserError(f"{where}: matches no {'/'.join(SUFFIXES)} file")
         found.update(q.resolve() for q in matches)
     if not found:
-        raise ValueError("no input files given")
+        raise UserError("no input files given")
     return sorted(found)
 
 

@@ -38,7 +38,8 @@ from tokenizers import AddedToken, Regex, decoders, normalizers, processors
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers.models import BPE
 
-from common.io import replace_file
+from common.errors import UserError
+from common.io import replace_file, write_json
 from tokenizer.tokenizer import MODEL_FILENAME, resolve_model_path
 
 _Piece = sp_pb2.ModelProto.SentencePiece
@@ -52,9 +53,9 @@ def load_model_proto(model_path: str | os.PathLike) -> sp_pb2.ModelProto:
     try:
         proto.ParseFromString(path.read_bytes())
     except Exception as e:  # protobuf raises DecodeError, but its class depends on the protobuf backend
-        raise ValueError(f"{path}: not a valid SentencePiece model ({e})") from None
+        raise UserError(f"{path}: not a valid SentencePiece model ({e})") from None
     if not proto.pieces:
-        raise ValueError(f"{path}: not a valid SentencePiece model (no pieces)")
+        raise UserError(f"{path}: not a valid SentencePiece model (no pieces)")
     return proto
 
 
@@ -62,14 +63,14 @@ def _check_supported(proto: sp_pb2.ModelProto, path: Path) -> None:
     spec, norm = proto.trainer_spec, proto.normalizer_spec
     if spec.model_type != sp_pb2.TrainerSpec.BPE:
         kind = sp_pb2.TrainerSpec.ModelType.Name(spec.model_type)
-        raise ValueError(f"{path}: only BPE SentencePiece models can be exported, this one is {kind}")
+        raise UserError(f"{path}: only BPE SentencePiece models can be exported, this one is {kind}")
     if norm.precompiled_charsmap or norm.remove_extra_whitespaces or not norm.escape_whitespaces:
-        raise ValueError(
+        raise UserError(
             f"{path}: only identity normalisation without whitespace collapsing can be exported exactly "
             "(train with normalization_rule_name=identity, remove_extra_whitespaces=false)"
         )
     if spec.treat_whitespace_as_suffix:
-        raise ValueError(f"{path}: treat_whitespace_as_suffix models cannot be exported")
+        raise UserError(f"{path}: treat_whitespace_as_suffix models cannot be exported")
 
 
 def build_hf_tokenizer(proto: sp_pb2.ModelProto) -> HFTokenizer:
@@ -172,3 +173,17 @@ def save_hf_tokenizer(model_path: str | os.PathLike, out_dir: str | os.PathLike)
                 continue
             replace_file(tmp / name, target)
     return out_dir
+
+
+def add_chat_template(hf_dir: str | os.PathLike, template: str | None) -> None:
+    """Store `template` as the chat template of the Hugging Face folder `hf_dir` (its tokenizer_config.json) and
+    turn split_special_tokens off; with template None, only the latter. For a chat model's folder: fine-tuning's
+    export, its LoRA adapter and merged folders, and finetune.merge's output."""
+    path = Path(hf_dir) / "tokenizer_config.json"
+    config = json.loads(path.read_text()) if path.is_file() else {}
+    # BOS/EOS written by the template must come back as their ids. Plain text is still encoded as SentencePiece
+    # does; only the literal strings "<s>"/"</s>" in a message would now be read as the special tokens.
+    config["split_special_tokens"] = False
+    if template is not None:
+        config["chat_template"] = template
+    write_json(path, config)

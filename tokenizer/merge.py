@@ -20,6 +20,7 @@ from pathlib import Path
 from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
 from common.cli import entry_point, parser
+from common.errors import UserError
 from common.io import atomic_dir, write_json
 from tokenizer.hf import load_model_proto, save_hf_tokenizer
 from tokenizer.tokenizer import MODEL_FILENAME, Tokenizer
@@ -36,8 +37,8 @@ def merge_protos(base: sp_pb2.ModelProto, extra: sp_pb2.ModelProto, base_name: s
     base_type, extra_type = base.trainer_spec.model_type, extra.trainer_spec.model_type
     if base_type != extra_type:
         name = sp_pb2.TrainerSpec.ModelType.Name
-        raise ValueError(f"cannot merge {extra_name} ({name(extra_type)}) into {base_name} ({name(base_type)}): "
-                         "both tokenizers must be the same model type")
+        raise UserError(f"cannot merge {extra_name} ({name(extra_type)}) into {base_name} ({name(base_type)}): "
+                        "both tokenizers must be the same model type")
     merged = sp_pb2.ModelProto()
     merged.CopyFrom(base)
     existing = {p.piece for p in base.pieces}
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output_dir")
     args = p.parse_args(argv)
     if args.max_new_pieces is not None and args.max_new_pieces < 0:
-        raise ValueError(f"--max_new_pieces must be >= 0, got {args.max_new_pieces}")
+        raise UserError(f"--max_new_pieces must be >= 0, got {args.max_new_pieces}")
     card = merge_tokenizers(args.base, args.extra, args.output_dir, args.max_new_pieces, args.overwrite)
     print(f"wrote {Path(args.output_dir) / MODEL_FILENAME}: {card['base_vocab_size']} base + {card['added']} new "
           f"pieces = {card['vocab_size']} ({card['duplicates_skipped']} duplicates skipped)")

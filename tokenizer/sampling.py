@@ -29,6 +29,8 @@ from tqdm import tqdm
 
 from tokenizer.corpus import CorpusStats, iter_documents
 
+from common.errors import UserError
+
 T = TypeVar("T")
 
 
@@ -236,7 +238,7 @@ def _sample_in_workers(files: list[Path], spec: SampleSpec, workers: int, add: C
             while pending:
                 add(_wait(pending.popleft(), counter, bar))
     except BrokenProcessPool:
-        raise ValueError(
+        raise UserError(
             "a corpus reading process died (out of memory?); retry with --num_workers 1 or a smaller --max_sentences"
         ) from None
 

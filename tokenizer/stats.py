@@ -18,6 +18,7 @@ import numpy as np
 from tqdm import tqdm
 
 from common import cli
+from common.errors import UserError
 from common.io import write_json
 from tokenizer.corpus import CorpusStats, iter_documents, resolve_inputs
 from tokenizer.tokenizer import Tokenizer
@@ -194,21 +195,21 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     if args.max_chars is not None and args.max_chars <= 0:
-        raise ValueError(f"--max_chars must be positive, got {args.max_chars}")
+        raise UserError(f"--max_chars must be positive, got {args.max_chars}")
     tokenizers: dict[str, Tokenizer] = {}
     for arg in args.tokenizer:
         name, path = parse_tokenizer_arg(arg)
         if name in tokenizers:
-            raise ValueError(f"two tokenizers are named {name!r}; name them with --tokenizer NAME=PATH")
+            raise UserError(f"two tokenizers are named {name!r}; name them with --tokenizer NAME=PATH")
         tokenizers[name] = Tokenizer(path)
     files = resolve_inputs(args.input)
     rows, corpus = compression_table(tokenizers, files, args.text_field, args.max_chars, not args.quiet)
     if corpus.documents == 0:
-        raise ValueError(f"the inputs hold no text ({corpus.summary()}); check --input and --text_field")
+        raise UserError(f"the inputs hold no text ({corpus.summary()}); check --input and --text_field")
     if args.output_json:
         out = Path(args.output_json)
         if not out.parent.is_dir():
-            raise ValueError(f"{out.parent}: no such directory for --output_json")
+            raise UserError(f"{out.parent}: no such directory for --output_json")
         payload = {"rows": [r.to_dict() for r in rows], "corpus": corpus.to_dict(),
                    "tokenizers": {n: {"path": str(t.path), "sha256": t.sha256} for n, t in tokenizers.items()}}
         write_json(out, payload)

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import sentencepiece as spm
 
+from common.errors import MissingFileError, UserError
+
 MODEL_FILENAME = "tokenizer.model"
 
 
@@ -21,7 +23,7 @@ def resolve_model_path(path: str | os.PathLike) -> Path:
     if path.is_dir():
         path = path / MODEL_FILENAME
     if not path.is_file():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{path}: no SentencePiece model found; pass a tokenizer.model file or a directory that holds one"
         )
     return path
@@ -42,7 +44,7 @@ class Tokenizer:
         try:
             self.sp.LoadFromSerializedProto(data)
         except (RuntimeError, OSError) as e:  # sentencepiece reports a bad proto as RuntimeError/OSError
-            raise ValueError(f"{self.path}: not a valid SentencePiece model ({e})") from None
+            raise UserError(f"{self.path}: not a valid SentencePiece model ({e})") from None
         self.num_threads = num_threads or os.cpu_count() or 1
         self.vocab_size: int = self.sp.vocab_size()
         self.bos_id: int = self.sp.bos_id()

@@ -41,7 +41,8 @@ import psutil
 import sentencepiece as spm
 from tqdm import tqdm
 
-from common import cli
+from common import cli, reflect
+from common.errors import UserError
 from common.io import replace_file
 from tokenizer.corpus import resolve_inputs
 from tokenizer.hf import HF_FILES, load_model_proto, save_hf_tokenizer
@@ -93,23 +94,23 @@ class TrainerConfig:
 
     def __post_init__(self) -> None:
         if not self.input:
-            raise ValueError("no --input given")
+            raise UserError("no --input given")
         for name in ("vocab_size", "max_piece_length", "max_sentences", "max_sentence_bytes"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"--{name} must be a positive integer, got {value!r}")
+                raise UserError(f"--{name} must be a positive integer, got {value!r}")
         if self.max_sentence_bytes < 16:
-            raise ValueError(f"--max_sentence_bytes must be at least 16, got {self.max_sentence_bytes}")
+            raise UserError(f"--max_sentence_bytes must be at least 16, got {self.max_sentence_bytes}")
         if not 0.0 < self.character_coverage <= 1.0:
-            raise ValueError(f"--character_coverage must be in (0, 1], got {self.character_coverage}")
+            raise UserError(f"--character_coverage must be in (0, 1], got {self.character_coverage}")
         for name in ("num_threads", "num_workers"):
             if getattr(self, name) < 0:
-                raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}")
+                raise UserError(f"--{name} must be >= 0, got {getattr(self, name)}")
         for sym in self.user_defined_symbols:
             if not sym or any(c.isspace() for c in sym):
-                raise ValueError(f"user-defined symbol {sym!r} must be non-empty and contain no whitespace")
+                raise UserError(f"user-defined symbol {sym!r} must be non-empty and contain no whitespace")
         if len(set(self.user_defined_symbols)) != len(self.user_defined_symbols):
-            raise ValueError(f"duplicate user-defined symbols: {self.user_defined_symbols}")
+            raise UserError(f"duplicate user-defined symbols: {self.user_defined_symbols}")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -200,22 +201,23 @@ def _sentencepiece_progress(vocab_size: int, enabled: bool, verbose: bool) -> It
         real_stderr.close()
 
 
-def _sentencepiece_error(e: Exception, log: list[str], cfg: TrainerConfig) -> ValueError:
-    """A one-line, actionable message for a SentencePiece training failure."""
+def _sentencepiece_error(e: Exception, log: list[str], cfg: TrainerConfig) -> Exception:
+    """A one-line, actionable message for a SentencePiece training failure the settings cause (a UserError);
+    any other failure stays a RuntimeError with SentencePiece's last line, and keeps its traceback."""
     text = " ".join([str(e)] + log[-5:])
     if m := re.search(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)", text):
-        return ValueError(
+        return UserError(
             f"--vocab_size {cfg.vocab_size} is too small: the corpus needs {m.group(2)} vocabulary entries for its "
             f"characters and special/byte pieces at --character_coverage {cfg.character_coverage}; "
             "raise --vocab_size or lower --character_coverage"
         )
     if m := re.search(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)", text):
-        return ValueError(
+        return UserError(
             f"--vocab_size {cfg.vocab_size} is too large for this corpus sample (at most {m.group(2)} pieces can be "
             "learned); lower --vocab_size or add more text"
         )
     last = str(e).strip().splitlines()[-1] if str(e).strip() else (log[-1] if log else type(e).__name__)
-    return ValueError(f"SentencePiece training failed: {last}")
+    return RuntimeError(f"SentencePiece training failed: {last}")
 
 
 def train_sentencepiece(sentences: Iterable[str], cfg: TrainerConfig, model_prefix: Path,
@@ -245,13 +247,13 @@ def _prepare_output_dir(cfg: TrainerConfig) -> tuple[Path, Path, bool]:
     """
     out = Path(cfg.output_dir)
     if (out / MODEL_FILENAME).exists() and not cfg.overwrite:
-        raise ValueError(f"{out / MODEL_FILENAME} already exists; pass --overwrite or choose another --output_dir")
+        raise UserError(f"{out / MODEL_FILENAME} already exists; pass --overwrite or choose another --output_dir")
     created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=out, prefix=".tokenizer-tmp-"))
     except OSError as e:
-        raise ValueError(
+        raise UserError(
             f"{out}: cannot write the output directory ({e.strerror or e}); choose another --output_dir"
         ) from None
     return out, tmp, created
@@ -297,7 +299,7 @@ def train_tokenizer(cfg: TrainerConfig, progress: bool = True, verbose: bool = F
         sample, corpus, sampling = sample_sentences(files, spec, cfg.num_workers, progress)
         t_read = time.perf_counter() - t0
         if sampling.sentences_sampled == 0:
-            raise ValueError(f"the corpus holds no text ({corpus.summary()}); check --input and --text_field")
+            raise UserError(f"the corpus holds no text ({corpus.summary()}); check --input and --text_field")
         if progress:
             print(f"corpus: {corpus.summary()}", file=sys.stderr)
             cut = f", {sampling.lines_cut:,} long lines cut" if sampling.lines_cut else ""
@@ -357,11 +359,11 @@ def train_tokenizer(cfg: TrainerConfig, progress: bool = True, verbose: bool = F
 def parse_args(argv: list[str] | None = None) -> tuple[TrainerConfig, argparse.Namespace]:
     p = cli.parser("python -m tokenizer.train",
                    "Train a SentencePiece BPE tokenizer (Baichuan-7B recipe) on .txt/.jsonl(.gz) corpora.")
-    cli.add_dataclass_args(p, TrainerConfig, required=("input", "output_dir"))
+    reflect.add_dataclass_args(p, TrainerConfig, required=("input", "output_dir"))
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--verbose", action="store_true", help="show SentencePiece's own log")
     args = p.parse_args(argv)
-    return cli.dataclass_from_args(TrainerConfig, args), args
+    return reflect.dataclass_from_args(TrainerConfig, args), args
 
 
 @cli.entry_point
