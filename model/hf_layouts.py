@@ -16,10 +16,13 @@ ALiBi position bias instead of rotary embeddings, and Baichuan2 normalises each 
 """
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 from typing import Any
 
 from common.errors import UserError
+
+from .hf_shards import DEFAULT_MAX_SHARD_SIZE
 
 READ_LAYOUTS = ("llama", "baichuan", "xverse")
 WRITE_LAYOUTS = ("llama", "baichuan")
@@ -116,3 +119,13 @@ def layout_config(llama: dict[str, Any], layout: str) -> dict[str, Any]:
             "auto_map": {"AutoConfig": "configuration_baichuan.BaiChuanConfig",
                          "AutoModelForCausalLM": "modeling_baichuan.BaiChuanForCausalLM"},
             "model_max_length": llama["max_position_embeddings"]}
+
+
+def add_layout_args(p: argparse.ArgumentParser) -> None:
+    """--layout and --max_shard_size, declared once for every command that writes a Hugging Face folder."""
+    p.add_argument("--layout", choices=WRITE_LAYOUTS, default=DEFAULT_LAYOUT,
+                   help="tensor and config.json layout to write: llama (LlamaForCausalLM) or baichuan "
+                        "(Baichuan-7B's W_pack layout)")
+    p.add_argument("--max_shard_size", default=DEFAULT_MAX_SHARD_SIZE,
+                   help=f"largest weights file (default {DEFAULT_MAX_SHARD_SIZE}); above it the weights are "
+                        "sharded with an index (e.g. 500MB, 2GB, or bytes)")
