@@ -25,6 +25,8 @@ from common.io import atomic_dir, check_output_dir, write_json
 from common.tensors import DTYPES
 from tokenizer.chat_template import CHAT_TEMPLATE_FILE
 from pretrain.export import export as export_run
+from model.hf_layouts import DEFAULT_LAYOUT, add_layout_args
+from model.hf_shards import DEFAULT_MAX_SHARD_SIZE, parse_size
 from artifacts.run_dir import consolidated_state_dict, is_run_dir, resolve_tag
 
 ADAPTER_DIR, MERGED_DIR, BASE_HF_DIR = "adapter", "merged", "base_hf"
@@ -41,7 +43,8 @@ def add_chat_template(hf_dir: str | Path, template: str) -> None:
 
 
 def export(run_dir: str | Path, output_dir: str | Path, tag: str | None = None, dtype: str = "float32",
-           overwrite: bool = False) -> Path:
+           overwrite: bool = False, layout: str = DEFAULT_LAYOUT,
+           max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> Path:
     run_dir = Path(run_dir)
     template_file = run_dir / CHAT_TEMPLATE_FILE
     if not template_file.is_file():
@@ -53,10 +56,10 @@ def export(run_dir: str | Path, output_dir: str | Path, tag: str | None = None, 
     meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
     with atomic_dir(output_dir, overwrite=True) as tmp:
         if meta.get("finetuning_type") == "lora":
-            export_lora(run_dir, meta, tmp, tag, dtype)
+            export_lora(run_dir, meta, tmp, tag, dtype, layout, max_shard_size)
             add_chat_template(tmp / MERGED_DIR, template_file.read_text().rstrip("\n"))
         else:
-            export_run(run_dir, tmp, tag, dtype, overwrite=True)
+            export_run(run_dir, tmp, tag, dtype, overwrite=True, layout=layout, max_shard_size=max_shard_size)
             add_chat_template(tmp, template_file.read_text().rstrip("\n"))
     return Path(output_dir)
 
@@ -78,7 +81,8 @@ def base_hf_folder(run_dir: Path, model_path: str, model_tag: str | None) -> Pat
     return out
 
 
-def export_lora(run_dir: Path, meta: dict, out: Path, tag: str, dtype: str) -> None:
+def export_lora(run_dir: Path, meta: dict, out: Path, tag: str, dtype: str, layout: str = DEFAULT_LAYOUT,
+                max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> None:
     """OUT/adapter (PEFT) and OUT/merged (Hugging Face) of checkpoint `tag` of a LoRA run."""
     from finetune.merge import merge
     from model.lora import LoRAConfig, is_lora_name
@@ -90,7 +94,7 @@ def export_lora(run_dir: Path, meta: dict, out: Path, tag: str, dtype: str) -> N
     base = base_hf_folder(run_dir, meta["model_path"], meta.get("model_tag"))
     save_adapter(state, LoRAConfig(**meta["lora"]), out / ADAPTER_DIR, base_model_name_or_path=base,
                  dtype=DTYPES[dtype])
-    merge(base, [out / ADAPTER_DIR], out / MERGED_DIR, dtype=dtype)
+    merge(base, [out / ADAPTER_DIR], out / MERGED_DIR, dtype=dtype, layout=layout, max_shard_size=max_shard_size)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -101,10 +105,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output_dir", required=True, help="Hugging Face folder to write")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="weight dtype")
     parser.add_argument("--overwrite", action="store_true", help="replace output_dir if it exists")
+    add_layout_args(parser)
     args = parser.parse_args(argv)
 
     def go() -> None:
-        out = export(args.run_dir, args.output_dir, args.tag, args.dtype, args.overwrite)
+        parse_size(args.max_shard_size)  # refused before the checkpoint is read
+        out = export(args.run_dir, args.output_dir, args.tag, args.dtype, args.overwrite, args.layout,
+                     args.max_shard_size)
         tag = resolve_tag(args.run_dir, args.tag)
         if (out / ADAPTER_DIR).is_dir():
             print(f"exported {args.run_dir} ({tag}): adapter {out / ADAPTER_DIR}, merged model with its chat "

@@ -230,3 +230,31 @@ def test_baichuan_export_of_what_it_cannot_hold_is_refused_writing_nothing(folde
     with pytest.raises(UserError, match="rope_theta 500000"):
         rope.to_hf(tmp_path / "out", layout="baichuan")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_merge_cli_writes_the_layout_asked(folders, tmp_path):
+    """finetune.merge --layout baichuan on a Baichuan base: the merged folder is Baichuan-7B's layout, sharded."""
+    from finetune.lora import prepare_lora
+    from finetune.merge import main
+    from model.lora import LoRAConfig
+    from model.lora_peft import save_adapter
+
+    cfg = LoRAConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"])
+    tuned = prepare_lora(Transformer.from_hf(folders["baichuan"]), cfg)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, p in tuned.named_parameters():
+            if ".lora." in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+        expected = open_model(folders["baichuan"], "cpu", "float32")
+    save_adapter(tuned, cfg, tmp_path / "adapter", folders["baichuan"])
+    main(["--model", str(folders["baichuan"]), "--adapter", str(tmp_path / "adapter"), "--output_dir",
+          str(tmp_path / "merged"), "--layout", "baichuan", "--max_shard_size", "60KB"])
+    out = tmp_path / "merged"
+    assert json.loads((out / "config.json").read_text())["model_type"] == "baichuan"
+    assert "model.layers.0.self_attn.W_pack.weight" in json.loads(
+        (out / "model.safetensors.index.json").read_text())["weight_map"]
+    merged = our_logits(out, folders["ids"])
+    with torch.no_grad():
+        torch.testing.assert_close(merged, tuned.eval()(folders["ids"]), rtol=0, atol=1e-4)
+        assert not torch.allclose(merged, expected(folders["ids"]), atol=1e-3)  # the adapter did change it
