@@ -258,3 +258,24 @@ def test_merge_cli_writes_the_layout_asked(folders, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(merged, tuned.eval()(folders["ids"]), rtol=0, atol=1e-4)
         assert not torch.allclose(merged, expected(folders["ids"]), atol=1e-3)  # the adapter did change it
+
+
+@pytest.mark.slow
+def test_a_command_refuses_an_alibi_baichuan_in_one_line(folders, tmp_path):
+    """As a user sees it: python -m inference.generate --model on a Baichuan-13B folder exits 1 with one line."""
+    import os
+    import subprocess
+    import sys
+
+    from fixtures_time import limit
+
+    folder = edited(folders["baichuan"], tmp_path / "b13", architectures=["BaichuanForCausalLM"], hidden_size=5120,
+                    max_position_embeddings=None)
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-m", "inference.generate", "--model", str(folder), "--prompt", "hi"],
+                          cwd=root, capture_output=True, text=True, timeout=limit(60),
+                          env={**os.environ, "PYTHONPATH": str(root)})
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "ALiBi" in last and str(folder / "config.json") in last
+    assert "Traceback" not in proc.stderr
