@@ -54,6 +54,14 @@ def layout_of(hf: dict[str, Any], where: Path | str) -> str:
     if model_type not in _ARCHITECTURES:
         raise UserError(f"{where}: model_type {model_type!r} ({', '.join(archs) or 'no architectures'}) is not "
                         f"supported; supported layouts: {supported()}")
+    experts = sorted(k for k in hf if ("expert" in k or k.startswith("moe_")) and hf[k] not in (None, 0, 1, False))
+    if experts:
+        # e.g. XVERSE-MoE shares model_type xverse: its MLP is a mixture of experts, not one SwiGLU.
+        raise UserError(f"{where}: {experts[0]}={hf[experts[0]]!r} makes this a mixture-of-experts model; this "
+                        "decoder has one SwiGLU MLP per layer and cannot represent it")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise UserError(f"{where}: hidden_act {hf['hidden_act']!r}; this decoder's MLP is SwiGLU with SiLU, so it "
+                        "cannot represent the model exactly")
     if model_type == "baichuan":
         problems = baichuan_differences(hf)
         if problems:

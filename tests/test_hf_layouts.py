@@ -193,6 +193,17 @@ def test_baichuan_variants_are_refused_naming_the_difference(folders, tmp_path, 
     assert str(folder / "config.json") in str(err.value) and "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize("changes, words", [
+    (dict(num_experts=8, moe_top_k=2), r"(moe_top_k=2|num_experts=8) makes this a mixture-of-experts model"),
+    (dict(hidden_act="gelu"), "hidden_act 'gelu'"),
+])
+def test_xverse_variants_are_refused_naming_the_difference(folders, tmp_path, changes, words):
+    folder = edited(folders["xverse"], tmp_path / "variant", **changes)
+    with pytest.raises(UserError, match=words) as err:
+        open_model(folder, "cpu", "float32")
+    assert str(folder / "config.json") in str(err.value)
+
+
 def test_unsupported_model_type_names_it_and_the_supported_ones(folders, tmp_path):
     folder = edited(folders["llama"], tmp_path / "bloom", model_type="bloom", architectures=["BloomForCausalLM"])
     with pytest.raises(UserError, match=r"'bloom' \(BloomForCausalLM\).*baichuan \(BaiChuanForCausalLM"):
