@@ -290,3 +290,29 @@ def test_a_command_refuses_an_alibi_baichuan_in_one_line(folders, tmp_path):
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and "ALiBi" in last and str(folder / "config.json") in last
     assert "Traceback" not in proc.stderr
+
+
+def test_continued_pretraining_starts_from_a_baichuan_folder(folders):
+    """pretrain.train.build_model with init_from_hf naming a Baichuan-7B folder: its weights, our architecture."""
+    from pretrain.config import TrainConfig
+    from pretrain.train import build_model
+
+    model = build_model(TrainConfig(init_from_hf=str(folders["baichuan"]), activation_checkpointing=True),
+                        folders["tok"], False)
+    reference = folders["model"].state_dict()
+    assert model.config.activation_checkpointing and model.state_dict().keys() == reference.keys()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in reference.items())
+
+
+def test_released_baichuan_7b_config_reads_as_the_baichuan_7b_preset():
+    """Baichuan-7B's config.json keys as released (BaiChuanForCausalLM, no rope_theta, no num_key_value_heads)."""
+    released = {
+        "architectures": ["BaiChuanForCausalLM"],
+        "auto_map": {"AutoConfig": "configuration_baichuan.BaiChuanConfig",
+                     "AutoModelForCausalLM": "modeling_baichuan.BaiChuanForCausalLM"},
+        "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu", "hidden_size": 4096, "initializer_range": 0.02,
+        "intermediate_size": 11008, "max_position_embeddings": 4096, "model_type": "baichuan",
+        "num_attention_heads": 32, "num_hidden_layers": 32, "pad_token_id": 0, "rms_norm_eps": 1e-06,
+        "tie_word_embeddings": False, "torch_dtype": "float32", "use_cache": True, "vocab_size": 64000,
+    }
+    assert config_from_hf(released) == ModelConfig.from_preset("baichuan-7b")
