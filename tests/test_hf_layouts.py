@@ -316,3 +316,15 @@ def test_released_baichuan_7b_config_reads_as_the_baichuan_7b_preset():
         "tie_word_embeddings": False, "torch_dtype": "float32", "use_cache": True, "vocab_size": 64000,
     }
     assert config_from_hf(released) == ModelConfig.from_preset("baichuan-7b")
+
+
+def test_evaluation_runs_xverse_on_our_decoder_with_its_tokenizer_json(folders):
+    """The evaluation commands read a tokenizer.json-only folder with transformers' tokenizer (no remote code) and
+    run the XVERSE weights on our decoder."""
+    from evaluation.backends import HFTokenizer, load
+
+    loaded = load(folders["xverse"], None, "cpu", "float32")
+    assert loaded.backend == "ours" and isinstance(loaded.tokenizer, HFTokenizer)
+    text = "the city of music and people"
+    assert loaded.tokenizer.encode(text) == folders["tok"].encode(text)
+    assert not (folders["xverse"] / MARKER).exists()
