@@ -8,7 +8,7 @@ import json
 import re
 import shutil
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Iterable, TypeVar
 
 import torch
 import torch.nn as nn
@@ -59,16 +59,12 @@ def _split_sizes(name: str, config: ModelConfig) -> list[int]:
     return [config.hidden_dim] * 2
 
 
-def to_hf_state_dict(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
-    """Our state dict in transformers' names, stacked projections split; tied lm_head left out."""
-    out = {}
-    for name, tensor in state.items():
-        if name == "output.weight" and config.tie_embeddings:
-            continue
-        parts = _hf_parts(name)
-        pieces = tensor.split(_split_sizes(name, config), dim=0) if len(parts) > 1 else (tensor,)
-        out.update(zip(parts, pieces))
-    return out
+def to_hf_state_dict(state: dict[str, torch.Tensor], config: ModelConfig,
+                     layout: str = DEFAULT_LAYOUT) -> dict[str, torch.Tensor]:
+    """Our state dict in `layout`'s names (transformers' for llama), stacked projections split into views; tied
+    lm_head left out."""
+    return {hf_name: state[ours] if stop is None else state[ours][start:stop]
+            for hf_name, (ours, start, stop) in hf_targets(config, state, layout).items()}
 
 
 # rope_scaling keys that a rope_type reads, beyond rope_type/type/factor/rope_theta.
@@ -209,19 +205,15 @@ def _load_bin(file: str) -> dict[str, torch.Tensor]:
     return torch.load(file, map_location="cpu", weights_only=True)
 
 
-def _our_names(config: ModelConfig) -> list[str]:
-    """Our parameter names, in the model's order."""
-    per_layer = ["attention_norm.weight", "attention.wqkv.weight", "attention.wo.weight", "ffn_norm.weight",
-                 "feed_forward.w13.weight", "feed_forward.w2.weight"]
-    layers = [f"layers.{i}.{n}" for i in range(config.n_layers) for n in per_layer]
-    return ["tok_embeddings.weight", *layers, "norm.weight"] + ([] if config.tie_embeddings else ["output.weight"])
-
-
-def hf_targets(config: ModelConfig, layout: str = DEFAULT_LAYOUT) -> dict[str, tuple[str, int, int | None]]:
+def hf_targets(config: ModelConfig, names: Iterable[str],
+               layout: str = DEFAULT_LAYOUT) -> dict[str, tuple[str, int, int | None]]:
     """Each tensor of a `layout` folder -> (our parameter, first row, end row) it is: a stacked projection's
-    rows of our fused wqkv/w13, or (name, 0, None) for a whole parameter. The same map reads and writes."""
+    rows of our fused wqkv/w13, or (name, 0, None) for a whole parameter; `names` are our parameters (a tied
+    output.weight is skipped). The same map reads and writes."""
     out: dict[str, tuple[str, int, int | None]] = {}
-    for name in _our_names(config):
+    for name in names:
+        if name == "output.weight" and config.tie_embeddings:
+            continue
         parts = _hf_parts(name)
         if len(parts) == 1:
             out[parts[0]] = (name, 0, None)
@@ -259,7 +251,6 @@ def load_hf(cls: type[M], path: str | Path, **overrides: Any) -> M:
     path = Path(path)
     hf, layout = _config_file(path)
     config = config_from_hf(llama_view(hf, layout, path / "config.json"), **overrides)  # messages name the file
-    targets = hf_targets(config, layout)
     entries = [e for e in catalog(path) if not e.name.endswith("rotary_emb.inv_freq")]  # old transformers saved it
     by_name = {e.name.removeprefix("module."): e for e in entries}
     if config.tie_embeddings:
@@ -267,6 +258,7 @@ def load_hf(cls: type[M], path: str | Path, **overrides: Any) -> M:
     with torch.device("meta"):
         model = cls(config)
     params = dict(model.named_parameters())
+    targets = hf_targets(config, params, layout)
     unexpected = sorted(set(by_name) - set(targets))
     if unexpected:
         e = by_name[unexpected[0]]
@@ -322,9 +314,7 @@ def save_hf(model: nn.Module, out_dir: str | Path, tokenizer_path: str | Path | 
             raise ValueError(f"tokenizer {tok.path} has {tok.vocab_size} ids, the model only {model.config.vocab_size}")
         ids = {"bos_id": tok.bos_id, "eos_id": tok.eos_id, "pad_id": tok.pad_id if tok.pad_id >= 0 else None}
     hf_config.update(bos_token_id=ids["bos_id"], eos_token_id=ids["eos_id"], pad_token_id=ids["pad_id"])
-    state = model.state_dict()
-    tensors = [(hf_name, state[ours] if stop is None else state[ours][start:stop])
-               for hf_name, (ours, start, stop) in hf_targets(model.config, layout).items()]
+    tensors = list(to_hf_state_dict(model.state_dict(), model.config, layout).items())
     # The caller decides whether out_dir may be replaced (common.io.check_output_dir); here it always is.
     with atomic_dir(out_dir, overwrite=True) as tmp:
         write_weights(tmp, tensors, dtype, shard_bytes)
