@@ -266,7 +266,9 @@ def load_hf(cls: type[M], path: str | Path, **overrides: Any) -> M:
                         f"({len(unexpected)} such tensors); the weights and config.json do not belong together")
     missing = sorted(set(targets) - set(by_name))
     if missing:
-        raise UserError(f"{path}: tensor {missing[0]} is missing from the weights ({len(missing)} missing) but "
+        files = {e.file for e in entries}
+        where = files.pop() if len(files) == 1 else path  # the weights file, or the folder of the shards
+        raise UserError(f"{where}: tensor {missing[0]} is missing from the weights ({len(missing)} missing) but "
                         f"config.json ({layout} layout) implies it; the weights and config.json do not belong together")
     for hf_name, (ours, start, stop) in targets.items():
         e, shape = by_name[hf_name], params[ours].shape

@@ -227,7 +227,7 @@ def test_config_contradicting_weights_names_file_and_tensor(folders, tmp_path):
     with pytest.raises(UserError, match=r"model\.safetensors: tensor model\.layers\.1\..* no place"):
         open_model(folder, "cpu", "float32")
     folder = edited(folders["baichuan"], tmp_path / "more", num_hidden_layers=3)
-    with pytest.raises(UserError, match=r"tensor model\.layers\.2\..* missing"):
+    with pytest.raises(UserError, match=r"model\.safetensors: tensor model\.layers\.2\..* missing"):
         open_model(folder, "cpu", "float32")
 
 
