@@ -1,7 +1,8 @@
 """The one way to open a model to run: `open_model`, used by every command that runs one.
 
 It opens
-- a Hugging Face LLaMA folder (config.json + weights),
+- a Hugging Face folder (config.json + weights, one file or sharded) of a layout in model.hf_layouts: LLaMA,
+  Baichuan-7B, XVERSE,
 - a pretraining or full fine-tuning run directory (DeepSpeed checkpoints, `latest`; `tag` picks a checkpoint),
 - a LoRA fine-tuning run directory (its base, named in finetune.json, with the checkpoint's adapter merged in),
 - a quantized folder (any layout in artifacts.quantized.FORMATS, as saved),
@@ -171,6 +172,10 @@ def load_tokenizer(model_path: str | Path, tokenizer_path: str | Path | None, mo
     meta = None if tokenizer_path else lora_run_meta(model_path)
     if not path.exists() and meta is not None and meta.get("model_path"):
         path = Path(meta["model_path"]) / "tokenizer.model"
+    if not path.exists() and (path.parent / "tokenizer.json").is_file():
+        # XVERSE-style folders ship only a Hugging Face tokenizer.json; the commands use SentencePiece.
+        raise MissingFileError(f"{path.parent} has only a Hugging Face tokenizer.json, no SentencePiece "
+                               "tokenizer.model (which these commands use); pass --tokenizer PATH/tokenizer.model")
     if not path.exists():
         raise MissingFileError(f"{path}: no SentencePiece tokenizer; pass --tokenizer PATH/tokenizer.model")
     tokenizer = Tokenizer(path)

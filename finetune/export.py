@@ -30,6 +30,8 @@ from common.tensors import DTYPES
 from tokenizer.hf import add_chat_template
 from tokenizer.chat_template import CHAT_TEMPLATE_FILE
 from pretrain.export import export as export_run
+from model.hf_layouts import DEFAULT_LAYOUT, add_layout_args
+from model.hf_shards import DEFAULT_MAX_SHARD_SIZE, parse_size
 from artifacts.run_dir import consolidated_state_dict, is_run_dir, resolve_tag
 
 ADAPTER_DIR, MERGED_DIR, BASE_HF_DIR = "adapter", "merged", "base_hf"
@@ -39,7 +41,8 @@ TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
 
 
 def export(run_dir: str | Path, output_dir: str | Path, tag: str | None = None, dtype: str = "float32",
-           overwrite: bool = False) -> Path:
+           overwrite: bool = False, layout: str = DEFAULT_LAYOUT,
+           max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> Path:
     run_dir = Path(run_dir)
     template_file = run_dir / CHAT_TEMPLATE_FILE
     if not template_file.is_file():
@@ -51,9 +54,10 @@ def export(run_dir: str | Path, output_dir: str | Path, tag: str | None = None, 
     meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
     with atomic_dir(output_dir, overwrite=True) as tmp:
         if meta.get("finetuning_type") == "lora":
-            export_lora(run_dir, meta, tmp, tag, dtype, template_file.read_text().rstrip("\n"))
+            export_lora(run_dir, meta, tmp, tag, dtype, template_file.read_text().rstrip("\n"), layout,
+                        max_shard_size)
         else:
-            export_run(run_dir, tmp, tag, dtype, overwrite=True)
+            export_run(run_dir, tmp, tag, dtype, overwrite=True, layout=layout, max_shard_size=max_shard_size)
             add_chat_template(tmp, template_file.read_text().rstrip("\n"))
     return Path(output_dir)
 
@@ -76,9 +80,10 @@ def base_hf_folder(run_dir: Path, model_path: str, model_tag: str | None) -> Pat
     return out
 
 
-def export_lora(run_dir: Path, meta: dict, out: Path, tag: str, dtype: str, template: str) -> None:
-    """OUT/adapter (PEFT, with the tokenizer and chat template) and OUT/merged (Hugging Face, the same) of
-    checkpoint `tag` of a LoRA run tuned with chat template `template`."""
+def export_lora(run_dir: Path, meta: dict, out: Path, tag: str, dtype: str, template: str,
+                layout: str = DEFAULT_LAYOUT, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> None:
+    """OUT/adapter (PEFT, with the tokenizer and chat template) and OUT/merged (Hugging Face in `layout`, the same)
+    of checkpoint `tag` of a LoRA run tuned with chat template `template`."""
     from finetune.merge import merge
     from model.lora import LoRAConfig, is_lora_name
     from model.lora_peft import CONFIG_FILE, save_adapter
@@ -93,7 +98,7 @@ def export_lora(run_dir: Path, meta: dict, out: Path, tag: str, dtype: str, temp
     # folder still names its base after the project directory moves, as PEFT users expect.
     config = json.loads((adapter / CONFIG_FILE).read_text())
     write_json(adapter / CONFIG_FILE, {**config, "base_model_name_or_path": str(base)})
-    merge(base, [adapter], merged, dtype=dtype)
+    merge(base, [adapter], merged, dtype=dtype, layout=layout, max_shard_size=max_shard_size)
     add_chat_template(merged, template)
     # The adapter folder carries the tokenizer too (chat --adapter, PEFT users): the merged folder's files.
     for name in TOKENIZER_FILES:
@@ -110,10 +115,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output_dir", required=True, help="Hugging Face folder to write")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="weight dtype")
     parser.add_argument("--overwrite", action="store_true", help="replace output_dir if it exists")
+    add_layout_args(parser)
     args = parser.parse_args(argv)
 
     def go() -> None:
-        out = export(args.run_dir, args.output_dir, args.tag, args.dtype, args.overwrite)
+        parse_size(args.max_shard_size)  # refused before the checkpoint is read
+        out = export(args.run_dir, args.output_dir, args.tag, args.dtype, args.overwrite, args.layout,
+                     args.max_shard_size)
         tag = resolve_tag(args.run_dir, args.tag)
         if (out / ADAPTER_DIR).is_dir():
             print(f"exported {args.run_dir} ({tag}): adapter {out / ADAPTER_DIR}, merged model with its chat "

@@ -18,6 +18,8 @@ from artifacts import open_model
 from common.cli import entry_point, parser
 from common.io import atomic_dir, check_output_dir
 from common.tensors import DTYPES, dtype_from_name
+from model.hf_layouts import DEFAULT_LAYOUT, add_layout_args
+from model.hf_shards import DEFAULT_MAX_SHARD_SIZE, parse_size
 
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
 
@@ -65,12 +67,15 @@ def write_tokenizer(out: Path, base: Path, tokenizer: Path | None, chat_template
 
 
 def merge(model_path: str | Path, adapters: list[str | Path], output_dir: str | Path, dtype: str | None = None,
-          tokenizer: str | Path | None = None, overwrite: bool = False) -> Path:
-    """Base + adapters (merged in order, fp32) written as a Hugging Face folder at output_dir; returns it."""
+          tokenizer: str | Path | None = None, overwrite: bool = False, layout: str = DEFAULT_LAYOUT,
+          max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> Path:
+    """Base + adapters (merged in order, fp32) written as a Hugging Face folder at output_dir in `layout` (weights
+    sharded above max_shard_size); returns it."""
     base, out = Path(model_path), Path(output_dir)
     if not adapters:
         raise ValueError("give at least one --adapter to merge")
     check_output_dir(out, overwrite)
+    parse_size(max_shard_size)  # refused before any work
     if out.resolve() == base.resolve() or any(out.resolve() == Path(a).resolve() for a in adapters):
         raise ValueError(f"--output_dir {out} is one of the inputs; write the merged model to a new folder")
     out_dtype = dtype_from_name(dtype or base_dtype(base))
@@ -82,7 +87,7 @@ def merge(model_path: str | Path, adapters: list[str | Path], output_dir: str | 
         raise FileNotFoundError(f"--tokenizer {tokenizer}: file not found")
     template = find_chat_template([Path(a) for a in reversed(adapters)] + [base])
     with atomic_dir(out, overwrite) as tmp:
-        model.to_hf(tmp, tokenizer_path=tok, dtype=out_dtype)
+        model.to_hf(tmp, tokenizer_path=tok, dtype=out_dtype, layout=layout, max_shard_size=max_shard_size)
         write_tokenizer(tmp, base, tok, template)
         (tmp / "merge_info.json").write_text(json.dumps(
             {"base": str(base.resolve()), "adapters": [str(Path(a).resolve()) for a in adapters],
@@ -102,8 +107,10 @@ def main(argv: list[str] | None = None) -> None:
                    help="weight dtype of the output; unset: the base's (from its config.json)")
     p.add_argument("--tokenizer", default=None, help="tokenizer.model; unset: the one in --model")
     p.add_argument("--overwrite", action="store_true", help="replace --output_dir if it is not empty")
+    add_layout_args(p)
     args = p.parse_args(argv)
-    out = merge(args.model, args.adapter, args.output_dir, args.dtype, args.tokenizer, args.overwrite)
+    out = merge(args.model, args.adapter, args.output_dir, args.dtype, args.tokenizer, args.overwrite, args.layout,
+                args.max_shard_size)
     print(f"merged {len(args.adapter)} adapter(s) into {args.model}; wrote {out}")
 
 

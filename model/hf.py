@@ -1,19 +1,25 @@
-"""Hugging Face LLaMA folders <-> Transformer: a renaming of tensors and of config keys, nothing more."""
+"""Hugging Face folders <-> Transformer: a renaming of tensors and of config keys, nothing more.
+
+The layouts (LLaMA, Baichuan-7B, XVERSE) are model/hf_layouts.py; reading and writing weights files, sharded or
+not, tensor by tensor, is model/hf_shards.py."""
 from __future__ import annotations
 
 import json
 import re
 import shutil
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Iterable, TypeVar
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from common.errors import MissingFileError, UserError
 from common.io import atomic_dir
 
 from .config import ModelConfig
+from .hf_layouts import DEFAULT_LAYOUT, FUSED, layout_config, layout_of, llama_view, supported
+from .hf_shards import DEFAULT_MAX_SHARD_SIZE, catalog, close_all, parse_size, write_weights
 
 # This module is below model.py (which calls load_hf/save_hf from Transformer.from_hf/to_hf), so it names the model
 # class only through the `cls` it is given: no import back into model.py.
@@ -53,16 +59,12 @@ def _split_sizes(name: str, config: ModelConfig) -> list[int]:
     return [config.hidden_dim] * 2
 
 
-def to_hf_state_dict(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
-    """Our state dict in transformers' names, stacked projections split; tied lm_head left out."""
-    out = {}
-    for name, tensor in state.items():
-        if name == "output.weight" and config.tie_embeddings:
-            continue
-        parts = _hf_parts(name)
-        pieces = tensor.split(_split_sizes(name, config), dim=0) if len(parts) > 1 else (tensor,)
-        out.update(zip(parts, pieces))
-    return out
+def to_hf_state_dict(state: dict[str, torch.Tensor], config: ModelConfig,
+                     layout: str = DEFAULT_LAYOUT) -> dict[str, torch.Tensor]:
+    """Our state dict in `layout`'s names (transformers' for llama), stacked projections split into views; tied
+    lm_head left out."""
+    return {hf_name: state[ours] if stop is None else state[ours][start:stop]
+            for hf_name, (ours, start, stop) in hf_targets(config, state, layout).items()}
 
 
 # rope_scaling keys that a rope_type reads, beyond rope_type/type/factor/rope_theta.
@@ -148,9 +150,9 @@ def rope_to_hf(config: ModelConfig) -> dict[str, Any]:
 
 
 def config_from_hf(hf: dict[str, Any], **overrides: Any) -> ModelConfig:
-    """ModelConfig from a transformers LlamaConfig dict (transformers 4 or 5 layout)."""
-    if hf.get("model_type") not in ("llama", None):
-        raise ValueError(f"config.json has model_type={hf.get('model_type')!r}; only LLaMA-family folders load")
+    """ModelConfig from a config.json dict of one of hf_layouts.READ_LAYOUTS (LLaMA's in transformers 4 or 5
+    keys, Baichuan-7B's, XVERSE's); other model types and Baichuan variants we cannot represent are refused."""
+    hf = llama_view(hf, layout_of(hf, "config.json"), "config.json")
     if hf.get("attention_bias") or hf.get("mlp_bias"):
         raise ValueError("config.json has attention_bias/mlp_bias set; this model has no biases")
     heads = hf["num_attention_heads"]
@@ -182,7 +184,8 @@ def config_to_hf(config: ModelConfig, dtype: torch.dtype, bos_id: int | None, eo
 
 
 def read_hf_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a folder: model.safetensors, pytorch_model.bin, or their sharded index forms."""
+    """All tensors of a folder: model.safetensors, pytorch_model.bin, or their sharded index forms (whole, in
+    memory: for tools that rewrite a few tensors; load_hf reads tensor by tensor instead)."""
     for index_name, loader in (("model.safetensors.index.json", load_file),
                                ("pytorch_model.bin.index.json", _load_bin)):
         if (path / index_name).exists():
@@ -202,41 +205,108 @@ def _load_bin(file: str) -> dict[str, torch.Tensor]:
     return torch.load(file, map_location="cpu", weights_only=True)
 
 
-def load_hf(cls: type[M], path: str | Path, **overrides: Any) -> M:
-    """`cls(config)` (our Transformer) with the weights of the Hugging Face LLaMA folder `path`; `overrides`
-    are ModelConfig fields (runtime ones) the model is built with."""
-    path = Path(path)
-    if not (path / "config.json").exists():
-        raise FileNotFoundError(f"{path}: no config.json; expected a Hugging Face LLaMA folder")
-    config = config_from_hf(json.loads((path / "config.json").read_text()), **overrides)
-    state = {k.removeprefix("module."): v for k, v in read_hf_state_dict(path).items()}
-    state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}  # old transformers saved it
-    model = cls(config)
-    expected = {k: v.shape for k, v in to_hf_state_dict(model.state_dict(), config).items()}
-    if config.tie_embeddings:
-        state.pop("lm_head.weight", None)
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"{path}: checkpoint does not fit config.json: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    for hf_name, shape in expected.items():
-        if state[hf_name].shape != shape:
-            raise ValueError(f"{path}: tensor {hf_name} has shape {tuple(state[hf_name].shape)}, "
-                             f"config.json implies {tuple(shape)}")
-    converted = {}
-    for name in model.state_dict():
+def hf_targets(config: ModelConfig, names: Iterable[str],
+               layout: str = DEFAULT_LAYOUT) -> dict[str, tuple[str, int, int | None]]:
+    """Each tensor of a `layout` folder -> (our parameter, first row, end row) it is: a stacked projection's
+    rows of our fused wqkv/w13, or (name, 0, None) for a whole parameter; `names` are our parameters (a tied
+    output.weight is skipped). The same map reads and writes."""
+    out: dict[str, tuple[str, int, int | None]] = {}
+    for name in names:
         if name == "output.weight" and config.tie_embeddings:
             continue
-        converted[name] = torch.cat([state[part] for part in _hf_parts(name)], dim=0)
-    model.load_state_dict(converted, strict=not config.tie_embeddings)
+        parts = _hf_parts(name)
+        if len(parts) == 1:
+            out[parts[0]] = (name, 0, None)
+            continue
+        start = 0
+        for part, rows in zip(parts, _split_sizes(name, config)):
+            out[part] = (name, start, start + rows)
+            start += rows
+    for fused, parts in FUSED[layout].items():
+        for i in range(config.n_layers):
+            spans = [out.pop(f"model.layers.{i}.{part}") for part in parts]
+            # The parts are consecutive rows of one parameter (checked here, as a layout table could be wrong).
+            assert all(a[0] == b[0] and a[2] == b[1] for a, b in zip(spans, spans[1:])), fused
+            out[f"model.layers.{i}.{fused}"] = (spans[0][0], spans[0][1], spans[-1][2])
+    return out
+
+
+def _config_file(path: Path) -> tuple[dict[str, Any], str]:
+    file = path / "config.json"
+    if not file.is_file():
+        raise MissingFileError(f"{path}: no config.json; expected a Hugging Face model folder "
+                               f"({supported()})")
+    try:
+        hf = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{file}: not valid JSON ({e})") from None
+    return hf, layout_of(hf, file)
+
+
+def load_hf(cls: type[M], path: str | Path, **overrides: Any) -> M:
+    """`cls(config)` (our Transformer) with the weights of the Hugging Face folder `path` (any of
+    hf_layouts.READ_LAYOUTS, single-file or sharded); `overrides` are ModelConfig fields (runtime ones) the model
+    is built with. The model is built on the meta device, allocated empty and filled tensor by tensor from the
+    files, so memory peaks near one copy of the weights."""
+    path = Path(path)
+    hf, layout = _config_file(path)
+    config = config_from_hf(llama_view(hf, layout, path / "config.json"), **overrides)  # messages name the file
+    entries = [e for e in catalog(path) if not e.name.endswith("rotary_emb.inv_freq")]  # old transformers saved it
+    by_name = {e.name.removeprefix("module."): e for e in entries}
+    if config.tie_embeddings:
+        by_name.pop("lm_head.weight", None)
+    with torch.device("meta"):
+        model = cls(config)
+    params = dict(model.named_parameters())
+    targets = hf_targets(config, params, layout)
+    unexpected = sorted(set(by_name) - set(targets))
+    if unexpected:
+        e = by_name[unexpected[0]]
+        raise UserError(f"{e.file}: tensor {unexpected[0]} has no place in a {layout} model of this config.json "
+                        f"({len(unexpected)} such tensors); the weights and config.json do not belong together")
+    missing = sorted(set(targets) - set(by_name))
+    if missing:
+        files = {e.file for e in entries}
+        where = files.pop() if len(files) == 1 else path  # the weights file, or the folder of the shards
+        raise UserError(f"{where}: tensor {missing[0]} is missing from the weights ({len(missing)} missing) but "
+                        f"config.json ({layout} layout) implies it; the weights and config.json do not belong together")
+    for hf_name, (ours, start, stop) in targets.items():
+        e, shape = by_name[hf_name], params[ours].shape
+        want = ((stop - start) if stop is not None else shape[0], *shape[1:])
+        if e.shape != want:
+            hint = ""
+            if hf_name.endswith("W_pack.weight"):
+                hint = f" (q, k and v stacked: 3 x hidden_size {config.dim} rows)"
+            raise UserError(f"{e.file}: tensor {hf_name} has shape {e.shape}, config.json implies {want}{hint}")
+    model.to_empty(device="cpu")
+    if config.tie_embeddings:
+        model.output.weight = model.tok_embeddings.weight  # to_empty gives the tied pair two tensors
+    params = dict(model.named_parameters())  # to_empty put new Parameters in place
+    opened: dict[Path, object] = {}
+    try:
+        with torch.no_grad():
+            # File by file, so that a .bin shard is released before the next one is opened.
+            for e in sorted(by_name.values(), key=lambda e: (str(e.file), e.offset)):
+                if opened and e.file not in opened:
+                    close_all(opened)
+                ours, start, stop = targets[e.name.removeprefix("module.")]
+                dest = params[ours].data if stop is None else params[ours].data[start:stop]
+                e.read_into(dest, opened)
+    finally:
+        close_all(opened)
     return model
 
 
 def save_hf(model: nn.Module, out_dir: str | Path, tokenizer_path: str | Path | None = None,
-            dtype: torch.dtype | None = None) -> Path:
-    """Write a transformers-loadable folder atomically (a temp dir renamed into place, replacing `out_dir`)."""
+            dtype: torch.dtype | None = None, layout: str = DEFAULT_LAYOUT,
+            max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> Path:
+    """Write a Hugging Face folder in `layout` (hf_layouts.WRITE_LAYOUTS) atomically (a temp dir renamed into
+    place, replacing `out_dir`); weights above max_shard_size (bytes, or "5GB"-style) are sharded with an index.
+    Tensors are written straight from the model's memory, one at a time."""
     out_dir = Path(out_dir)
     dtype = dtype or next(model.parameters()).dtype
+    shard_bytes = parse_size(max_shard_size)
+    hf_config = layout_config(config_to_hf(model.config, dtype, None, None, None), layout)  # refuses early
     ids: dict[str, int | None] = {"bos_id": None, "eos_id": None, "pad_id": None}
     if tokenizer_path is not None:
         from tokenizer import Tokenizer
@@ -245,12 +315,11 @@ def save_hf(model: nn.Module, out_dir: str | Path, tokenizer_path: str | Path | 
         if tok.vocab_size > model.config.vocab_size:
             raise ValueError(f"tokenizer {tok.path} has {tok.vocab_size} ids, the model only {model.config.vocab_size}")
         ids = {"bos_id": tok.bos_id, "eos_id": tok.eos_id, "pad_id": tok.pad_id if tok.pad_id >= 0 else None}
+    hf_config.update(bos_token_id=ids["bos_id"], eos_token_id=ids["eos_id"], pad_token_id=ids["pad_id"])
+    tensors = list(to_hf_state_dict(model.state_dict(), model.config, layout).items())
     # The caller decides whether out_dir may be replaced (common.io.check_output_dir); here it always is.
     with atomic_dir(out_dir, overwrite=True) as tmp:
-        ours = {k: v.detach().to(device="cpu", dtype=dtype) for k, v in model.state_dict().items()}
-        state = {k: v.contiguous().clone() for k, v in to_hf_state_dict(ours, model.config).items()}
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        hf_config = config_to_hf(model.config, dtype, **ids)
+        write_weights(tmp, tensors, dtype, shard_bytes)
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         gen = {k: v for k, v in (("bos_token_id", ids["bos_id"]), ("eos_token_id", ids["eos_id"])) if v is not None}
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")

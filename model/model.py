@@ -473,7 +473,7 @@ class Transformer(nn.Module):
         return load_hf(cls, path, **overrides)
 
     def to_hf(self, out_dir: str | Path, tokenizer_path: str | Path | None = None,
-              dtype: torch.dtype | None = None) -> Path:
+              dtype: torch.dtype | None = None, layout: str = "llama", max_shard_size: int | str = "5GB") -> Path:
         from .hf import save_hf
 
-        return save_hf(self, out_dir, tokenizer_path, dtype)
+        return save_hf(self, out_dir, tokenizer_path, dtype, layout=layout, max_shard_size=max_shard_size)
