@@ -189,7 +189,8 @@ def bench_server(args: argparse.Namespace, tok: Tokenizer, folder: Path) -> None
 
     slots = max(args.streams)
     load_before = load_average()
-    with serving(args, folder, args.port, slots, args.prompt_len * 4 + args.new_tokens + 8) as url:
+    with serving(args, folder, args.port, slots, args.prompt_len * 4 + args.new_tokens + 8,
+                 args.server_args.split()) as url:
         text = tok.decode(prompts(tok, 1, args.prompt_len)[0][1:])
         body = {"prompt": text, "max_tokens": args.new_tokens, "temperature": 0, "ignore_eos": True,
                 "stream": True, "stream_options": {"include_usage": True}}
@@ -211,7 +212,8 @@ def bench_server(args: argparse.Namespace, tok: Tokenizer, folder: Path) -> None
                 wall = max(o["end"] for o in outs) - start
                 rates.setdefault(n, []).append(sum(o["tokens"] for o in outs) / wall)
                 ttfts.setdefault(n, []).extend(o["ttft"] for o in outs)
-    print(f"server: {args.new_tokens} new tokens per stream, {slots} slots, streaming /v1/completions; load average "
+    print(f"server{''.join(' ' + a for a in args.server_args.split())}: {args.new_tokens} new tokens per stream, {slots} slots, "
+          f"streaming /v1/completions; load average "
           f"(1/5/15 min) {load_before} before, {load_average()} after")
     base = None
     for n in args.streams:
@@ -362,6 +364,7 @@ def main() -> None:
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     p.add_argument("--streams", type=int, nargs="+", default=[1, 8])
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--server_args", default="", help="server: more flags for the server, e.g. --no_prefix_caching")
     p.add_argument("--prefix_len", type=int, default=1000, help="prefix: tokens both requests share")
     p.add_argument("--long_len", type=int, default=1000, help="chunk: the long prompt's tokens")
     p.add_argument("--prefill_chunk", type=int, default=128, help="chunk: the server's --prefill_chunk")
