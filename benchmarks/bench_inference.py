@@ -279,6 +279,7 @@ def bench_chunk(args: argparse.Namespace, tok: Tokenizer, folder: Path) -> None:
              "ignore_eos": True, "stream": True}
     gaps: dict[str, list[float]] = {name: [] for name in flags}
     before: dict[str, list[float]] = {name: [] for name in flags}
+    long_ttft: dict[str, list[float]] = {name: [] for name in flags}
     load_before = load_average()
     with contextlib.ExitStack() as stack:
         urls = {name: stack.enter_context(serving(args, folder, args.port + i, n + 1, max_len, f))
@@ -296,6 +297,7 @@ def bench_chunk(args: argparse.Namespace, tok: Tokenizer, folder: Path) -> None:
                 long_out: dict = {}
                 stream_once(client, urls[name], {**short, "prompt": long_prompts[rep], "max_tokens": 1}, long_out)
                 done = time.perf_counter()
+                long_ttft[name].append(long_out["ttft"] if long_out["ttft"] is not None else done - sent)
                 for t in threads:
                     t.join()
                 window = done - sent
@@ -313,7 +315,8 @@ def bench_chunk(args: argparse.Namespace, tok: Tokenizer, folder: Path) -> None:
     for name in flags:
         print(f"  {name:>13}: while the long prompt is prefilled {statistics.median(gaps[name]) * 1000:.0f} ms "
               f"(max {max(gaps[name]) * 1000:.0f}), in as long a window before it "
-              f"{statistics.median(before[name]) * 1000:.0f} ms")
+              f"{statistics.median(before[name]) * 1000:.0f} ms; the long prompt's time to first token "
+              f"{statistics.median(long_ttft[name]) * 1000:.0f} ms")
 
 
 AGREE_PROMPTS = ["On Monday morning, Olivia", "Early last spring, Leo went", "今天早上，小明去了", "344加874等于",
