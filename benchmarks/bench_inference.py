@@ -212,9 +212,9 @@ def bench_server(args: argparse.Namespace, tok: Tokenizer, folder: Path) -> None
                 wall = max(o["end"] for o in outs) - start
                 rates.setdefault(n, []).append(sum(o["tokens"] for o in outs) / wall)
                 ttfts.setdefault(n, []).extend(o["ttft"] for o in outs)
-    print(f"server{''.join(' ' + a for a in args.server_args.split())}: {args.new_tokens} new tokens per stream, {slots} slots, "
-          f"streaming /v1/completions; load average "
-          f"(1/5/15 min) {load_before} before, {load_average()} after")
+    flags = "".join(" " + a for a in args.server_args.split())
+    print(f"server{flags}: {args.new_tokens} new tokens per stream, {slots} slots, streaming /v1/completions; "
+          f"load average (1/5/15 min) {load_before} before, {load_average()} after")
     base = None
     for n in args.streams:
         rate = statistics.median(rates[n])

@@ -18,10 +18,11 @@ shares a longer one, copies that row's prefix into the least recently used free 
 is prefilled. Its limits: at most `slots` sequences are remembered (a prefix survives only while its slot is not
 reused), prefixes match token by token from the start (no sharing inside a prompt), and the copy is a row-to-row
 copy of the prefix's keys and values. Models with rope_type dynamic get neither chunking nor reuse: past the
-original context a key's rotation depends on the sequence length when it was computed. Every sequence has its own position (rotary
-angle and KV-cache row length): the step writes each row's new key/value at that row's own position and masks
-each row's attention to its own length, so sequences of different lengths that joined at different times share
-one batched matmul.
+original context a key's rotation depends on the sequence length when it was computed.
+
+Every sequence has its own position (rotary angle and KV-cache row length): the step writes each row's new key/value
+at that row's own position and masks each row's attention to its own length, so sequences of different lengths that
+joined at different times share one batched matmul.
 Sampling settings and the random generator (seeded per request) are per sequence too.
 
 Every step is one call of the model's own forward (model/model.py Transformer.forward) over rows of its KVCache,

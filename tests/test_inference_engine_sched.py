@@ -144,3 +144,16 @@ def test_prefill_chunk_is_checked_and_dynamic_rope_turns_both_off(folder):
     dynamic.set_rope(rope_type="dynamic", rope_factor=4.0, rope_original_max_seq_len=16, max_seq_len=64)
     engine = Engine(dynamic, tok, slots=1, prefill_chunk=8)
     assert engine.prefill_chunk is None and not engine.prefix_caching
+
+
+def test_server_prefill_chunk_flag_is_checked_before_the_model_loads(tmp_path):
+    """--model names no folder, so the one-line error shows the flag was checked first."""
+    import subprocess
+    import sys
+
+    from fixtures_time import limit
+
+    proc = subprocess.run([sys.executable, "-m", "inference.server", "--model", str(tmp_path / "absent"),
+                           "--prefill_chunk", "-1"], capture_output=True, text=True, timeout=limit(120))
+    assert proc.returncode == 1 and proc.stderr.splitlines() == [
+        "error: --prefill_chunk must be >= 0 (0: whole prompts at once), got -1"], proc.stderr
