@@ -157,3 +157,23 @@ def test_server_prefill_chunk_flag_is_checked_before_the_model_loads(tmp_path):
                            "--prefill_chunk", "-1"], capture_output=True, text=True, timeout=limit(120))
     assert proc.returncode == 1 and proc.stderr.splitlines() == [
         "error: --prefill_chunk must be >= 0 (0: whole prompts at once), got -1"], proc.stderr
+
+
+def test_a_prompt_whose_padding_would_overflow_the_cache_waits_a_step(folder, words):
+    """Prompt pieces prefilled together are right-padded: a row far into its cache (a reused prefix) and a long new
+    piece would need max(start) + max(piece) positions, more than the cache has; the new one waits a step."""
+    _, _, model, tok = folder
+    engine = Engine(model, tok, slots=2, max_len=64, prefill_chunk=None)
+    run(engine, [(words[:55], greedy(3))])
+    near_end = words[:54] + words[56:57]  # 54 tokens reused: its one new token goes at position 54
+    fresh = words[1:31]  # 30 new tokens from position 0: padded together, 54 + 30 > 64
+    assert shared(fresh, words) == 0
+    a = engine.submit(near_end, greedy(5), lambda ev: None)
+    b = engine.submit(fresh, greedy(5), lambda ev: None)
+    engine.step()
+    assert a.cached_tokens == 54 and a.decoding and b.prefilled == 0
+    engine.step()
+    assert b.decoding
+    while not (a.done and b.done):
+        engine.step()
+    assert a.output_ids == reference(model, near_end, 5) and b.output_ids == reference(model, fresh, 5)
