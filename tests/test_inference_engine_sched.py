@@ -19,6 +19,17 @@ def folder(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def sharp(folder):
+    """The fixture model with sharper attention (q and k scaled): its random-weight tokens then depend on every cached
+    key and value, so a wrong or missing reused prefix shows in the output."""
+    model = copy.deepcopy(folder[2])
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.attention.wqkv.weight *= 10
+    return model
+
+
+@pytest.fixture(scope="module")
 def words(folder):
     """A long run of token ids (prefixes and pieces of it make the prompts)."""
     tok = folder[3]
@@ -49,8 +60,8 @@ def greedy(n):
     return SamplingParams(max_tokens=n, ignore_eos=True)
 
 
-def test_chunked_prefill_gives_the_unchunked_tokens(folder, words):
-    _, _, model, tok = folder
+def test_chunked_prefill_gives_the_unchunked_tokens(folder, words, sharp):
+    tok, model = folder[3], sharp
     prompts = [words[:60], words[:5], words[10:47], words[:1] + words[30:33]]
     jobs = [(p, greedy(12)) for p in prompts]
     whole = run(Engine(model, tok, slots=2, prefill_chunk=None, prefix_caching=False), jobs)
@@ -63,8 +74,8 @@ def test_chunked_prefill_gives_the_unchunked_tokens(folder, words):
     assert chunked_engine.stats["prefill_forwards"] >= sum(map(len, prompts)) // 7
 
 
-def test_a_long_prompt_is_prefilled_between_decode_steps(folder, words):
-    _, _, model, tok = folder
+def test_a_long_prompt_is_prefilled_between_decode_steps(folder, words, sharp):
+    tok, model = folder[3], sharp
     chunk, long_prompt = 8, words[:60]
     for prefill_chunk in (chunk, None):
         engine = Engine(model, tok, slots=2, prefill_chunk=prefill_chunk, prefix_caching=False)
@@ -86,8 +97,8 @@ def test_a_long_prompt_is_prefilled_between_decode_steps(folder, words):
         assert engine.stats["decode_forwards"] == 1 + steps
 
 
-def test_prefix_cache_reuses_an_earlier_requests_prefix_with_identical_output(folder, words):
-    _, _, model, tok = folder
+def test_prefix_cache_reuses_an_earlier_requests_prefix_with_identical_output(folder, words, sharp):
+    tok, model = folder[3], sharp
     first = words[:55]
     same, other = list(first), words[:50] + words[56:60]
     common = shared(first, other)
@@ -110,8 +121,8 @@ def test_prefix_cache_reuses_an_earlier_requests_prefix_with_identical_output(fo
     assert outputs[True] == outputs[False] == [reference(model, p, 10) for p in prompts]
 
 
-def test_prefix_cache_copies_from_a_running_request(folder, words):
-    _, _, model, tok = folder
+def test_prefix_cache_copies_from_a_running_request(folder, words, sharp):
+    tok, model = folder[3], sharp
     prefix = words[:40]
     engine = Engine(model, tok, slots=3, prefill_chunk=None)
     a = engine.submit(prefix + words[45:48], greedy(20), lambda ev: None)
@@ -125,8 +136,8 @@ def test_prefix_cache_copies_from_a_running_request(folder, words):
     assert b.output_ids == reference(model, b.prompt_ids, 10)
 
 
-def test_a_free_slot_keeps_its_prefix_until_it_is_reused(folder, words):
-    _, _, model, tok = folder
+def test_a_free_slot_keeps_its_prefix_until_it_is_reused(folder, words, sharp):
+    tok, model = folder[3], sharp
     engine = Engine(model, tok, slots=2, prefill_chunk=None)
     p, q = words[:30], words[30:60]
     held = p + run(engine, [(p, greedy(3))])[0].output_ids[:2]  # the last token's keys were never computed
@@ -137,7 +148,7 @@ def test_a_free_slot_keeps_its_prefix_until_it_is_reused(folder, words):
 
 
 def test_prefill_chunk_is_checked_and_dynamic_rope_turns_both_off(folder):
-    _, _, model, tok = folder
+    model, tok = folder[2], folder[3]
     with pytest.raises(ValueError, match="--prefill_chunk must be at least 1"):
         Engine(model, tok, slots=1, prefill_chunk=0)
     dynamic = copy.deepcopy(model)
@@ -159,10 +170,10 @@ def test_server_prefill_chunk_flag_is_checked_before_the_model_loads(tmp_path):
         "error: --prefill_chunk must be >= 0 (0: whole prompts at once), got -1"], proc.stderr
 
 
-def test_a_prompt_whose_padding_would_overflow_the_cache_waits_a_step(folder, words):
+def test_a_prompt_whose_padding_would_overflow_the_cache_waits_a_step(folder, words, sharp):
     """Prompt pieces prefilled together are right-padded: a row far into its cache (a reused prefix) and a long new
     piece would need max(start) + max(piece) positions, more than the cache has; the new one waits a step."""
-    _, _, model, tok = folder
+    tok, model = folder[3], sharp
     engine = Engine(model, tok, slots=2, max_len=64, prefill_chunk=None)
     run(engine, [(words[:55], greedy(3))])
     near_end = words[:54] + words[56:57]  # 54 tokens reused: its one new token goes at position 54
