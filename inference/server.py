@@ -416,10 +416,15 @@ def create_app(engine: Engine, template: ChatTemplate, model_name: str, api_key:
             raise ApiError(503, str(e), kind="server_error") from None
         return events
 
-    def usage(jobs: list[Job]) -> dict[str, int]:
+    def usage(jobs: list[Job]) -> dict:
         prompts = {id(job.ids): len(job.ids) for job in jobs}  # n choices of one prompt count it once
         p, c = sum(prompts.values()), sum(len(job.req.output_ids) for job in jobs if job.req is not None)
-        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+        cached: dict[int, int] = {}  # prompt tokens the engine's prefix cache gave (OpenAI's cached_tokens)
+        for job in jobs:
+            if job.req is not None:
+                cached[id(job.ids)] = max(cached.get(id(job.ids), 0), job.req.cached_tokens)
+        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
+                "prompt_tokens_details": {"cached_tokens": sum(cached.values())}}
 
     def finish_reason(job: Job) -> str:
         return job.req.finish_reason if job.req is not None else "length"

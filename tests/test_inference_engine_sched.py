@@ -188,3 +188,27 @@ def test_a_prompt_whose_padding_would_overflow_the_cache_waits_a_step(folder, wo
     while not (a.done and b.done):
         engine.step()
     assert a.output_ids == reference(model, near_end, 5) and b.output_ids == reference(model, fresh, 5)
+
+
+def test_server_usage_counts_cached_prompt_tokens(folder, words, sharp):
+    """OpenAI's usage.prompt_tokens_details.cached_tokens: 0 for a first request, the reused prefix for a second
+    one sharing it; the replies are the model's greedy tokens either way."""
+    openai = pytest.importorskip("openai")
+    from fixtures_inference import ServerThread
+    from fixtures_time import limit
+    from inference.server import create_app
+    from inference.templates import load_chat_template
+
+    _, chat_dir, _, tok = folder
+    engine = Engine(sharp, tok, slots=2).start()
+    try:
+        with ServerThread(create_app(engine, load_chat_template(chat_dir, tok), "tiny")) as srv:
+            client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=limit(60))
+            first, second = words[:50], words[:45] + words[51:54]
+            replies = [client.completions.create(model="tiny", prompt=p, max_tokens=6, temperature=0,
+                                                 extra_body={"ignore_eos": True}) for p in (first, second)]
+    finally:
+        engine.stop()
+    assert [r.usage.prompt_tokens_details.cached_tokens for r in replies] == [0, shared(first, second)]
+    assert shared(first, second) >= 45
+    assert [r.choices[0].text for r in replies] == [tok.decode(reference(sharp, p, 6)) for p in (first, second)]
