@@ -3,6 +3,8 @@ OpenAI-compatible server's aggregate tokens/s and time to first token with 1 and
 
     python benchmarks/bench_inference.py decode --batches 1 8      # engine vs Transformer.generate vs transformers
     python benchmarks/bench_inference.py server --streams 1 8      # a real `python -m inference.server` process
+    python benchmarks/bench_inference.py prefix --max_seq_len 2048 # time to first token, shared 1000-token prefix
+    python benchmarks/bench_inference.py chunk --streams 4 --max_seq_len 2048   # running streams' gaps, long prompt
     python benchmarks/bench_inference.py all
     python benchmarks/bench_inference.py agree --model runs/sample/train/hf   # a trained model: engine vs transformers
 
@@ -16,9 +18,11 @@ every repetition, median of --reps.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import functools
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -27,6 +31,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Iterator, Sequence
 
 import torch
 
@@ -122,29 +127,36 @@ def bench_decode(args: argparse.Namespace, tok: Tokenizer, model: Transformer, f
 
 
 def stream_once(client, url: str, body: dict, out: dict) -> None:
+    """One streamed request: out gets ttft (to the first chunk with text), tokens, text, the times of the chunks
+    with text (`chunks`) and end."""
     start = time.perf_counter()
-    out["ttft"] = None
+    out.update(ttft=None, text="", chunks=[])
     with client.stream("POST", url, json=body, timeout=600) as resp:
         resp.raise_for_status()
         for line in resp.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             chunk = json.loads(line[6:])
-            if out["ttft"] is None and chunk["choices"] and chunk["choices"][0]["text"]:
-                out["ttft"] = time.perf_counter() - start
+            if chunk["choices"] and chunk["choices"][0]["text"]:
+                now = time.perf_counter()
+                out["chunks"].append(now)
+                out["text"] += chunk["choices"][0]["text"]
+                if out["ttft"] is None:
+                    out["ttft"] = now - start
             if chunk.get("usage"):
                 out["tokens"] = chunk["usage"]["completion_tokens"]
     out["end"] = time.perf_counter()
 
 
-def bench_server(args: argparse.Namespace, tok: Tokenizer, folder: Path) -> None:
+@contextlib.contextmanager
+def serving(args: argparse.Namespace, folder: Path, port: int, slots: int, max_len: int,
+            flags: Sequence[str] = ()) -> Iterator[str]:
+    """A real `python -m inference.server` process (args.threads threads); yields its completions URL."""
     import httpx
 
-    port = args.port
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(ROOT)}
-    slots = max(args.streams)
     server = subprocess.Popen([sys.executable, "-m", "inference.server", "--model", str(folder), "--port", str(port),
-                               "--slots", str(slots), "--max_len", str(args.prompt_len * 4 + args.new_tokens + 8)],
+                               "--slots", str(slots), "--max_len", str(max_len), *flags],
                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
     try:
         deadline = time.time() + 180
@@ -156,7 +168,29 @@ def bench_server(args: argparse.Namespace, tok: Tokenizer, folder: Path) -> None
                 if server.poll() is not None or time.time() > deadline:
                     raise RuntimeError("the server did not start") from None
                 time.sleep(0.5)
-        url = f"http://127.0.0.1:{port}/v1/completions"
+        yield f"http://127.0.0.1:{port}/v1/completions"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-th percentile (nearest rank) of values."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))]
+
+
+def load_average() -> str:
+    return "/".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def bench_server(args: argparse.Namespace, tok: Tokenizer, folder: Path) -> None:
+    import httpx
+
+    slots = max(args.streams)
+    load_before = load_average()
+    with serving(args, folder, args.port, slots, args.prompt_len * 4 + args.new_tokens + 8,
+                 args.server_args.split()) as url:
         text = tok.decode(prompts(tok, 1, args.prompt_len)[0][1:])
         body = {"prompt": text, "max_tokens": args.new_tokens, "temperature": 0, "ignore_eos": True,
                 "stream": True, "stream_options": {"include_usage": True}}
@@ -164,8 +198,9 @@ def bench_server(args: argparse.Namespace, tok: Tokenizer, folder: Path) -> None
         # which would be counted as time to first token.
         client = httpx.Client(limits=httpx.Limits(max_connections=64))
         stream_once(client, url, {**body, "max_tokens": 4}, {})  # warm-up
-        results = {}
-        for _ in range(args.reps):
+        rates: dict[int, list[float]] = {}
+        ttfts: dict[int, list[float]] = {}
+        for _ in range(args.reps):  # 1 stream, then N streams, then 1 again...: the load's swings hit both
             for n in args.streams:
                 outs = [{} for _ in range(n)]
                 threads = [threading.Thread(target=stream_once, args=(client, url, body, o)) for o in outs]
@@ -175,19 +210,113 @@ def bench_server(args: argparse.Namespace, tok: Tokenizer, folder: Path) -> None
                 for t in threads:
                     t.join()
                 wall = max(o["end"] for o in outs) - start
-                tokens = sum(o["tokens"] for o in outs)
-                results.setdefault(n, []).append((tokens / wall, statistics.median(o["ttft"] for o in outs)))
-        print(f"server: {args.new_tokens} new tokens per stream, {slots} slots, streaming /v1/completions")
-        base = None
-        for n in args.streams:
-            rate = statistics.median(r[0] for r in results[n])
-            ttft = statistics.median(r[1] for r in results[n])
-            base = base or rate
-            print(f"  {n} stream(s): {rate:8.1f} tokens/s aggregate, time to first token {ttft * 1000:.0f} ms "
-                  f"(median of {args.reps}), {rate / base:.2f}x one stream")
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+                rates.setdefault(n, []).append(sum(o["tokens"] for o in outs) / wall)
+                ttfts.setdefault(n, []).extend(o["ttft"] for o in outs)
+    flags = "".join(" " + a for a in args.server_args.split())
+    print(f"server{flags}: {args.new_tokens} new tokens per stream, {slots} slots, streaming /v1/completions; "
+          f"load average (1/5/15 min) {load_before} before, {load_average()} after")
+    base = None
+    for n in args.streams:
+        rate = statistics.median(rates[n])
+        base = base or rate
+        t = ttfts[n]
+        print(f"  {n} stream(s): {rate:8.1f} tokens/s aggregate (median of {args.reps}), {rate / base:.2f}x one "
+              f"stream; time to first token p50 {percentile(t, 50) * 1000:.0f} ms, p99 "
+              f"{percentile(t, 99) * 1000:.0f} ms ({len(t)} requests)")
+
+
+def bench_prefix(args: argparse.Namespace, tok: Tokenizer, folder: Path) -> None:
+    """Time to first token of a request whose --prefix_len-token prefix an earlier request already sent, against
+    that earlier request's, on a server with prefix caching and one without (both running, used alternately)."""
+    import httpx
+
+    max_len = args.prefix_len + 2 * args.prompt_len + args.new_tokens + 8
+    ids = prompts(tok, 2 * args.reps + 1, args.prefix_len + args.prompt_len)
+    flags = {"caching": [], "no caching": ["--no_prefix_caching"]}
+    results: dict[str, dict[str, list]] = {name: {"first": [], "second": [], "texts": []} for name in flags}
+    load_before = load_average()
+    with contextlib.ExitStack() as stack:
+        urls = {name: stack.enter_context(serving(args, folder, args.port + i, 1, max_len, f))
+                for i, (name, f) in enumerate(flags.items())}
+        client = httpx.Client()
+        for rep in range(args.reps):
+            # A fresh prefix per repetition (nothing cached from the one before); the second request's own part
+            # comes from another row of random tokens.
+            prefix = ids[2 * rep][:args.prefix_len]
+            first = prefix + ids[2 * rep][args.prefix_len:]
+            second = prefix + ids[2 * rep + 1][args.prefix_len:]
+            for name in (list(flags) if rep % 2 == 0 else list(flags)[::-1]):
+                outs = {}
+                for which, prompt in (("first", first), ("second", second)):
+                    out: dict = {}
+                    stream_once(client, urls[name], {"prompt": prompt, "max_tokens": args.new_tokens,
+                                                     "temperature": 0, "ignore_eos": True, "stream": True}, out)
+                    results[name][which].append(out["ttft"])
+                    outs[which] = out["text"]
+                results[name]["texts"].append(outs["second"])
+    print(f"prefix caching: a {args.prefix_len}-token prefix + {args.prompt_len} own tokens, then another request "
+          f"with the same prefix and {args.prompt_len} other tokens; {args.new_tokens} greedy tokens each, 1 slot, "
+          f"median of {args.reps}; load average {load_before} before, {load_average()} after")
+    for name, r in results.items():
+        a, b = statistics.median(r["first"]), statistics.median(r["second"])
+        print(f"  {name:>10}: time to first token, first request {a * 1000:.0f} ms, second {b * 1000:.0f} ms "
+              f"({b / a:.2f} of the first)")
+    same = results["caching"]["texts"] == results["no caching"]["texts"]
+    print(f"  second requests' replies identical with and without caching: {same}")
+
+
+def bench_chunk(args: argparse.Namespace, tok: Tokenizer, folder: Path) -> None:
+    """The largest gap between two chunks of --streams[-1] running streams while one --long_len-token prompt is
+    prefilled, with --prefill_chunk and with whole-prompt prefill (0); both servers run, used alternately."""
+    import httpx
+
+    n = max(args.streams)
+    max_len = args.long_len + args.new_tokens + 8
+    flags = {f"chunk {args.prefill_chunk}": ["--prefill_chunk", str(args.prefill_chunk), "--no_prefix_caching"],
+             "whole prompts": ["--prefill_chunk", "0", "--no_prefix_caching"]}
+    long_prompts = prompts(tok, args.reps, args.long_len)
+    short = {"prompt": prompts(tok, 1, args.prompt_len)[0], "max_tokens": args.new_tokens, "temperature": 0,
+             "ignore_eos": True, "stream": True}
+    gaps: dict[str, list[float]] = {name: [] for name in flags}
+    before: dict[str, list[float]] = {name: [] for name in flags}
+    long_ttft: dict[str, list[float]] = {name: [] for name in flags}
+    load_before = load_average()
+    with contextlib.ExitStack() as stack:
+        urls = {name: stack.enter_context(serving(args, folder, args.port + i, n + 1, max_len, f))
+                for i, (name, f) in enumerate(flags.items())}
+        client = httpx.Client(limits=httpx.Limits(max_connections=64))
+        for rep in range(args.reps):
+            for name in (list(flags) if rep % 2 == 0 else list(flags)[::-1]):
+                outs = [{} for _ in range(n)]
+                threads = [threading.Thread(target=stream_once, args=(client, urls[name], short, o)) for o in outs]
+                for t in threads:
+                    t.start()
+                while not all(len(o.get("chunks", ())) >= 8 for o in outs):  # all streaming
+                    time.sleep(0.01)
+                sent = time.perf_counter()
+                long_out: dict = {}
+                stream_once(client, urls[name], {**short, "prompt": long_prompts[rep], "max_tokens": 1}, long_out)
+                done = time.perf_counter()
+                long_ttft[name].append(long_out["ttft"] if long_out["ttft"] is not None else done - sent)
+                for t in threads:
+                    t.join()
+                window = done - sent
+
+                def largest(lo: float, hi: float) -> float:
+                    """The largest gap between two chunks of a stream that overlaps [lo, hi]."""
+                    return max((b - a for o in outs for a, b in zip(o["chunks"], o["chunks"][1:])
+                                if b >= lo and a <= hi), default=0.0)
+
+                gaps[name].append(largest(sent, done))
+                before[name].append(largest(sent - window, sent))
+    print(f"chunked prefill: {n} streams of {args.new_tokens} greedy tokens running, then one {args.long_len}-token "
+          f"prompt; largest gap between two chunks of a running stream; median of {args.reps}; load average "
+          f"{load_before} before, {load_average()} after")
+    for name in flags:
+        print(f"  {name:>13}: while the long prompt is prefilled {statistics.median(gaps[name]) * 1000:.0f} ms "
+              f"(max {max(gaps[name]) * 1000:.0f}), in as long a window before it "
+              f"{statistics.median(before[name]) * 1000:.0f} ms; the long prompt's time to first token "
+              f"{statistics.median(long_ttft[name]) * 1000:.0f} ms")
 
 
 AGREE_PROMPTS = ["On Monday morning, Olivia", "Early last spring, Leo went", "今天早上，小明去了", "344加874等于",
@@ -225,7 +354,7 @@ def agree(args: argparse.Namespace) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=("decode", "server", "all", "agree"))
+    p.add_argument("what", choices=("decode", "server", "prefix", "chunk", "all", "agree"))
     p.add_argument("--model", default=None, help="agree: a trained model folder or run directory")
     p.add_argument("--tokenizer", default=str(DEFAULT_TOKENIZER))
     p.add_argument("--dim", type=int, default=256)
@@ -238,6 +367,10 @@ def main() -> None:
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     p.add_argument("--streams", type=int, nargs="+", default=[1, 8])
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--server_args", default="", help="server: more flags for the server, e.g. --no_prefix_caching")
+    p.add_argument("--prefix_len", type=int, default=1000, help="prefix: tokens both requests share")
+    p.add_argument("--long_len", type=int, default=1000, help="chunk: the long prompt's tokens")
+    p.add_argument("--prefill_chunk", type=int, default=128, help="chunk: the server's --prefill_chunk")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--port", type=int, default=8765)
     p.add_argument("--device", default="cpu", help="decode benchmark device (the server runs on its default)")
@@ -261,6 +394,10 @@ def main() -> None:
             bench_decode(args, tok, model, folder)
         if args.what in ("server", "all"):
             bench_server(args, tok, folder)
+        if args.what in ("prefix", "all"):
+            bench_prefix(args, tok, folder)
+        if args.what in ("chunk", "all"):
+            bench_chunk(args, tok, folder)
 
 
 if __name__ == "__main__":

@@ -4,12 +4,25 @@
     for event in engine.stream(prompt_ids, SamplingParams(max_tokens=64)):
         print(event.text, end="")
 
-Each scheduler step (1) frees the slots of finished or cancelled requests, (2) prefills waiting requests into
-the free slots (their prompts together, right-padded) and samples their first tokens, and (3) runs one forward
-pass over the last token of every running sequence together. Every sequence has its own position (rotary
-angle and KV-cache row length): the step writes each row's new key/value at that row's own position and masks
-each row's attention to its own length, so sequences of different lengths that joined at different times share
-one batched matmul.
+Each scheduler step (1) frees the slots of finished or cancelled requests, (2) admits waiting requests into the
+free slots, (3) prefills up to `prefill_chunk` prompt tokens of the admitted requests (their pieces together,
+right-padded; a longer prompt goes on in the next steps) and samples the first token of each prompt that is now
+complete, and (4) runs one forward pass over the last token of every running sequence together. So a long prompt
+enters in chunks between decode steps: the gap between two tokens of a running stream is at most one chunk's
+forward plus one decode step (chunked prefill).
+
+Prefix caching (a slot-copy scheme that fits the per-row cache, not vLLM's hashed blocks): a slot keeps the keys and
+values of its last sequence after the request ends, until the slot is given to another. A new request takes the
+free slot whose kept tokens share the longest prefix with its prompt, or, when a running (or other free) slot
+shares a longer one, copies that row's prefix into the least recently used free slot; only the rest of the prompt
+is prefilled. Its limits: at most `slots` sequences are remembered (a prefix survives only while its slot is not
+reused), prefixes match token by token from the start (no sharing inside a prompt), and the copy is a row-to-row
+copy of the prefix's keys and values. Models with rope_type dynamic get neither chunking nor reuse: past the
+original context a key's rotation depends on the sequence length when it was computed.
+
+Every sequence has its own position (rotary angle and KV-cache row length): the step writes each row's new key/value
+at that row's own position and masks each row's attention to its own length, so sequences of different lengths that
+joined at different times share one batched matmul.
 Sampling settings and the random generator (seeded per request) are per sequence too.
 
 Every step is one call of the model's own forward (model/model.py Transformer.forward) over rows of its KVCache,
@@ -37,6 +50,7 @@ from tokenizer import StreamDecoder, Tokenizer
 from .packing import pack_linears
 
 MEMORY_HEADROOM = 0.8  # the KV cache may take at most this share of the memory free when the engine starts
+PREFILL_CHUNK = 512  # default prompt tokens prefilled per step (vLLM's chunked prefill uses 512-8192 on GPUs)
 
 
 class QueueFull(RuntimeError):
@@ -64,6 +78,8 @@ class Request:
     text: str = ""  # the part of it sent to the sink (a stop string's possible start waits)
     finish_reason: str | None = None
     cancelled: bool = False
+    prefilled: int = 0  # prompt tokens whose keys and values are in the slot's cache row
+    cached_tokens: int = 0  # of those, how many were reused from an earlier request (prefix caching)
 
     def cancel(self) -> None:
         """Stop generating; the engine frees the slot at its next step (safe from any thread)."""
@@ -72,6 +88,20 @@ class Request:
     @property
     def done(self) -> bool:
         return self.finish_reason is not None
+
+    @property
+    def decoding(self) -> bool:
+        """The prompt is fully prefilled (its first token sampled)."""
+        return self.prefilled == len(self.prompt_ids)
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int], limit: int) -> int:
+    """How many leading tokens a and b share, at most `limit`."""
+    n = min(len(a), len(b), limit)
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
 
 
 def _held_back(text: str, stops: Sequence[str]) -> int:
@@ -91,8 +121,12 @@ class Engine:
     by hand (`step()`) in tests."""
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, slots: int = 8, max_len: int | None = None,
-                 max_queue: int = 64, pack_weights: bool = True):
-        """pack_weights: on CPU in float32, large linear weights are packed for MKL's GEMM at a full decode step's
+                 max_queue: int = 64, pack_weights: bool = True, prefill_chunk: int | None = PREFILL_CHUNK,
+                 prefix_caching: bool = True):
+        """prefill_chunk: prompt tokens prefilled per step at most (None: whole prompts at once); prefix_caching:
+        reuse the cached keys and values of a prefix shared with an earlier or running request (module docstring).
+
+        pack_weights: on CPU in float32, large linear weights are packed for MKL's GEMM at a full decode step's
         `slots` rows (inference/packing.py: faster batched decoding, more memory). The engine then runs its own
         copy of the model with those modules swapped; `model` itself is not changed (the copy shares its
         weights)."""
@@ -100,6 +134,8 @@ class Engine:
             raise ValueError(f"--slots must be at least 1, got {slots}")
         if max_queue < 0:
             raise ValueError(f"--max_queue must be >= 0, got {max_queue}")
+        if prefill_chunk is not None and prefill_chunk < 1:
+            raise ValueError(f"--prefill_chunk must be at least 1, got {prefill_chunk}")
         self.model, self.tokenizer = model.eval(), tokenizer
         self.max_len = min(max_len or model.config.max_seq_len, model.config.max_seq_len)
         if self.max_len < 2:
@@ -111,7 +147,14 @@ class Engine:
         self.packed: list[str] = []  # names of the linears packed in the engine's copy of the model
         if pack_weights and slots > 1:
             self.model, self.packed = pack_linears(self.model, slots)
+        dynamic = model.config.rope_type == "dynamic"  # see the module docstring
+        self.prefill_chunk = None if dynamic else prefill_chunk
+        self.prefix_caching = prefix_caching and not dynamic
         self.slots: list[Request | None] = [None] * slots
+        self.kept: list[list[int]] = [[] for _ in range(slots)]  # a free slot's tokens still in its cache row
+        self.freed_at = [0] * slots  # the step a slot was last freed at (least recently used first)
+        self.steps = 0
+        self.stats = {"prefill_forwards": 0, "decode_forwards": 0, "prefilled_tokens": 0, "cached_tokens": 0}
         self.generators: list[torch.Generator | None] = [None] * slots
         self.max_queue = max_queue
         self.waiting: deque[Request] = deque()
@@ -215,52 +258,107 @@ class Engine:
                 raise
 
     def step(self) -> None:
-        """One scheduling round: free, admit (prefill), then one batched decode step."""
+        """One scheduling round: free, admit, prefill (a chunk of prompt tokens), then one batched decode step."""
+        self.steps += 1
         for slot, req in enumerate(self.slots):
             if req is not None and (req.cancelled or req.done):
                 if not req.done:
                     self._finish(req, "cancelled")
+                self.kept[slot] = self._held(slot)
+                self.freed_at[slot] = self.steps
                 self.slots[slot] = None
-        admitted = []
-        for slot in range(len(self.slots)):
-            if self.slots[slot] is not None:
-                continue
+        while None in self.slots:
             with self._lock:
                 while self.waiting and self.waiting[0].cancelled:
                     self._finish(self.waiting.popleft(), "cancelled")
                 if not self.waiting:
                     break
-                admitted.append((slot, self.waiting.popleft()))
-        if admitted:
-            self._prefill(admitted)
-        running = [s for s, r in enumerate(self.slots) if r is not None and not r.done and not r.cancelled]
+                req = self.waiting.popleft()
+            self._admit(req)
+        self._prefill()
+        running = [s for s, r in enumerate(self.slots) if r is not None and r.decoding and not r.done
+                   and not r.cancelled]
         if running:
             self._decode(running)
 
+    def _held(self, slot: int) -> list[int]:
+        """The tokens whose keys and values are in this slot's cache row, in order."""
+        req, n = self.slots[slot], self.cache.lengths[slot]
+        return (req.prompt_ids + req.output_ids)[:n] if req is not None else self.kept[slot][:n]
+
+    def _admit(self, req: Request) -> None:
+        """Give `req` a free slot, with the longest cached prefix of its prompt (prefix caching) in its row."""
+        free = [s for s, r in enumerate(self.slots) if r is None]
+        slot, source, reuse = min(free, key=lambda s: self.freed_at[s]), None, 0
+        if self.prefix_caching:
+            # At least the prompt's last token is prefilled: its logits give the first token.
+            matches = {s: _common_prefix(self._held(s), req.prompt_ids, len(req.prompt_ids) - 1)
+                       for s in range(len(self.slots))}
+            best = max(matches.values())
+            if best > 0:
+                reuse = best
+                in_place = [s for s in free if matches[s] == best]
+                if in_place:  # a free slot that already holds the prefix: no copy
+                    slot = in_place[0]
+                else:
+                    source = next(s for s in range(len(self.slots)) if matches[s] == best)
+        if source is not None:
+            # Positions past `reuse` in the source row may be written by its own step later; these are copied now.
+            self.cache.k[:, slot, :reuse] = self.cache.k[:, source, :reuse]
+            self.cache.v[:, slot, :reuse] = self.cache.v[:, source, :reuse]
+        self.cache.lengths[slot] = reuse
+        req.prefilled = req.cached_tokens = reuse
+        self.stats["cached_tokens"] += reuse
+        self.slots[slot], self.kept[slot] = req, []
+        seed = req.params.seed if req.params.seed is not None else secrets.randbits(63)
+        self.generators[slot] = torch.Generator(self.device).manual_seed(seed)
+
     @torch.no_grad()
-    def _prefill(self, admitted: list[tuple[int, Request]]) -> None:
-        """Run the prompts of newly admitted requests together (right-padded to the longest) and sample each
-        one's first token."""
-        slots = [slot for slot, _ in admitted]
-        width = max(len(req.prompt_ids) for _, req in admitted)
+    def _prefill(self) -> None:
+        """Prefill the next pieces of admitted prompts (oldest request first, at most prefill_chunk tokens in all,
+        right-padded together) and sample the first token of each prompt that is then complete."""
+        budget = self.prefill_chunk or self.max_len * len(self.slots)
+        todo = sorted((r.id, s) for s, r in enumerate(self.slots)
+                      if r is not None and not r.decoding and not r.cancelled)
+        rows: list[int] = []
+        counts: list[int] = []
+        for _, slot in todo:
+            req = self.slots[slot]
+            n = min(len(req.prompt_ids) - req.prefilled, budget)
+            if n <= 0:
+                break
+            # Right padding reaches max(start) + max(count) in every row: it must fit in the cache (the first
+            # row always does; one that would not waits for the next step).
+            starts = [self.cache.lengths[s] for s in rows + [slot]]
+            if max(starts) + max(counts + [n]) > self.cache.max_len:
+                continue
+            rows.append(slot)
+            counts.append(n)
+            budget -= n
+        if not rows:
+            return
+        width = max(counts)
         pad = max(self.tokenizer.eos_id, 0)
-        tokens = torch.tensor([req.prompt_ids + [pad] * (width - len(req.prompt_ids)) for _, req in admitted],
-                              device=self.device)
-        self.cache.reset(slots)
-        for slot, req in admitted:
-            self.slots[slot] = req
-            seed = req.params.seed if req.params.seed is not None else secrets.randbits(63)
-            self.generators[slot] = torch.Generator(self.device).manual_seed(seed)
-        lengths = [len(req.prompt_ids) for _, req in admitted]
-        logits = self.model(tokens, cache=self.cache, cache_rows=slots, input_lengths=lengths,
-                            output_positions=[n - 1 for n in lengths])
-        for slot, token in zip(slots, self._sample(logits, slots)):
-            self._accept(slot, token)
+        pieces = [self.slots[s].prompt_ids[self.slots[s].prefilled:self.slots[s].prefilled + n]
+                  for s, n in zip(rows, counts)]
+        tokens = torch.tensor([p + [pad] * (width - len(p)) for p in pieces], device=self.device)
+        logits = self.model(tokens, cache=self.cache, cache_rows=rows, input_lengths=counts,
+                            output_positions=[n - 1 for n in counts])
+        self.stats["prefill_forwards"] += 1
+        self.stats["prefilled_tokens"] += sum(counts)
+        for s, n in zip(rows, counts):
+            self.slots[s].prefilled += n
+        complete = [i for i, s in enumerate(rows) if self.slots[s].decoding]
+        if complete:
+            slots = [rows[i] for i in complete]
+            for slot, token in zip(slots, self._sample(logits[complete], slots)):
+                self._accept(slot, token)
 
     @torch.no_grad()
     def _decode(self, running: list[int]) -> None:
         tokens = torch.tensor([[self.slots[s].output_ids[-1]] for s in running], device=self.device)
         logits = self.model(tokens, cache=self.cache, cache_rows=running)[:, -1]
+        self.stats["decode_forwards"] += 1
         for s, token in zip(running, self._sample(logits, running)):
             self._accept(s, token)
 

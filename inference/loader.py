@@ -10,7 +10,7 @@ from common.tensors import DTYPES
 from model import Transformer
 from tokenizer import Tokenizer
 
-from .engine import Engine
+from .engine import PREFILL_CHUNK, Engine
 from .templates import ChatTemplate, load_chat_template
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -43,5 +43,7 @@ def load(args: argparse.Namespace) -> Loaded:
     return Loaded(model, tok, load_chat_template(args.model, tok))
 
 
-def make_engine(loaded: Loaded, slots: int, max_len: int | None, max_queue: int = 64) -> Engine:
-    return Engine(loaded.model, loaded.tokenizer, slots=slots, max_len=max_len, max_queue=max_queue).start()
+def make_engine(loaded: Loaded, slots: int, max_len: int | None, max_queue: int = 64,
+                prefill_chunk: int | None = PREFILL_CHUNK, prefix_caching: bool = True) -> Engine:
+    return Engine(loaded.model, loaded.tokenizer, slots=slots, max_len=max_len, max_queue=max_queue,
+                  prefill_chunk=prefill_chunk, prefix_caching=prefix_caching).start()

@@ -55,7 +55,7 @@ from common.cli import entry_point, parser
 from common.errors import UserError
 from tokenizer import Tokenizer
 
-from .engine import Engine, Event, QueueFull, Request, SamplingParams
+from .engine import PREFILL_CHUNK, Engine, Event, QueueFull, Request, SamplingParams
 from .loader import add_model_args, load, make_engine
 from .scoring import (MAX_TOP_LOGPROBS, TokenScores, chat_logprobs_object, logprobs_object, score,
                       token_offsets)
@@ -416,10 +416,15 @@ def create_app(engine: Engine, template: ChatTemplate, model_name: str, api_key:
             raise ApiError(503, str(e), kind="server_error") from None
         return events
 
-    def usage(jobs: list[Job]) -> dict[str, int]:
+    def usage(jobs: list[Job]) -> dict:
         prompts = {id(job.ids): len(job.ids) for job in jobs}  # n choices of one prompt count it once
         p, c = sum(prompts.values()), sum(len(job.req.output_ids) for job in jobs if job.req is not None)
-        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+        cached: dict[int, int] = {}  # prompt tokens the engine's prefix cache gave (OpenAI's cached_tokens)
+        for job in jobs:
+            if job.req is not None:
+                cached[id(job.ids)] = max(cached.get(id(job.ids), 0), job.req.cached_tokens)
+        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
+                "prompt_tokens_details": {"cached_tokens": sum(cached.values())}}
 
     def finish_reason(job: Job) -> str:
         return job.req.finish_reason if job.req is not None else "length"
@@ -690,19 +695,27 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--api_key", default=None, help="require `Authorization: Bearer KEY` on /v1 requests")
     p.add_argument("--slots", type=int, default=8, help="sequences decoded together (KV-cache slots)")
     p.add_argument("--max_queue", type=int, default=64, help="requests waiting for a slot before 429")
+    p.add_argument("--prefill_chunk", type=int, default=PREFILL_CHUNK,
+                   help="prompt tokens prefilled per engine step, between decode steps (chunked prefill; 0: whole "
+                        "prompts at once)")
+    p.add_argument("--no_prefix_caching", action="store_true",
+                   help="do not reuse the cached keys/values of a prompt prefix shared with an earlier request")
     p.add_argument("--max_body_bytes", type=int, default=MAX_BODY_BYTES,
                    help="larger request bodies get 413 before they are read (0: no limit)")
     p.add_argument("--served_model_name", default=None, help="the model id in the API (default: folder name)")
     args = p.parse_args(argv)
     if args.max_body_bytes < 0:
         raise UserError(f"--max_body_bytes must be >= 0 (0: no limit), got {args.max_body_bytes}")
+    if args.prefill_chunk < 0:
+        raise UserError(f"--prefill_chunk must be >= 0 (0: whole prompts at once), got {args.prefill_chunk}")
     import uvicorn
 
     # The port is taken now, before the model loads (tens of seconds), and handed to uvicorn: a port in use is
     # reported at once and naming --port, and no other process can take it in between.
     listener = bind_port(args.host, args.port)
     loaded = load(args)
-    engine = make_engine(loaded, args.slots, args.max_len, args.max_queue)
+    engine = make_engine(loaded, args.slots, args.max_len, args.max_queue, args.prefill_chunk or None,
+                         not args.no_prefix_caching)
     name = args.served_model_name or Path(args.model).resolve().name
     app = create_app(engine, loaded.template, name, args.api_key, args.max_body_bytes)
     server = uvicorn.Server(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=5))
