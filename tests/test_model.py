@@ -332,8 +332,8 @@ def test_importing_the_model_does_not_import_dynamo():
     import sys
     from pathlib import Path
 
-    code = ("import sys, model.model, model.generate, evaluation.decoding, evaluation.generation; "
-            "print('torch._dynamo' in sys.modules)")
+    code = ("import sys, model.model, model.generate, evaluation.decoding, evaluation.generation, evaluation.suite, "
+            "artifacts; print('torch._dynamo' in sys.modules)")
     root = Path(__file__).resolve().parents[1]
     out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True,
                          env={**__import__("os").environ, "PYTHONPATH": str(root)})
