@@ -19,13 +19,16 @@ Prints a table and writes WORK_DIR/bench_eval.json. Needs `pip install -c constr
 With --gsm8k_dir, GSM8K too (the LLaMA model only): the first --gsm8k_limit test questions with the same 4-shot
 prompts (built by evaluation/evaluate_gsm8k.py and handed to lm-eval as ready text), greedy replies cut at the same
 stop sequences, through `python evaluation/evaluate_gsm8k.py` and `lm_eval --model hf` (generate_until); compares
-the replies and the accuracy of both.
+the replies and the accuracy of both. --gsm8k_repeats N times each system N times, interleaved, with the wall time,
+the CPU time (user + system, less moved by other users' load) and the load average of each run; the row's figures
+are the medians.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -152,15 +155,26 @@ def write_lm_eval_tasks(task_dir: Path, suite: Suite, data_dir: Path, subjects: 
     return f"{suite.name}_local"
 
 
-def run_timed(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> float:
+@dataclass
+class Timed:
+    """One command's wall time and CPU time (user + system of it and every process it waited for): on a machine
+    loaded by others the CPU time moves much less than the wall time."""
+
+    wall: float
+    cpu: float
+
+
+def run_timed(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> Timed:
     print("$ " + " ".join(cmd), flush=True)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     with open(log, "w") as f:
         proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO, env=env)
     elapsed = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode:
         sys.exit(f"error: command failed with exit code {proc.returncode}; see {log}")
-    return elapsed
+    return Timed(elapsed, after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
 
 
 def _context(sample: dict) -> str:
@@ -200,7 +214,7 @@ def run_ours(suite: Suite, model: Path, data_dir: Path, subjects: list[str], out
     wall = run_timed([sys.executable, "-m", suite.module, "--model", str(model), "--data_dir", str(data_dir),
                       "--output_dir", str(out), "--split", suite.split, "--ntrain", str(args.ntrain), "--device",
                       args.device, "--dtype", args.dtype, "--batch_size", str(args.batch_size), "--subjects",
-                      *subjects], out.with_suffix(".log"))
+                      *subjects], out.with_suffix(".log")).wall
     results = json.loads((out / "results.json").read_text())
     preds = [json.loads(line) for line in (out / "predictions.jsonl").read_text(encoding="utf-8").split("\n") if line]
     return {"wall_s": round(wall, 1), "scoring_s": results["settings"]["scoring_seconds"],
@@ -217,7 +231,7 @@ def run_lm_eval(suite: Suite, model: Path, task_dir: Path, group: str, out: Path
                       f"pretrained={model},dtype={args.dtype},add_bos_token=True", "--device", args.device,
                       "--tasks", group, "--include_path", str(task_dir), "--num_fewshot", str(args.ntrain),
                       "--batch_size", args.lm_eval_batch_size, "--output_path", str(out), "--log_samples"],
-                     out.with_suffix(".log"), env)
+                     out.with_suffix(".log"), env).wall
 
 
 def compare(ours: dict[str, Any], theirs: dict[tuple[str, int], dict], prompts: dict[tuple[str, int], str]):
@@ -276,27 +290,39 @@ def bench_gsm8k(args, model: Path, work: Path) -> dict[str, Any]:
         data_file=json.dumps(str(data_file)), until=json.dumps(list(evaluate_gsm8k.STOPS)),
         max_new=args.gsm8k_max_new_tokens), encoding="utf-8")
 
-    ours_dir = work / "ours_gsm8k"
-    ours_wall = run_timed([sys.executable, "evaluation/evaluate_gsm8k.py", "--model", str(model), "--data_dir",
-                           str(args.gsm8k_dir), "--output_dir", str(ours_dir), "--overwrite", "--limit",
-                           str(args.gsm8k_limit), "--max_new_tokens", str(args.gsm8k_max_new_tokens), "--shots", "4",
-                           "--device", args.device, "--dtype", args.dtype, "--batch_size",
-                           str(args.gsm8k_batch_size)], ours_dir.with_suffix(".log"))
+    ours_dir, lm_out = work / "ours_gsm8k", work / "lm_eval_gsm8k"
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    runs = []
+    for _ in range(args.gsm8k_repeats):  # interleaved: ours, lm-eval, ours, lm-eval, ... under the same load
+        run: dict[str, Any] = {"load_before": os.getloadavg()[0]}
+        t = run_timed([sys.executable, "evaluation/evaluate_gsm8k.py", "--model", str(model), "--data_dir",
+                       str(args.gsm8k_dir), "--output_dir", str(ours_dir), "--overwrite", "--limit",
+                       str(args.gsm8k_limit), "--max_new_tokens", str(args.gsm8k_max_new_tokens), "--shots", "4",
+                       "--device", args.device, "--dtype", args.dtype, "--batch_size",
+                       str(args.gsm8k_batch_size)], ours_dir.with_suffix(".log"))
+        settings = json.loads((ours_dir / "results.json").read_text())["settings"]
+        run.update(wall_s=round(t.wall, 1), cpu_s=round(t.cpu, 1), generation_s=settings["generation_seconds"])
+        if not args.skip_lm_eval:
+            if lm_out.exists():
+                shutil.rmtree(lm_out)
+            t = run_timed([sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
+                           f"pretrained={model},dtype={args.dtype},add_bos_token=True", "--device", args.device,
+                           "--tasks", "gsm8k_local", "--include_path", str(task_dir), "--num_fewshot", "0",
+                           "--batch_size", str(args.gsm8k_batch_size), "--output_path", str(lm_out),
+                           "--log_samples"], lm_out.with_suffix(".log"), env)
+            run.update(lm_eval_wall_s=round(t.wall, 1), lm_eval_cpu_s=round(t.cpu, 1),
+                       speedup=round(t.wall / run["wall_s"], 2), cpu_speedup=round(t.cpu / run["cpu_s"], 2))
+        run["load_after"] = os.getloadavg()[0]
+        runs.append(run)
+        print(json.dumps(run), flush=True)
     ours = [json.loads(line) for line in (ours_dir / "predictions.jsonl").read_text(encoding="utf-8").split("\n")
             if line]
+    median = {k: float(np.median([r[k] for r in runs])) for k in runs[0] if k.endswith("_s") or "speedup" in k}
     row: dict[str, Any] = {"benchmark": "gsm8k", "questions": len(test), "max_new_tokens": args.gsm8k_max_new_tokens,
-                           "batch_size": args.gsm8k_batch_size, "wall_s": round(ours_wall, 1),
+                           "batch_size": args.gsm8k_batch_size, "runs": runs, "median": median,
+                           "wall_s": median["wall_s"],
                            "accuracy": json.loads((ours_dir / "results.json").read_text())["accuracy"]}
     if not args.skip_lm_eval:
-        lm_out = work / "lm_eval_gsm8k"
-        if lm_out.exists():
-            shutil.rmtree(lm_out)
-        env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-        lm_wall = run_timed([sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
-                             f"pretrained={model},dtype={args.dtype},add_bos_token=True", "--device", args.device,
-                             "--tasks", "gsm8k_local", "--include_path", str(task_dir), "--num_fewshot", "0",
-                             "--batch_size", str(args.gsm8k_batch_size), "--output_path", str(lm_out),
-                             "--log_samples"], lm_out.with_suffix(".log"), env)
         theirs: dict[int, dict] = {}
         for path in lm_out.rglob("samples_gsm8k_local_*.jsonl"):
             for line in path.read_text(encoding="utf-8").split("\n"):
@@ -307,7 +333,7 @@ def bench_gsm8k(args, model: Path, work: Path) -> dict[str, Any]:
         same_prompt = sum(theirs[n]["context"] == prompts[n] for n in range(len(test)))
         lm_correct = sum(evaluate_gsm8k.same_number(evaluate_gsm8k.extract_answer(theirs[n]["reply"]), a)
                          for n, (_, _, a) in enumerate(test))
-        row.update({"lm_eval_wall_s": round(lm_wall, 1), "speedup": round(lm_wall / ours_wall, 2),
+        row.update({"lm_eval_wall_s": median["lm_eval_wall_s"], "speedup": median["speedup"],
                     "identical_prompts": same_prompt, "identical_replies": same_reply,
                     "lm_eval_accuracy": 100.0 * lm_correct / len(test)})
     return row
@@ -322,6 +348,8 @@ def main() -> None:
     ap.add_argument("--gsm8k_limit", type=int, default=50, help="GSM8K: the first N test questions")
     ap.add_argument("--gsm8k_max_new_tokens", type=int, default=128, help="GSM8K: longest reply, both systems")
     ap.add_argument("--gsm8k_batch_size", type=int, default=8, help="GSM8K: prompts generated together, both systems")
+    ap.add_argument("--gsm8k_repeats", type=int, default=1,
+                    help="GSM8K: timed runs of each system, interleaved (the medians are the row's figures)")
     ap.add_argument("--tokenizer", type=Path, required=True, help="SentencePiece tokenizer.model")
     ap.add_argument("--work_dir", type=Path, default=REPO / "runs" / "bench_eval")
     ap.add_argument("--preset", default="debug", help="model preset of the random models")

@@ -7,17 +7,25 @@ every unfinished row is continued by one token per step, each row at its own pos
 attended to, so greedy results equal generating each prompt on its own. The engine (inference/engine.py) runs the
 same forward and `sample` under its own scheduler, which admits requests while others run.
 Sorting prompts by length first (`length_sorted_batches`) keeps the padding of the prefill small.
+
+Prompts that start with the same tokens (a k-shot prompt: evaluation's GSM8K shares ~600 of ~700 tokens) can share
+that prefix's keys and values: `prefill_prefix` runs it once into a batch-1 cache, and generate_ragged given it
+(`shared_prefix`) copies its rows into every row's cache and prefills only each prompt's own rest. The keys and
+values are those a whole-prompt prefill computes (the same forward, causal), so greedy replies are the same
+(tests/test_generate.py).
 """
 from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 
+from .rope import dynamic_length
+
 if TYPE_CHECKING:
-    from .model import Transformer
+    from .model import KVCache, Transformer
 
 
 @dataclass
@@ -122,12 +130,57 @@ def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[
     return [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
 
 
+@dataclass(frozen=True)
+class SharedPrefix:
+    """Keys and values of a token prefix, computed once for many prompts that start with it (prefill_prefix)."""
+
+    tokens: tuple[int, ...]
+    cache: "KVCache"
+    """Batch-1 cache holding the keys and values of `tokens`."""
+
+
+def common_prefix_length(prompts: Sequence[Sequence[int]]) -> int:
+    """The number of leading tokens every prompt shares."""
+    first, n = prompts[0], min(len(p) for p in prompts)
+    for p in prompts[1:]:
+        n = next((i for i in range(n) if p[i] != first[i]), n)
+    return n
+
+
+@torch.inference_mode()
+def prefill_prefix(model: "Transformer", tokens: Sequence[int]) -> SharedPrefix:
+    """Run `tokens` once through the model into a batch-1 cache, for generate_ragged's shared_prefix."""
+    if not tokens or len(tokens) > model.config.max_seq_len:
+        raise ValueError(f"a shared prefix needs 1 to max_seq_len={model.config.max_seq_len} tokens, "
+                         f"got {len(tokens)}")
+    cache = model.new_cache(1, len(tokens))
+    device = model.tok_embeddings.weight.device
+    # Only the last position's logits are made (the prefix's own logits are not needed, its keys and values are).
+    model(torch.tensor([list(tokens)], dtype=torch.long, device=device), cache=cache,
+          output_positions=[len(tokens) - 1])
+    return SharedPrefix(tuple(tokens), cache)
+
+
+def _reusable_length(model: "Transformer", prefix: SharedPrefix, prompts: list[Sequence[int]]) -> int:
+    """How many of the prefix's positions every prompt can take from it: the tokens all of them share with it,
+    leaving each at least its last token to prefill (its logits start the reply). 0 where the rotary angles of a
+    whole-prompt prefill would differ (rope_type dynamic rotates by each sequence's own length)."""
+    n = min(len(prefix.tokens), min(len(p) for p in prompts) - 1)
+    for p in prompts:
+        n = next((i for i in range(n) if p[i] != prefix.tokens[i]), n)
+    ends = [len(prefix.tokens)] + [len(p) for p in prompts]  # the prefix's keys were rotated for its own length
+    if n > 0 and len({dynamic_length(model.config, m) for m in ends}) != 1:
+        return 0
+    return n
+
+
 @torch.inference_mode()
 def generate_ragged(model: "Transformer", prompts: Sequence[Sequence[int]], max_new_tokens: int,
                     eos_id: int | None = None, temperature: float = 0.0, top_k: int | None = None,
                     top_p: float | None = None, generator: torch.Generator | None = None,
                     vocab_size: int | None = None, *, keep_eos: bool = False,
-                    use_cache: bool = True) -> list[list[int]]:
+                    use_cache: bool = True, shared_prefix: SharedPrefix | None = None,
+                    until: Callable[[int, list[int]], bool] | None = None) -> list[list[int]]:
     """The new tokens of each prompt (up to max_new_tokens, without the EOS that ends a row unless keep_eos).
 
     Greedy when temperature is 0; a row also stops where the model's context (max_seq_len) is full.
@@ -149,13 +202,20 @@ def generate_ragged(model: "Transformer", prompts: Sequence[Sequence[int]], max_
     active = [r for r, n in enumerate(lengths) if n < context] if max_new_tokens > 0 else []
     if not active:
         return out
-    tokens = torch.zeros(len(active), max(lengths[r] for r in active), dtype=torch.long, device=device)
+    reuse = _reusable_length(model, shared_prefix, [prompts[r] for r in active]) if (
+        shared_prefix is not None and use_cache) else 0
+    tokens = torch.zeros(len(active), max(lengths[r] for r in active) - reuse, dtype=torch.long, device=device)
     for i, r in enumerate(active):
-        tokens[i, :lengths[r]] = torch.tensor(list(prompts[r]), dtype=torch.long)
+        tokens[i, :lengths[r] - reuse] = torch.tensor(list(prompts[r][reuse:]), dtype=torch.long)
     if use_cache:
         cache = model.new_cache(len(prompts), min(max(lengths) + max_new_tokens, context))
-        logits = model(tokens, cache=cache, cache_rows=active, input_lengths=[lengths[r] for r in active],
-                       output_positions=[lengths[r] - 1 for r in active])
+        if reuse:
+            cache.k[:, :, :reuse] = shared_prefix.cache.k[:, :, :reuse]  # broadcast over the rows
+            cache.v[:, :, :reuse] = shared_prefix.cache.v[:, :, :reuse]
+            for r in active:
+                cache.lengths[r] = reuse
+        logits = model(tokens, cache=cache, cache_rows=active, input_lengths=[lengths[r] - reuse for r in active],
+                       output_positions=[lengths[r] - reuse - 1 for r in active])
     else:
         logits = model(tokens)[:, -1]
     while True:
@@ -169,6 +229,8 @@ def generate_ragged(model: "Transformer", prompts: Sequence[Sequence[int]], max_
                     out[r].append(token)
                 continue
             out[r].append(token)
+            if until is not None and until(r, out[r]):
+                continue
             if len(out[r]) < max_new_tokens and lengths[r] + len(out[r]) < context:
                 going.append(r)
         active = going

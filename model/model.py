@@ -305,14 +305,20 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         return (grad_h * grad_out).to(grad_h.dtype), grad_w, None, None
 
 
-# Kept out of torch.compile graphs. On CUDA (torch 2.11, one H200), a compiled graph holding this hand-written
-# backward gave all-zero gradients to every parameter, fp32 and bf16 alike, while the same graph on the CPU was
-# exact; run eagerly inside an otherwise compiled model it is exact on both (benchmarks/check_compile_grads.py,
-# benchmarks/results/gpu_diag_h200_2026-11-26.log). Its cost is GEMMs, which compiling would not speed up.
-@torch.compiler.disable
 def fused_linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                                chunk: int) -> torch.Tensor:
-    """Mean cross-entropy of h @ weight.T with its gradients made in the forward pass (see chunked_cross_entropy)."""
+    """Mean cross-entropy of h @ weight.T with its gradients made in the forward pass (see chunked_cross_entropy).
+
+    Kept out of torch.compile graphs. On CUDA (torch 2.11, one H200), a compiled graph holding this hand-written
+    backward gave all-zero gradients to every parameter, fp32 and bf16 alike, while the same graph on the CPU was
+    exact; run eagerly inside an otherwise compiled model it is exact on both (benchmarks/check_compile_grads.py,
+    benchmarks/results/gpu_diag_h200_2026-11-26.log). Its cost is GEMMs, which compiling would not speed up.
+    torch.compiler.disable is applied here, while torch.compile traces, rather than as a decorator: the decorator
+    imports torch._dynamo (2-4 s) when model.model is imported, a cost to every command that never compiles
+    (evaluation, inference). Traced, the call is the same as the decorated function's (run eagerly, no graph
+    break; tests/test_model.py::test_loss_kept_out_of_compiled_graphs)."""
+    if torch.compiler.is_compiling():
+        return torch.compiler.disable(_ChunkedCrossEntropy.apply)(h, weight, targets, chunk)
     return _ChunkedCrossEntropy.apply(h, weight, targets, chunk)
 
 

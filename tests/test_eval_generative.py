@@ -75,6 +75,32 @@ def test_generate_until_equals_one_greedy_run_cut(eval_assets):
     assert got[0]["stopped"] == "stop"
 
 
+def test_generate_until_with_a_shared_prefix_equals_each_prompt_alone(eval_assets):
+    """Prompts sharing a k-shot prefix (prefilled once, copied into every row) and a batch of n samples of one
+    prompt (its own prefix) give the replies of plain greedy runs, cut at the stop; the prefix is computed once."""
+    loaded = load(eval_assets["model"], None, "cpu", "float32")
+    tok = loaded.tokenizer
+    shots = "Question: 3 + 4?\nAnswer: 7. The answer is 7.\n\nQuestion: 10 - 2?\nAnswer: 8. The answer is 8.\n\n"
+    prompts = [tok.encode(shots + f"Question: {q}\nAnswer:", bos=True) for q in ("1 + 1?", "5 * 6?", "9?", "2 - 7?")]
+    prompts += [prompts[1]] * 3  # a batch of one prompt's samples
+    whole = [generate_ragged(loaded.model, [p], 40, tok.eos_id, vocab_size=tok.vocab_size)[0] for p in prompts]
+    texts = [tok.decode(w) for w in whole]
+    stop = texts[0][len(texts[0]) // 2:][:2]
+    embedded = []
+    hook = loaded.model.tok_embeddings.register_forward_hook(lambda m, args, out: embedded.append(args[0].numel()))
+    try:
+        got = generate_until(loaded, prompts, 40, [stop], batch_size=3)
+    finally:
+        hook.remove()
+    for g, text in zip(got, texts):
+        assert g["text"] == cut_at_stop(text, [stop])[0]
+    assert got[0]["stopped"] == "stop"
+    # first forward: the common prefix alone (batch 1), every prompt's own tokens fewer than it
+    common = min(len(p) for p in prompts) - 1
+    assert embedded[0] == next(i for i in range(common) if len({p[i] for p in prompts[:4]}) > 1)
+    assert sum(embedded) < sum(len(p) for p in prompts)
+
+
 def test_gsm8k_generation_and_samples(eval_assets, tmp_path, capsys):
     data = write_gsm8k_dir(tmp_path / "g")
     out = tmp_path / "o"

@@ -306,6 +306,40 @@ def test_torch_compile_gives_same_loss_and_gradients():
         assert torch.allclose(a, p.grad, atol=1e-6)
 
 
+def test_loss_kept_out_of_compiled_graphs(monkeypatch):
+    """The training loss (hand-written backward) runs eagerly inside a compiled model, as under the
+    torch.compiler.disable decorator it had: traced, its body would see is_compiling() True."""
+    import model.model as mm
+
+    seen = []
+    real = mm.chunked_cross_entropy
+
+    def spy(*args, **kwargs):
+        seen.append(torch.compiler.is_compiling())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mm, "chunked_cross_entropy", spy)
+    model = make(attn_impl="sdpa").train()
+    x, t = torch.randint(0, 512, (2, 16)), torch.randint(0, 512, (2, 16))
+    ref = model(x, targets=t)
+    loss = torch.compile(model, backend="eager")(x, targets=t)
+    assert seen == [False, False] and torch.allclose(loss, ref)
+
+
+def test_importing_the_model_does_not_import_dynamo():
+    """torch._dynamo costs seconds to import; commands that never compile (evaluation, inference) must not pay it."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys, model.model, model.generate, evaluation.decoding, evaluation.generation, evaluation.suite, "
+            "artifacts; print('torch._dynamo' in sys.modules)")
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True,
+                         env={**__import__("os").environ, "PYTHONPATH": str(root)})
+    assert out.stdout.strip() == "False", out.stderr
+
+
 def test_initialisation_scales_residual_projections_with_depth():
     config = ModelConfig.from_preset("debug", n_layers=8, init_std=0.05)
     model = Transformer(config)
