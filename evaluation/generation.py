@@ -8,35 +8,16 @@ their own generate() with left padding and an attention mask.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 from tqdm import tqdm
 
-from model.generate import generate_ragged, length_sorted_batches
+from model.generate import SamplingParams, generate_ragged, length_sorted_batches
 from tokenizer import Tokenizer
 from tokenizer.chat_template import (ChatTemplate, encode_rendered, find_chat_template, load_chat_template,
                                      special_tokens)
-
-@dataclass
-class GenerationConfig:
-    """How answers are generated."""
-
-    max_new_tokens: int = 512
-    """Longest answer in tokens."""
-    temperature: float = 0.0
-    """0 = greedy."""
-    top_k: int | None = None
-    """Sample from the k most likely tokens only (with temperature > 0)."""
-    top_p: float | None = None
-    """Nucleus sampling threshold (with temperature > 0)."""
-    seed: int = 0
-    """Seed of the sampler."""
-    batch_size: int = 8
-    """Prompts generated together."""
-
 
 def question_template(model_dir: str | Path, tokenizer: Any) -> ChatTemplate:
     """The model folder's chat template (else the plain Human/Assistant fallback) for one-question prompts.
@@ -104,30 +85,33 @@ def generate_transformers(model, prompts: Sequence[Sequence[int]], max_new_token
     return result
 
 
-def generate_answers(loaded, template: ChatTemplate, questions: Sequence[str],
-                     cfg: GenerationConfig) -> list[dict[str, Any]]:
-    """{"answer", "prompt_tokens", "new_tokens", "truncated"} per question, in input order."""
+def generate_answers(loaded, template: ChatTemplate, questions: Sequence[str], sampling: SamplingParams,
+                     batch_size: int = 8) -> list[dict[str, Any]]:
+    """{"answer", "prompt_tokens", "new_tokens", "truncated"} per question, in input order; `sampling.max_tokens` new
+    tokens at most (required), `batch_size` prompts generated together."""
+    if sampling.max_tokens is None:
+        raise ValueError("generate_answers needs sampling.max_tokens")
     tok = loaded.tokenizer
     prompts = encode_prompts(tok, template, questions)
-    room = loaded.max_len - cfg.max_new_tokens
+    room = loaded.max_len - sampling.max_tokens
     if room < 1:
-        raise ValueError(f"--max_new_tokens {cfg.max_new_tokens} leaves no room for a prompt in the model's "
+        raise ValueError(f"--max_new_tokens {sampling.max_tokens} leaves no room for a prompt in the model's "
                          f"context of {loaded.max_len} tokens")
     truncated = [len(p) > room for p in prompts]
     prompts = [p[-room:] for p in prompts]  # a prompt longer than the room keeps its end (the generation cue)
     eos = tok.eos_id if tok.eos_id >= 0 else None
     pad = next((i for i in (tok.pad_id, tok.eos_id) if i >= 0), 0)
-    generator = torch.Generator(device=loaded.device).manual_seed(cfg.seed)
+    generator = torch.Generator(device=loaded.device).manual_seed(0 if sampling.seed is None else sampling.seed)
     new_tokens: list[list[int]] = [[] for _ in prompts]
     with tqdm(total=len(prompts), desc="generating", unit="answer") as progress:
-        for batch in length_sorted_batches([len(p) for p in prompts], cfg.batch_size):
+        for batch in length_sorted_batches([len(p) for p in prompts], batch_size):
             rows = [prompts[i] for i in batch]
             if loaded.backend == "ours":
-                outs = generate_ragged(loaded.model, rows, cfg.max_new_tokens, eos, cfg.temperature, cfg.top_k,
-                                       cfg.top_p, generator, tok.vocab_size)
+                outs = generate_ragged(loaded.model, rows, sampling.max_tokens, eos, sampling.temperature, sampling.top_k,
+                                       sampling.top_p, generator, tok.vocab_size)
             else:
-                outs = generate_transformers(loaded.model, rows, cfg.max_new_tokens, eos, pad, cfg.temperature,
-                                             cfg.top_k, cfg.top_p, tok.vocab_size)
+                outs = generate_transformers(loaded.model, rows, sampling.max_tokens, eos, pad, sampling.temperature,
+                                             sampling.top_k, sampling.top_p, tok.vocab_size)
             for i, new in zip(batch, outs):
                 new_tokens[i] = new
             progress.update(len(batch))

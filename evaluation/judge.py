@@ -35,7 +35,7 @@ import threading
 import time
 import unicodedata
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -46,13 +46,13 @@ from artifacts.open import check_device, default_device, default_dtype
 from common.cli import parser as make_parser
 from common.cli import run_main
 from common.errors import UserError
-from common.reflect import add_dataclass_args, dataclass_from_args
 from common.io import check_output_dir, write_json, write_text
 from common.tensors import DTYPES
 from artifacts import add_quantize_args
+from model.generate import SamplingParams, add_sampling_args, sampling_from_args
 
 from . import backends
-from .generation import GenerationConfig, generate_answers, question_template
+from .generation import generate_answers, question_template
 
 NO_REFERENCE_CLASSES = ("generation", "brainstorming", "rewrite")  # BELLE sends these without the reference answer
 ANSWERS = "answers.jsonl"
@@ -321,10 +321,13 @@ def file_sha256(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def answers_key(args, eval_sha: str, gen: GenerationConfig) -> dict[str, Any]:
-    """What the answers depend on: a stored answers file is reused only when this matches."""
+def answers_key(args, eval_sha: str, gen: SamplingParams) -> dict[str, Any]:
+    """What the answers depend on: a stored answers file is reused only when this matches (the generation entry
+    keeps the flag names answers files have always recorded)."""
+    generation = {"max_new_tokens": gen.max_tokens, "temperature": gen.temperature, "top_k": gen.top_k,
+                  "top_p": gen.top_p, "seed": gen.seed, "batch_size": args.batch_size}
     return {"model": str(Path(args.model).resolve()), "tag": args.tag, "tokenizer": args.tokenizer,
-            "eval_set_sha256": eval_sha, "limit": args.limit, "generation": asdict(gen)}
+            "eval_set_sha256": eval_sha, "limit": args.limit, "generation": generation}
 
 
 def load_answers(path: Path, key: dict[str, Any], n: int) -> list[dict[str, Any]] | None:
@@ -363,7 +366,8 @@ def build_parser():
     add_quantize_args(p)
     p.add_argument("--generate_only", action="store_true", help="write answers.jsonl and stop")
     p.add_argument("--limit", type=int, help="only the first N questions")
-    add_dataclass_args(p, GenerationConfig)
+    add_sampling_args(p, SamplingParams(max_tokens=512, seed=0))
+    p.add_argument("--batch_size", type=int, default=8, help="prompts generated together")
     p.add_argument("--tokenizer", help="tokenizer.model or a folder with tokenizer.json; unset: the model's")
     p.add_argument("--tag", help="checkpoint tag of a training run directory; unset: its latest")
     p.add_argument("--device", help="unset: cuda when available, else cpu")
@@ -389,7 +393,7 @@ def run(args) -> dict[str, Any] | None:
     questions, prompts = read_eval_set(args.eval_set, args.judge_prompts)
     if args.limit:
         questions = questions[:args.limit]
-    gen = dataclass_from_args(GenerationConfig, args)
+    gen = sampling_from_args(args)
     key = answers_key(args, file_sha256(args.eval_set), gen)
     out = args.output_dir
     answers_path = out / ANSWERS
@@ -410,7 +414,7 @@ def run(args) -> dict[str, Any] | None:
         template = question_template(args.model, loaded.tokenizer)
         print(f"chat template: {template.origin}", file=sys.stderr)
         start = time.perf_counter()
-        generated = generate_answers(loaded, template, [q["question"] for q in questions], gen)
+        generated = generate_answers(loaded, template, [q["question"] for q in questions], gen, args.batch_size)
         seconds = time.perf_counter() - start
         items = [{"index": n, **q, **g} for n, (q, g) in enumerate(zip(questions, generated))]
         header = {"key": key, "chat_template": template.origin, "backend": loaded.backend,

@@ -288,11 +288,12 @@ def test_generation_through_transformers_for_non_llama_models(eval_assets, tmp_p
     AutoTokenizer.from_pretrained(tmp_path / "tok").save_pretrained(folder)
     loaded = load(folder, None, "cpu", "float32")
     assert loaded.backend == "transformers"
-    from evaluation.generation import GenerationConfig, generate_answers
+    from evaluation.generation import generate_answers
+    from model.generate import SamplingParams
 
     template = question_template(folder, loaded.tokenizer)
     records = generate_answers(loaded, template, ["法律", "Which law applies here?"],
-                               GenerationConfig(max_new_tokens=5, batch_size=2))
+                               SamplingParams(max_tokens=5), batch_size=2)
     prompts = encode_prompts(loaded.tokenizer, template, ["法律", "Which law applies here?"])
     for p, r in zip(prompts, records):  # left padding in the batch changes nothing: each alone, greedy
         alone = loaded.model.generate(torch.tensor([p]), max_new_tokens=5, do_sample=False,
