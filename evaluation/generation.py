@@ -15,6 +15,7 @@ from typing import Any, Sequence
 import torch
 from tqdm import tqdm
 
+from common.errors import UserError
 from model.generate import generate_ragged, length_sorted_batches
 from tokenizer import Tokenizer
 from tokenizer.chat_template import (ChatTemplate, encode_rendered, find_chat_template, load_chat_template,
@@ -50,7 +51,7 @@ def question_template(model_dir: str | Path, tokenizer: Any) -> ChatTemplate:
         try:
             config = json.loads(config_path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
-            raise ValueError(f"{config_path}: not valid JSON ({e})") from None
+            raise UserError(f"{config_path}: not valid JSON ({e})") from None
         specials = {}
         for key in ("bos_token", "eos_token", "pad_token", "unk_token"):
             value = config.get(key)
@@ -111,7 +112,7 @@ def generate_answers(loaded, template: ChatTemplate, questions: Sequence[str],
     prompts = encode_prompts(tok, template, questions)
     room = loaded.max_len - cfg.max_new_tokens
     if room < 1:
-        raise ValueError(f"--max_new_tokens {cfg.max_new_tokens} leaves no room for a prompt in the model's "
+        raise UserError(f"--max_new_tokens {cfg.max_new_tokens} leaves no room for a prompt in the model's "
                          f"context of {loaded.max_len} tokens")
     truncated = [len(p) > room for p in prompts]
     prompts = [p[-room:] for p in prompts]  # a prompt longer than the room keeps its end (the generation cue)
