@@ -161,7 +161,10 @@ def main(argv: list[str] | None = None) -> None:
     rope = {k: getattr(args, k) for k in ("max_seq_len", "rope_theta", "rope_type", "rope_factor",
                                           "rope_original_max_seq_len") if getattr(args, k) is not None}
     if rope:
-        model.set_rope(**rope)
+        try:
+            model.set_rope(**rope)
+        except ValueError as e:  # ModelConfig's checks on the values the flags gave
+            raise UserError(f"--{' --'.join(rope)}: {e}") from None
     result = passkey_table(model, tok, args.lengths, args.depths, args.trials, args.digits, args.seed, device,
                            progress=not args.quiet)
     result.update(model=str(Path(args.model)), rope={k: v for k, v in model.config.to_dict().items()

@@ -250,7 +250,14 @@ def load_hf(cls: type[M], path: str | Path, **overrides: Any) -> M:
     files, so memory peaks near one copy of the weights."""
     path = Path(path)
     hf, layout = _config_file(path)
-    config = config_from_hf(llama_view(hf, layout, path / "config.json"), **overrides)  # messages name the file
+    try:
+        config = config_from_hf(llama_view(hf, layout, path / "config.json"), **overrides)  # messages name the file
+    except UserError:
+        raise
+    except ValueError as e:  # ModelConfig's own checks on the values config.json gave
+        raise UserError(f"{path / 'config.json'}: {e}") from None
+    except KeyError as e:
+        raise UserError(f"{path / 'config.json'}: the key {e.args[0]!r} is missing") from None
     entries = [e for e in catalog(path) if not e.name.endswith("rotary_emb.inv_freq")]  # old transformers saved it
     by_name = {e.name.removeprefix("module."): e for e in entries}
     if config.tie_embeddings:
@@ -268,8 +275,10 @@ def load_hf(cls: type[M], path: str | Path, **overrides: Any) -> M:
     if missing:
         files = {e.file for e in entries}
         where = files.pop() if len(files) == 1 else path  # the weights file, or the folder of the shards
-        raise UserError(f"{where}: tensor {missing[0]} is missing from the weights ({len(missing)} missing) but "
-                        f"config.json ({layout} layout) implies it; the weights and config.json do not belong together")
+        more = ", ..." if len(missing) > 3 else ""
+        raise UserError(f"{where}: tensor {missing[0]} is missing from the weights (missing {missing[:3]}{more}, "
+                        f"{len(missing)} in all) but config.json ({layout} layout) implies it; the weights and "
+                        "config.json do not belong together")
     for hf_name, (ours, start, stop) in targets.items():
         e, shape = by_name[hf_name], params[ours].shape
         want = ((stop - start) if stop is not None else shape[0], *shape[1:])
