@@ -140,7 +140,10 @@ def load_checkpoint_model(run_dir: str | Path, tag: str | None = None,
     config_path = run_dir / "model_config.json"
     if not config_path.is_file():
         raise MissingFileError(f"{config_path} is missing; pass the run directory that pretrain/train.py wrote")
-    saved = json.loads(config_path.read_text())
+    try:
+        saved = json.loads(config_path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{config_path}: not valid JSON ({e}); is the run directory damaged?") from None
     config = ModelConfig.from_dict({**saved, "activation_checkpointing": False, **(config_overrides or {})})
     model = Transformer(config)
     state = consolidated_state_dict(run_dir, tag)

@@ -29,7 +29,10 @@ def base_dtype(path: Path) -> str:
     """The dtype a Hugging Face folder's config.json declares (float32 when it says nothing we know)."""
     config = path / "config.json"
     if config.is_file():
-        hf = json.loads(config.read_text())
+        try:
+            hf = json.loads(config.read_text())
+        except json.JSONDecodeError as e:
+            raise UserError(f"{config}: not valid JSON ({e})") from None
         name = hf.get("dtype") or hf.get("torch_dtype")
         if name in DTYPES:
             return name
@@ -44,7 +47,10 @@ def find_chat_template(folders: list[Path]) -> str | None:
             return (folder / "chat_template.jinja").read_text()
         config = folder / "tokenizer_config.json"
         if config.is_file():
-            template = json.loads(config.read_text()).get("chat_template")
+            try:
+                template = json.loads(config.read_text()).get("chat_template")
+            except json.JSONDecodeError as e:
+                raise UserError(f"{config}: not valid JSON ({e})") from None
             if template:
                 return template
     return None
