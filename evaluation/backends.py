@@ -112,7 +112,7 @@ def open_tokenizer(model_path: str | Path, tokenizer_path: str | Path | None):
     if any((folder / name).is_file() for name in HF_TOKENIZER_FILES):
         return HFTokenizer(folder), None
     raise MissingFileError(f"{folder}: no tokenizer (neither tokenizer.model nor tokenizer.json); "
-                            "pass --tokenizer PATH")
+                           "pass --tokenizer PATH")
 
 
 def llama_config_problem(path: Path) -> str | None:
@@ -183,13 +183,13 @@ def load(model_path: str | Path, tokenizer_path: str | Path | None, device: str,
     else:
         if quantize is not None:
             raise UserError(f"{path}: --quantize applies to LLaMA-family models loaded by our own model code, and "
-                             f"this folder is not one ({problem})")
+                            f"this folder is not one ({problem})")
         if adapter is not None:
             raise UserError(f"{path}: --adapter applies LoRA adapters to LLaMA-family models loaded by our own "
-                             f"model code, and this folder is not one ({problem})")
+                            f"model code, and this folder is not one ({problem})")
         if tag is not None:
             raise UserError(f"{path}: --tag selects a checkpoint of a training run directory, not of a "
-                             "Hugging Face folder")
+                            "Hugging Face folder")
         model = load_transformers(path, device, dtype)
         hf_tok, sp_path = open_tokenizer(path, tokenizer_path)
         tokenizer = hf_tok or load_sp_for_transformers(sp_path or path / "tokenizer.model")
@@ -197,7 +197,7 @@ def load(model_path: str | Path, tokenizer_path: str | Path | None, device: str,
         vocab = model.get_output_embeddings().weight.shape[0]
     if tokenizer.vocab_size > vocab:
         raise UserError(f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} ids but the model's vocabulary "
-                         f"has only {vocab}: they do not belong together")
+                        f"has only {vocab}: they do not belong together")
     bos = tokenizer.adds_bos if isinstance(tokenizer, HFTokenizer) else tokenizer.bos_id >= 0
     note = "" if problem is None else (f"not loadable by our LLaMA model ({problem}); running it through "
                                        "transformers, one prompt at a time (no prefix cache)")
@@ -222,7 +222,7 @@ def load_transformers(path: Path, device: str, dtype: str):
                                                      local_files_only=True)
     except (OSError, ValueError, KeyError) as e:
         raise UserError(f"{path}: transformers cannot load this folder as a causal LM without remote code "
-                         f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+                        f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
     return model.to(device).eval()
 
 

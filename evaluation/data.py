@@ -86,7 +86,7 @@ def read_mmlu_csv(path: Path) -> list[Question]:
         index = len(questions)
         if len(row) != len(MMLU_COLUMNS):
             raise UserError(f"{path}, line {line} (row {index}): expected {len(MMLU_COLUMNS)} columns "
-                             f"({','.join(MMLU_COLUMNS)}), found {len(row)}")
+                            f"({','.join(MMLU_COLUMNS)}), found {len(row)}")
         answer = _answer(path, line, index, row[5])
         questions.append(Question(index, str(index), row[0], (row[1], row[2], row[3], row[4]), answer))
     if not questions:
@@ -105,7 +105,7 @@ def read_ceval_csv(path: Path, need_answer: bool) -> list[Question]:
     missing = [name for name in CEVAL_REQUIRED + (("answer",) if need_answer else ()) if name not in header]
     if missing:
         raise UserError(f"{path}, line {first[0]}: header {','.join(header)!r} lacks column(s) "
-                         f"{', '.join(missing)}; expected id,question,A,B,C,D[,answer[,explanation]]")
+                        f"{', '.join(missing)}; expected id,question,A,B,C,D[,answer[,explanation]]")
     col = {name: header.index(name) for name in header}
     questions: list[Question] = []
     seen: dict[str, int] = {}
@@ -113,7 +113,7 @@ def read_ceval_csv(path: Path, need_answer: bool) -> list[Question]:
         index = len(questions)
         if len(row) != len(header):
             raise UserError(f"{path}, line {line} (row {index}): expected {len(header)} columns "
-                             f"({','.join(header)}), found {len(row)}")
+                            f"({','.join(header)}), found {len(row)}")
         answer = _answer(path, line, index, row[col["answer"]]) if "answer" in col else None
         qid = row[col["id"]].strip()
         if qid in seen:  # ids key the submission file, so they must be unique
@@ -140,14 +140,14 @@ def read_cmmlu_csv(path: Path) -> list[Question]:
     missing = [name for name in CMMLU_REQUIRED if name not in header[1:]]
     if missing:
         raise UserError(f"{path}, line {first[0]}: header {','.join(header)!r} lacks column(s) "
-                         f"{', '.join(missing)}; expected ,Question,A,B,C,D,Answer")
+                        f"{', '.join(missing)}; expected ,Question,A,B,C,D,Answer")
     col = {name: i for i, name in enumerate(header)}
     questions: list[Question] = []
     for line, row in records:
         index = len(questions)
         if len(row) != len(header):
             raise UserError(f"{path}, line {line} (row {index}): expected {len(header)} columns "
-                             f"({','.join(header)}), found {len(row)}")
+                            f"({','.join(header)}), found {len(row)}")
         answer = _answer(path, line, index, row[col["Answer"]])
         choices = (row[col["A"]], row[col["B"]], row[col["C"]], row[col["D"]])
         questions.append(Question(index, row[0].strip(), row[col["Question"]], choices, answer))
@@ -233,7 +233,7 @@ def read_gaokao_json(path: Path) -> tuple[list[Question], dict[str, int]]:
     data = read_json(path)
     if not isinstance(data, dict) or not isinstance(data.get("example"), list):
         raise UserError(f"{path}: expected an object with an 'example' list (GAOKAO-Bench objective file), found "
-                         f"{'keys ' + ', '.join(map(str, data)) if isinstance(data, dict) else type(data).__name__}")
+                        f"{'keys ' + ', '.join(map(str, data)) if isinstance(data, dict) else type(data).__name__}")
     questions: list[Question] = []
     excluded: dict[str, int] = {}
     for n, item in enumerate(data["example"]):
@@ -291,7 +291,7 @@ def read_agieval_jsonl(path: Path) -> tuple[list[Question], dict[str, int]]:
         for letter, option in zip(LETTERS, options):
             if not isinstance(option, str):
                 raise UserError(f"{path}, {where}: field 'options' must hold strings, found "
-                                 f"{type(option).__name__}")
+                                f"{type(option).__name__}")
             m = _AGIEVAL_PREFIX.match(option)
             choices.append(option[m.end():].strip() if m and m.group(1) == letter else option.strip())
         text = (passage.strip() + "\n" if passage and passage.strip() else "") + question.strip()

@@ -147,7 +147,7 @@ def run(args: argparse.Namespace, model=None) -> dict[str, Any]:
     test_path = data_dir / "test.jsonl"
     if not test_path.is_file():
         raise MissingFileError(f"{test_path}: GSM8K test file not found; --data_dir must hold test.jsonl "
-                                "(and train.jsonl for the shots)")
+                               "(and train.jsonl for the shots)")
     all_test = read_gsm8k(test_path)
     test = all_test[:args.limit]
     settings: dict[str, Any] = {"seed": args.seed}
@@ -162,7 +162,7 @@ def run(args: argparse.Namespace, model=None) -> dict[str, Any]:
             train_path = data_dir / "train.jsonl"
             if not train_path.is_file():
                 raise MissingFileError(f"{train_path}: GSM8K train file not found; the shots come from it "
-                                        "(or pass --shots 0)")
+                                       "(or pass --shots 0)")
             train = read_gsm8k(train_path)
             shot_ids = pick_shots(train, args.shots, args.seed)
             shots = [shot_text(*train[i]) for i in shot_ids]

@@ -113,7 +113,7 @@ def generate_answers(loaded, template: ChatTemplate, questions: Sequence[str],
     room = loaded.max_len - cfg.max_new_tokens
     if room < 1:
         raise UserError(f"--max_new_tokens {cfg.max_new_tokens} leaves no room for a prompt in the model's "
-                         f"context of {loaded.max_len} tokens")
+                        f"context of {loaded.max_len} tokens")
     truncated = [len(p) > room for p in prompts]
     prompts = [p[-room:] for p in prompts]  # a prompt longer than the room keeps its end (the generation cue)
     eos = tok.eos_id if tok.eos_id >= 0 else None

@@ -59,7 +59,7 @@ def build_trial(tok: TextTokenizer, length: int, depth: float, passkey: str, bos
     room = length - len(intro) - len(needle) - len(question) - len(answer)
     if room < 0:
         raise UserError(f"--lengths {length} is too short for the passkey prompt; it needs at least "
-                         f"{length - room} tokens")
+                        f"{length - room} tokens")
     units = room // len(filler)
     before = round(depth * units)
     prompt = intro + filler * before + needle + filler * (units - before) + question
@@ -89,7 +89,7 @@ def passkey_table(model: Any, tok: TextTokenizer, lengths: Sequence[int], depths
     too_long = [n for n in lengths if n > max_len]
     if too_long:
         raise UserError(f"--lengths {too_long[0]} exceeds the model's max_seq_len={max_len}; raise it (and the "
-                         "rope settings) with --max_seq_len / --rope_* or drop the length")
+                        "rope settings) with --max_seq_len / --rope_* or drop the length")
     rng = random.Random(seed)
     keys = [str(rng.randint(10 ** (digits - 1), 10 ** digits - 1)) for _ in range(trials)]
     records, accuracy = [], [[0.0] * len(lengths) for _ in depths]

@@ -122,7 +122,7 @@ def _check_args(bench: Benchmark, args: argparse.Namespace) -> list[str] | None:
     unknown = [s for s in args.subjects if s not in bench.subjects]
     if unknown:
         raise UserError(f"unknown {bench.name} subject(s): {', '.join(unknown)}; valid names are listed in "
-                         "evaluation/subjects.py")
+                        "evaluation/subjects.py")
     return list(dict.fromkeys(args.subjects))
 
 
@@ -139,7 +139,7 @@ def present_subjects(bench: Benchmark, data_dir: Path, split: str, shots: int) -
     present = [s for s in bench.subjects if all((data_dir / sp / bench.file_name(s, sp)).is_file() for sp in splits)]
     if not present:
         raise MissingFileError(f"{data_dir}: no {bench.name} subject files in {' and '.join(splits)} (expected "
-                                f"names such as {bench.file_name(bench.subjects[0], split)})")
+                               f"names such as {bench.file_name(bench.subjects[0], split)})")
     return present, [s for s in bench.subjects if s not in present]
 
 
@@ -316,15 +316,15 @@ def seeded_files_loader(name: str, all_subjects: list[str], file_name: Callable[
     def load(data_dir: Path, subjects: list[str] | None, shots: int, seed: int) -> Loaded:
         if not data_dir.is_dir():
             raise MissingFileError(f"{data_dir}: --data_dir not found; it must hold the {name} files "
-                                    f"({file_name(all_subjects[0])}, ...)")
+                                   f"({file_name(all_subjects[0])}, ...)")
         wanted = subjects or all_subjects
         missing = [s for s in wanted if not (data_dir / file_name(s)).is_file()]
         if subjects is not None and missing:
             raise MissingFileError(f"{data_dir / file_name(missing[0])}: {name} file not found"
-                                    + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+                                   + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
         if len(missing) == len(wanted):
             raise MissingFileError(f"{data_dir}: no {name} files (expected names such as "
-                                    f"{file_name(all_subjects[0])})")
+                                   f"{file_name(all_subjects[0])})")
         data: dict[str, tuple[list[Question], list[Question]]] = {}
         excluded: dict[str, dict[str, int]] = {}
         split: dict[str, list[str]] = {}

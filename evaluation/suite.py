@@ -124,7 +124,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     unknown = [b for b in names if b not in BENCHMARKS]
     if unknown or not names:
         raise UserError(f"--benchmarks: unknown {', '.join(unknown) or '(none given)'}; choose from "
-                         f"{','.join(BENCHMARKS)}")
+                        f"{','.join(BENCHMARKS)}")
     names = list(dict.fromkeys(names))
     for flag in ("limit", "batch_size", "max_new_tokens"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
@@ -133,8 +133,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     absent = [str(root / n) for n in names if not (root / n).is_dir()]
     if absent:
         raise MissingFileError(f"{absent[0]}: benchmark data folder not found"
-                                + (f" (nor {len(absent) - 1} more)" if len(absent) > 1 else "")
-                                + "; --data_root must hold one folder per benchmark")
+                               + (f" (nor {len(absent) - 1} more)" if len(absent) > 1 else "")
+                               + "; --data_root must hold one folder per benchmark")
     out = Path(args.output_dir)
     files = fingerprint(args.model, args.adapter, args.tokenizer)
     plans = []

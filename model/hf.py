@@ -86,7 +86,7 @@ def rope_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
     kind = params.get("rope_type", params.get("type", "default"))
     if kind not in _ROPE_KEYS:
         raise UserError(f"config.json {where}.rope_type={kind!r} is not supported; supported: "
-                         f"{', '.join(_ROPE_KEYS)}")
+                        f"{', '.join(_ROPE_KEYS)}")
     for key in _ROPE_REQUIRED.get(kind, ()):
         if params.get(key) is None:
             raise UserError(f"config.json {where} of rope_type {kind!r} lacks the required key {key!r}")

@@ -89,7 +89,7 @@ def resolve_targets(names: str | Iterable[str]) -> list[str]:
     unknown = [n for n in names if n not in TARGETS]
     if unknown:
         raise UserError(f"LoRA target module(s) {', '.join(unknown)} do not exist in this model; choose from "
-                         f"{', '.join(TARGETS)} or all")
+                        f"{', '.join(TARGETS)} or all")
     return [n for n in TARGETS if n in names]
 
 
@@ -239,12 +239,12 @@ def load_lora_state_dict(model: nn.Module, state: dict[str, torch.Tensor], sourc
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     if missing or unexpected:
         raise UserError(f"{source}: adapter tensors do not match the model's adapters "
-                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+                        f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
     for k, v in state.items():
         shape = tuple(getattr(own[k], "ds_shape", own[k].shape))  # a ZeRO-3 shard's own shape is empty
         if tuple(v.shape) != shape:
             raise UserError(f"{source}: adapter tensor {k} has shape {tuple(v.shape)}, the model expects "
-                             f"{shape} (a different base model or rank?)")
+                            f"{shape} (a different base model or rank?)")
     params = list(own.values())
     gathered = contextlib.nullcontext()
     if any(hasattr(p, "ds_id") for p in params):

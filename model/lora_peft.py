@@ -43,7 +43,7 @@ def from_peft_name(key: str, source: str) -> tuple[int, str, str]:
     m = PEFT_NAME.fullmatch(key)
     if m is None or m.group(3) not in TARGETS or _group(m.group(3)) != m.group(2):
         raise UserError(f"{source}: adapter tensor {key!r} does not match this model: only LoRA on "
-                         f"{', '.join(TARGETS)} of model.layers.N is supported")
+                        f"{', '.join(TARGETS)} of model.layers.N is supported")
     return int(m.group(1)), m.group(3), m.group(4)
 
 
@@ -69,7 +69,7 @@ def config_from_peft(raw: dict[str, Any], source: str) -> LoRAConfig:
     for key in ("r", "lora_alpha", "target_modules"):
         if raw.get(key) is None:
             raise UserError(f"{source}: {key} is missing; a LoRA adapter config needs r, lora_alpha and "
-                             "target_modules")
+                            "target_modules")
     unsupported = {"bias": ("none", None), "use_dora": (False, None), "fan_in_fan_out": (False, None),
                    "modules_to_save": (None, []), "rank_pattern": ({}, None), "alpha_pattern": ({}, None),
                    "layer_replication": (None,), "lora_bias": (False, None)}
@@ -80,7 +80,7 @@ def config_from_peft(raw: dict[str, Any], source: str) -> LoRAConfig:
     if isinstance(targets, str):
         if targets not in TARGETS and targets not in ("all-linear", "all"):
             raise UserError(f"{source}: target_modules is the pattern {targets!r}; only lists of projection "
-                             f"names ({', '.join(TARGETS)}) or all-linear are supported")
+                            f"names ({', '.join(TARGETS)}) or all-linear are supported")
         targets = [targets]
     # PEFT may save full module paths (model.layers.0.self_attn.q_proj) when it resolved all-linear itself.
     names = sorted({t.rsplit(".", 1)[-1] for t in targets})
@@ -97,7 +97,7 @@ def read_adapter_config(path: str | Path) -> LoRAConfig:
     config_path = path / CONFIG_FILE
     if not config_path.is_file():
         raise MissingFileError(f"{path}: no {CONFIG_FILE}; an adapter folder holds {CONFIG_FILE} and {WEIGHTS_FILE} "
-                                "(as PEFT's save_pretrained writes them)")
+                               "(as PEFT's save_pretrained writes them)")
     try:
         raw = json.loads(config_path.read_text())
     except json.JSONDecodeError as e:
@@ -142,15 +142,15 @@ def apply_adapter(model: Transformer, path: str | Path) -> LoRAConfig:
     found = set().union(*sites.values())
     if found != set(cfg.target_modules):
         raise UserError(f"{source}: target_modules {cfg.target_modules} do not match the tensors, which adapt "
-                         f"{sorted(found)}")
+                        f"{sorted(found)}")
     n_layers = model.config.n_layers
     if max(sites) >= n_layers:
         raise UserError(f"{source}: the adapter has tensors for layer {max(sites)}, the base model has only "
-                         f"{n_layers} layers (0-{n_layers - 1}): it belongs to another base")
+                        f"{n_layers} layers (0-{n_layers - 1}): it belongs to another base")
     uneven = [i for i, projs in sites.items() if projs != found]
     if uneven:
         raise UserError(f"{source}: layer {uneven[0]} adapts {sorted(sites[uneven[0]])}, others {sorted(found)}; "
-                         "per-layer target sets are not supported")
+                        "per-layer target sets are not supported")
     inject_lora(model, cfg, layers=sites)
     load_lora_state_dict(model, state, source)
     return cfg
