@@ -42,7 +42,10 @@ def lora_run_meta(path: str | Path) -> dict[str, Any] | None:
     file = Path(path) / FINETUNE_META
     if not file.is_file():
         return None
-    meta = json.loads(file.read_text())
+    try:
+        meta = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{file}: not valid JSON ({e}); is the run directory damaged?") from None
     return meta if meta.get("finetuning_type") == "lora" else None
 
 

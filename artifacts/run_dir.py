@@ -43,7 +43,7 @@ def latest_tag(run_dir: str | Path) -> str | None:
         return None
     tag = path.read_text().strip()
     if not (Path(run_dir) / tag).is_dir():
-        raise FileNotFoundError(f"{path} names checkpoint {tag!r} but {Path(run_dir) / tag} does not exist")
+        raise MissingFileError(f"{path} names checkpoint {tag!r} but {Path(run_dir) / tag} does not exist")
     return tag
 
 
@@ -53,10 +53,10 @@ def resolve_tag(run_dir: str | Path, tag: str | None) -> str:
     if tag is None:
         tag = latest_tag(run_dir)
         if tag is None:
-            raise FileNotFoundError(f"{run_dir}: no checkpoint found (no '{LATEST}' file); is this a training run dir?")
+            raise MissingFileError(f"{run_dir}: no checkpoint found (no '{LATEST}' file); is this a training run dir?")
     elif not (run_dir / tag).is_dir():
         available = ", ".join(list_checkpoints(run_dir)) or "none"
-        raise FileNotFoundError(f"{run_dir / tag}: no such checkpoint; available: {available}")
+        raise MissingFileError(f"{run_dir / tag}: no such checkpoint; available: {available}")
     return tag
 
 
@@ -127,7 +127,7 @@ def consolidated_state_dict(run_dir: str | Path, tag: str | None = None) -> dict
             # ZeRO-0 fp32: the module's full weights are in the model-states file.
             files = sorted(ckpt.glob("mp_rank_*_model_states.pt"))
             if not files:
-                raise FileNotFoundError(f"{ckpt}: no DeepSpeed model-states file; is the checkpoint complete?")
+                raise MissingFileError(f"{ckpt}: no DeepSpeed model-states file; is the checkpoint complete?")
             state = torch.load(files[0], map_location="cpu", weights_only=True)["module"]
     return {k.removeprefix("module."): v.float() for k, v in state.items()}
 
@@ -140,7 +140,10 @@ def load_checkpoint_model(run_dir: str | Path, tag: str | None = None,
     config_path = run_dir / "model_config.json"
     if not config_path.is_file():
         raise MissingFileError(f"{config_path} is missing; pass the run directory that pretrain/train.py wrote")
-    saved = json.loads(config_path.read_text())
+    try:
+        saved = json.loads(config_path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{config_path}: not valid JSON ({e}); is the run directory damaged?") from None
     config = ModelConfig.from_dict({**saved, "activation_checkpointing": False, **(config_overrides or {})})
     model = Transformer(config)
     state = consolidated_state_dict(run_dir, tag)

@@ -29,6 +29,7 @@ from tqdm import tqdm
 from artifacts import check_device, load_tokenizer, open_model
 from artifacts.quantized import quantized_format
 from artifacts.run_dir import is_run_dir
+from common.errors import MissingFileError, UserError
 from common.tensors import DTYPES
 from model.hf import config_from_hf
 
@@ -54,7 +55,7 @@ class HFTokenizer:
         try:
             self.tok = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False, local_files_only=True)
         except (OSError, ValueError) as e:
-            raise ValueError(f"{folder}: transformers cannot load a tokenizer from this folder ({e})") from None
+            raise UserError(f"{folder}: transformers cannot load a tokenizer from this folder ({e})") from None
         digest = hashlib.sha256()
         for name in sorted(p.name for p in folder.iterdir() if p.name.startswith(("tokenizer", "vocab", "merges"))):
             digest.update(name.encode() + b"\0" + (folder / name).read_bytes())
@@ -102,7 +103,7 @@ def open_tokenizer(model_path: str | Path, tokenizer_path: str | Path | None):
         if path.is_file() and path.suffix == ".model":
             return None, path
         if not path.exists():
-            raise FileNotFoundError(f"{path}: --tokenizer not found")
+            raise MissingFileError(f"{path}: --tokenizer not found")
         sp = path / "tokenizer.model"
         return (None, sp) if sp.is_file() else (HFTokenizer(path), None)
     folder = Path(model_path)
@@ -110,8 +111,8 @@ def open_tokenizer(model_path: str | Path, tokenizer_path: str | Path | None):
         return None, None  # the SentencePiece tokenizer beside the model: artifacts.load_tokenizer
     if any((folder / name).is_file() for name in HF_TOKENIZER_FILES):
         return HFTokenizer(folder), None
-    raise FileNotFoundError(f"{folder}: no tokenizer (neither tokenizer.model nor tokenizer.json); "
-                            "pass --tokenizer PATH")
+    raise MissingFileError(f"{folder}: no tokenizer (neither tokenizer.model nor tokenizer.json); "
+                           "pass --tokenizer PATH")
 
 
 def llama_config_problem(path: Path) -> str | None:
@@ -119,7 +120,7 @@ def llama_config_problem(path: Path) -> str | None:
     try:
         hf = json.loads((path / "config.json").read_text())
     except (OSError, ValueError) as e:
-        raise ValueError(f"{path / 'config.json'}: unreadable ({e})") from None
+        raise UserError(f"{path / 'config.json'}: unreadable ({e})") from None
     try:
         config_from_hf(hf)
     except (ValueError, KeyError) as e:
@@ -181,22 +182,22 @@ def load(model_path: str | Path, tokenizer_path: str | Path | None, device: str,
         vocab = model.config.vocab_size
     else:
         if quantize is not None:
-            raise ValueError(f"{path}: --quantize applies to LLaMA-family models loaded by our own model code, and "
-                             f"this folder is not one ({problem})")
+            raise UserError(f"{path}: --quantize applies to LLaMA-family models loaded by our own model code, and "
+                            f"this folder is not one ({problem})")
         if adapter is not None:
-            raise ValueError(f"{path}: --adapter applies LoRA adapters to LLaMA-family models loaded by our own "
-                             f"model code, and this folder is not one ({problem})")
+            raise UserError(f"{path}: --adapter applies LoRA adapters to LLaMA-family models loaded by our own "
+                            f"model code, and this folder is not one ({problem})")
         if tag is not None:
-            raise ValueError(f"{path}: --tag selects a checkpoint of a training run directory, not of a "
-                             "Hugging Face folder")
+            raise UserError(f"{path}: --tag selects a checkpoint of a training run directory, not of a "
+                            "Hugging Face folder")
         model = load_transformers(path, device, dtype)
         hf_tok, sp_path = open_tokenizer(path, tokenizer_path)
         tokenizer = hf_tok or load_sp_for_transformers(sp_path or path / "tokenizer.model")
         backend, max_len = "transformers", context_of(model.config)
         vocab = model.get_output_embeddings().weight.shape[0]
     if tokenizer.vocab_size > vocab:
-        raise ValueError(f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} ids but the model's vocabulary "
-                         f"has only {vocab}: they do not belong together")
+        raise UserError(f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} ids but the model's vocabulary "
+                        f"has only {vocab}: they do not belong together")
     bos = tokenizer.adds_bos if isinstance(tokenizer, HFTokenizer) else tokenizer.bos_id >= 0
     note = "" if problem is None else (f"not loadable by our LLaMA model ({problem}); running it through "
                                        "transformers, one prompt at a time (no prefix cache)")
@@ -208,7 +209,7 @@ def load_sp_for_transformers(path: Path):
     from tokenizer import Tokenizer
 
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no SentencePiece tokenizer; pass --tokenizer PATH")
+        raise MissingFileError(f"{path}: no SentencePiece tokenizer; pass --tokenizer PATH")
     return Tokenizer(path)
 
 
@@ -220,8 +221,8 @@ def load_transformers(path: Path, device: str, dtype: str):
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=DTYPES[dtype], trust_remote_code=False,
                                                      local_files_only=True)
     except (OSError, ValueError, KeyError) as e:
-        raise ValueError(f"{path}: transformers cannot load this folder as a causal LM without remote code "
-                         f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        raise UserError(f"{path}: transformers cannot load this folder as a causal LM without remote code "
+                        f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
     return model.to(device).eval()
 
 
@@ -230,7 +231,7 @@ def context_of(config: Any) -> int:
         value = getattr(config, name, None)
         if isinstance(value, int) and value > 0:
             return value
-    raise ValueError("the model's config names no context length (max_position_embeddings); pass --max_length")
+    raise UserError("the model's config names no context length (max_position_embeddings); pass --max_length")
 
 
 @torch.inference_mode()

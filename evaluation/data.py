@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from common.errors import MissingFileError, UserError
+
 LETTERS = ("A", "B", "C", "D")
 MMLU_COLUMNS = ("question", "A", "B", "C", "D", "answer")
 CEVAL_REQUIRED = ("id", "question", "A", "B", "C", "D")
@@ -43,10 +45,10 @@ def split_file(data_dir: Path, split: str, subject: str, name: str | None = None
     missing; `layout` names the split folders --data_dir must hold."""
     split_dir = Path(data_dir) / split
     if not split_dir.is_dir():
-        raise FileNotFoundError(f"{split_dir}: split directory not found; --data_dir must hold {layout}")
+        raise MissingFileError(f"{split_dir}: split directory not found; --data_dir must hold {layout}")
     path = split_dir / (name or f"{subject}_{split}.csv")
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: subject file not found (subject {subject!r}, split {split!r})")
+        raise MissingFileError(f"{path}: subject file not found (subject {subject!r}, split {split!r})")
     return path
 
 
@@ -62,18 +64,18 @@ def _records(path: Path) -> Iterator[tuple[int, list[str]]]:
                 except StopIteration:
                     return
                 except csv.Error as e:
-                    raise ValueError(f"{path}, line {reader.line_num}: malformed CSV ({e})") from None
+                    raise UserError(f"{path}, line {reader.line_num}: malformed CSV ({e})") from None
                 if row:  # csv yields [] for a blank line
                     yield line, row
                 line = reader.line_num + 1
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+        raise UserError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
 
 
 def _answer(path: Path, line: int, index: int, value: str) -> str:
     letter = value.strip()
     if letter not in LETTERS:
-        raise ValueError(f"{path}, line {line} (row {index}): answer {value!r} is not one of A, B, C, D")
+        raise UserError(f"{path}, line {line} (row {index}): answer {value!r} is not one of A, B, C, D")
     return letter
 
 
@@ -83,12 +85,12 @@ def read_mmlu_csv(path: Path) -> list[Question]:
     for line, row in _records(path):
         index = len(questions)
         if len(row) != len(MMLU_COLUMNS):
-            raise ValueError(f"{path}, line {line} (row {index}): expected {len(MMLU_COLUMNS)} columns "
-                             f"({','.join(MMLU_COLUMNS)}), found {len(row)}")
+            raise UserError(f"{path}, line {line} (row {index}): expected {len(MMLU_COLUMNS)} columns "
+                            f"({','.join(MMLU_COLUMNS)}), found {len(row)}")
         answer = _answer(path, line, index, row[5])
         questions.append(Question(index, str(index), row[0], (row[1], row[2], row[3], row[4]), answer))
     if not questions:
-        raise ValueError(f"{path}: no questions in file")
+        raise UserError(f"{path}: no questions in file")
     return questions
 
 
@@ -98,29 +100,29 @@ def read_ceval_csv(path: Path, need_answer: bool) -> list[Question]:
     records = _records(path)
     first = next(records, None)
     if first is None:
-        raise ValueError(f"{path}: empty file; expected a header id,question,A,B,C,D[,answer[,explanation]]")
+        raise UserError(f"{path}: empty file; expected a header id,question,A,B,C,D[,answer[,explanation]]")
     header = [name.strip() for name in first[1]]
     missing = [name for name in CEVAL_REQUIRED + (("answer",) if need_answer else ()) if name not in header]
     if missing:
-        raise ValueError(f"{path}, line {first[0]}: header {','.join(header)!r} lacks column(s) "
-                         f"{', '.join(missing)}; expected id,question,A,B,C,D[,answer[,explanation]]")
+        raise UserError(f"{path}, line {first[0]}: header {','.join(header)!r} lacks column(s) "
+                        f"{', '.join(missing)}; expected id,question,A,B,C,D[,answer[,explanation]]")
     col = {name: header.index(name) for name in header}
     questions: list[Question] = []
     seen: dict[str, int] = {}
     for line, row in records:
         index = len(questions)
         if len(row) != len(header):
-            raise ValueError(f"{path}, line {line} (row {index}): expected {len(header)} columns "
-                             f"({','.join(header)}), found {len(row)}")
+            raise UserError(f"{path}, line {line} (row {index}): expected {len(header)} columns "
+                            f"({','.join(header)}), found {len(row)}")
         answer = _answer(path, line, index, row[col["answer"]]) if "answer" in col else None
         qid = row[col["id"]].strip()
         if qid in seen:  # ids key the submission file, so they must be unique
-            raise ValueError(f"{path}, line {line} (row {index}): id {qid!r} repeats row {seen[qid]}")
+            raise UserError(f"{path}, line {line} (row {index}): id {qid!r} repeats row {seen[qid]}")
         seen[qid] = index
         choices = (row[col["A"]], row[col["B"]], row[col["C"]], row[col["D"]])
         questions.append(Question(index, qid, row[col["question"]], choices, answer))
     if not questions:
-        raise ValueError(f"{path}: no questions in file (only a header)")
+        raise UserError(f"{path}: no questions in file (only a header)")
     return questions
 
 
@@ -133,24 +135,24 @@ def read_cmmlu_csv(path: Path) -> list[Question]:
     records = _records(path)
     first = next(records, None)
     if first is None:
-        raise ValueError(f"{path}: empty file; expected a header ,Question,A,B,C,D,Answer")
+        raise UserError(f"{path}: empty file; expected a header ,Question,A,B,C,D,Answer")
     header = [name.strip() for name in first[1]]
     missing = [name for name in CMMLU_REQUIRED if name not in header[1:]]
     if missing:
-        raise ValueError(f"{path}, line {first[0]}: header {','.join(header)!r} lacks column(s) "
-                         f"{', '.join(missing)}; expected ,Question,A,B,C,D,Answer")
+        raise UserError(f"{path}, line {first[0]}: header {','.join(header)!r} lacks column(s) "
+                        f"{', '.join(missing)}; expected ,Question,A,B,C,D,Answer")
     col = {name: i for i, name in enumerate(header)}
     questions: list[Question] = []
     for line, row in records:
         index = len(questions)
         if len(row) != len(header):
-            raise ValueError(f"{path}, line {line} (row {index}): expected {len(header)} columns "
-                             f"({','.join(header)}), found {len(row)}")
+            raise UserError(f"{path}, line {line} (row {index}): expected {len(header)} columns "
+                            f"({','.join(header)}), found {len(row)}")
         answer = _answer(path, line, index, row[col["Answer"]])
         choices = (row[col["A"]], row[col["B"]], row[col["C"]], row[col["D"]])
         questions.append(Question(index, row[0].strip(), row[col["Question"]], choices, answer))
     if not questions:
-        raise ValueError(f"{path}: no questions in file (only a header)")
+        raise UserError(f"{path}: no questions in file (only a header)")
     return questions
 
 
@@ -161,9 +163,9 @@ def read_json(path: Path) -> Any:
     try:
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}, line {e.lineno}: malformed JSON ({e.msg})") from None
+        raise UserError(f"{path}, line {e.lineno}: malformed JSON ({e.msg})") from None
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+        raise UserError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
 
 
 def read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
@@ -179,14 +181,14 @@ def read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
                 try:
                     obj = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}, line {line_no}: malformed JSON ({e.msg}, column {e.colno})") from None
+                    raise UserError(f"{path}, line {line_no}: malformed JSON ({e.msg}, column {e.colno})") from None
                 if not isinstance(obj, dict):
-                    raise ValueError(f"{path}, line {line_no}: expected a JSON object, found {type(obj).__name__}")
+                    raise UserError(f"{path}, line {line_no}: expected a JSON object, found {type(obj).__name__}")
                 rows.append((line_no, obj))
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+        raise UserError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
     except (OSError, EOFError) as e:
-        raise ValueError(f"{path}: unreadable ({e})") from None
+        raise UserError(f"{path}: unreadable ({e})") from None
     return rows
 
 
@@ -196,13 +198,13 @@ def field(path: Path, where: str, obj: dict[str, Any], key: str, kinds: type | t
     if key not in obj:
         if optional:
             return None
-        raise ValueError(f"{path}, {where}: missing field {key!r}")
+        raise UserError(f"{path}, {where}: missing field {key!r}")
     value = obj[key]
     if value is None and optional:
         return None
     if not isinstance(value, kinds):
         names = "/".join(k.__name__ for k in (kinds if isinstance(kinds, tuple) else (kinds,)))
-        raise ValueError(f"{path}, {where}: field {key!r} must be {names}, found {type(value).__name__}")
+        raise UserError(f"{path}, {where}: field {key!r} must be {names}, found {type(value).__name__}")
     return value
 
 
@@ -230,14 +232,14 @@ def read_gaokao_json(path: Path) -> tuple[list[Question], dict[str, int]]:
     found in the question; answer_outside_options: a letter other than A-D)."""
     data = read_json(path)
     if not isinstance(data, dict) or not isinstance(data.get("example"), list):
-        raise ValueError(f"{path}: expected an object with an 'example' list (GAOKAO-Bench objective file), found "
-                         f"{'keys ' + ', '.join(map(str, data)) if isinstance(data, dict) else type(data).__name__}")
+        raise UserError(f"{path}: expected an object with an 'example' list (GAOKAO-Bench objective file), found "
+                        f"{'keys ' + ', '.join(map(str, data)) if isinstance(data, dict) else type(data).__name__}")
     questions: list[Question] = []
     excluded: dict[str, int] = {}
     for n, item in enumerate(data["example"]):
         where = f"example {n}"
         if not isinstance(item, dict):
-            raise ValueError(f"{path}, {where}: expected an object, found {type(item).__name__}")
+            raise UserError(f"{path}, {where}: expected an object, found {type(item).__name__}")
         text = field(path, where, item, "question", str)
         answer = field(path, where, item, "answer", list)
         reason = None
@@ -288,8 +290,8 @@ def read_agieval_jsonl(path: Path) -> tuple[list[Question], dict[str, int]]:
         choices = []
         for letter, option in zip(LETTERS, options):
             if not isinstance(option, str):
-                raise ValueError(f"{path}, {where}: field 'options' must hold strings, found "
-                                 f"{type(option).__name__}")
+                raise UserError(f"{path}, {where}: field 'options' must hold strings, found "
+                                f"{type(option).__name__}")
             m = _AGIEVAL_PREFIX.match(option)
             choices.append(option[m.end():].strip() if m and m.group(1) == letter else option.strip())
         text = (passage.strip() + "\n" if passage and passage.strip() else "") + question.strip()

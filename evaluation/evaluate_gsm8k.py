@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from common import cli
+from common.errors import MissingFileError, UserError
 from common.io import check_output_dir
 from evaluation.data import field, read_jsonl
 from evaluation.decoding import generate_until
@@ -76,13 +77,13 @@ def read_gsm8k(path: Path) -> list[tuple[str, str, str]]:
         question = field(path, where, obj, "question", str)
         answer = field(path, where, obj, "answer", str)
         if "####" not in answer:
-            raise ValueError(f"{path}, {where}: field 'answer' has no '#### NUMBER' final answer")
+            raise UserError(f"{path}, {where}: field 'answer' has no '#### NUMBER' final answer")
         reasoning, final = answer.rsplit("####", 1)
         if to_number(final.strip()) is None:
-            raise ValueError(f"{path}, {where}: field 'answer' ends in {final.strip()!r}, not a number")
+            raise UserError(f"{path}, {where}: field 'answer' ends in {final.strip()!r}, not a number")
         rows.append((question.strip(), reasoning.strip(), final.strip().replace(",", "")))
     if not rows:
-        raise ValueError(f"{path}: no questions in file")
+        raise UserError(f"{path}: no questions in file")
     return rows
 
 
@@ -110,13 +111,13 @@ def read_samples(path: Path, count: int) -> list[str]:
         index = field(path, where, obj, "index", int, optional=True)
         index = n if index is None else index
         if not 0 <= index < count:
-            raise ValueError(f"{path}, {where}: index {index} is outside the {count} questions evaluated")
+            raise UserError(f"{path}, {where}: index {index} is outside the {count} questions evaluated")
         if replies[index] is not None:
-            raise ValueError(f"{path}, {where}: a second reply for index {index}")
+            raise UserError(f"{path}, {where}: a second reply for index {index}")
         replies[index] = reply
     absent = [i for i, r in enumerate(replies) if r is None]
     if absent:
-        raise ValueError(f"{path}: no reply for {len(absent)} of the {count} questions (first: index {absent[0]})")
+        raise UserError(f"{path}: no reply for {len(absent)} of the {count} questions (first: index {absent[0]})")
     return replies  # type: ignore[return-value]
 
 
@@ -140,13 +141,13 @@ def run(args: argparse.Namespace, model=None) -> dict[str, Any]:
     start = time.perf_counter()
     check_args(args)
     if args.shots < 0:
-        raise ValueError(f"--shots must be >= 0, got {args.shots}")
+        raise UserError(f"--shots must be >= 0, got {args.shots}")
     check_output_dir(args.output_dir, args.overwrite)
     data_dir = Path(args.data_dir)
     test_path = data_dir / "test.jsonl"
     if not test_path.is_file():
-        raise FileNotFoundError(f"{test_path}: GSM8K test file not found; --data_dir must hold test.jsonl "
-                                "(and train.jsonl for the shots)")
+        raise MissingFileError(f"{test_path}: GSM8K test file not found; --data_dir must hold test.jsonl "
+                               "(and train.jsonl for the shots)")
     all_test = read_gsm8k(test_path)
     test = all_test[:args.limit]
     settings: dict[str, Any] = {"seed": args.seed}
@@ -160,8 +161,8 @@ def run(args: argparse.Namespace, model=None) -> dict[str, Any]:
         if args.shots:
             train_path = data_dir / "train.jsonl"
             if not train_path.is_file():
-                raise FileNotFoundError(f"{train_path}: GSM8K train file not found; the shots come from it "
-                                        "(or pass --shots 0)")
+                raise MissingFileError(f"{train_path}: GSM8K train file not found; the shots come from it "
+                                       "(or pass --shots 0)")
             train = read_gsm8k(train_path)
             shot_ids = pick_shots(train, args.shots, args.seed)
             shots = [shot_text(*train[i]) for i in shot_ids]
@@ -170,7 +171,7 @@ def run(args: argparse.Namespace, model=None) -> dict[str, Any]:
         max_length = args.max_length or loaded.max_len
         room = min(max_length, loaded.max_len) - max_new
         if room < 1:
-            raise ValueError(f"--max_new_tokens {max_new} leaves no room for a prompt in {max_length} tokens")
+            raise UserError(f"--max_new_tokens {max_new} leaves no room for a prompt in {max_length} tokens")
         prompts, kept = build_prompts(loaded.tokenizer, loaded.bos, shots, [item_text(q) for q, _, _ in test], room)
         dropped = sum(k < len(shots) for k in kept)
         if dropped:

@@ -25,6 +25,7 @@ from typing import Any
 from tqdm import tqdm
 
 from common import cli
+from common.errors import MissingFileError, UserError
 from common.io import check_output_dir
 from evaluation.data import field, read_jsonl
 from evaluation.decoding import generate_until
@@ -41,7 +42,7 @@ def read_problems(data_dir: Path) -> dict[str, dict[str, str]]:
     """task_id -> problem, in file order, every field checked."""
     path = next((data_dir / name for name in FILES if (data_dir / name).is_file()), None)
     if path is None:
-        raise FileNotFoundError(f"{data_dir}: no {' or '.join(FILES)}; --data_dir must hold the HumanEval problems")
+        raise MissingFileError(f"{data_dir}: no {' or '.join(FILES)}; --data_dir must hold the HumanEval problems")
     problems: dict[str, dict[str, str]] = {}
     for line_no, obj in read_jsonl(path):
         where = f"line {line_no}"
@@ -49,10 +50,10 @@ def read_problems(data_dir: Path) -> dict[str, dict[str, str]]:
                    for key in ("task_id", "prompt", "test", "entry_point")}
         problem["canonical_solution"] = field(path, where, obj, "canonical_solution", str, optional=True) or ""
         if problem["task_id"] in problems:
-            raise ValueError(f"{path}, {where}: task_id {problem['task_id']!r} repeats an earlier line")
+            raise UserError(f"{path}, {where}: task_id {problem['task_id']!r} repeats an earlier line")
         problems[problem["task_id"]] = problem
     if not problems:
-        raise ValueError(f"{path}: no problems in file")
+        raise UserError(f"{path}: no problems in file")
     return problems
 
 
@@ -63,10 +64,10 @@ def read_samples(path: Path, problems: dict[str, dict[str, str]]) -> list[tuple[
         where = f"line {line_no}"
         task_id = field(path, where, obj, "task_id", str)
         if task_id not in problems:
-            raise ValueError(f"{path}, {where}: task_id {task_id!r} is not a problem of the evaluated set")
+            raise UserError(f"{path}, {where}: task_id {task_id!r} is not a problem of the evaluated set")
         samples.append((task_id, field(path, where, obj, "completion", str)))
     if not samples:
-        raise ValueError(f"{path}: no samples in file")
+        raise UserError(f"{path}: no samples in file")
     return samples
 
 
@@ -74,9 +75,9 @@ def parse_ks(text: str) -> list[int]:
     try:
         ks = sorted({int(k) for k in text.split(",") if k.strip()})
     except ValueError:
-        raise ValueError(f"--k {text!r}: expected comma-separated whole numbers, e.g. 1,10,100") from None
+        raise UserError(f"--k {text!r}: expected comma-separated whole numbers, e.g. 1,10,100") from None
     if not ks or ks[0] < 1:
-        raise ValueError(f"--k {text!r}: every k must be >= 1")
+        raise UserError(f"--k {text!r}: every k must be >= 1")
     return ks
 
 
@@ -112,11 +113,11 @@ def run(args: argparse.Namespace, model=None) -> dict[str, Any]:
     check_args(args)
     ks = parse_ks(args.k)
     if args.n < 1:
-        raise ValueError(f"--n must be >= 1, got {args.n}")
+        raise UserError(f"--n must be >= 1, got {args.n}")
     if args.n > 1 and args.temperature <= 0:
-        raise ValueError(f"--n {args.n} samples per problem need --temperature > 0 (greedy gives one reply)")
+        raise UserError(f"--n {args.n} samples per problem need --temperature > 0 (greedy gives one reply)")
     if args.timeout <= 0 or args.memory_mb < 64:
-        raise ValueError("--timeout must be > 0 and --memory_mb >= 64")
+        raise UserError("--timeout must be > 0 and --memory_mb >= 64")
     check_output_dir(args.output_dir, args.overwrite)
     problems = read_problems(Path(args.data_dir))
     if args.limit:
@@ -131,7 +132,7 @@ def run(args: argparse.Namespace, model=None) -> dict[str, Any]:
         max_length = min(args.max_length or loaded.max_len, loaded.max_len)
         room = max_length - max_new
         if room < 1:
-            raise ValueError(f"--max_new_tokens {max_new} leaves no room for a prompt in {max_length} tokens")
+            raise UserError(f"--max_new_tokens {max_new} leaves no room for a prompt in {max_length} tokens")
         tasks = [t for t in problems for _ in range(args.n)]
         prompts = loaded.tokenizer.encode_batch([problems[t]["prompt"] for t in tasks], bos=loaded.bos)
         cut = sum(len(p) > room for p in prompts)

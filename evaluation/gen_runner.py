@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 
 from common import cli
+from common.errors import UserError
 from common.tensors import DTYPES
 from artifacts import add_quantize_args
 
@@ -32,8 +33,8 @@ def build_parser(prog: str, description: str, data_help: str) -> argparse.Argume
 
 def check_args(args: argparse.Namespace) -> None:
     if args.samples is None and args.model is None:
-        raise ValueError("give --model to generate replies, or --samples FILE to score replies made elsewhere")
+        raise UserError("give --model to generate replies, or --samples FILE to score replies made elsewhere")
     for flag in ("limit", "batch_size", "max_new_tokens", "max_length"):
         value = getattr(args, flag)
         if value is not None and value < 1:
-            raise ValueError(f"--{flag} must be >= 1, got {value}")
+            raise UserError(f"--{flag} must be >= 1, got {value}")

@@ -14,6 +14,7 @@ from typing import Any, Sequence
 import torch
 from tqdm import tqdm
 
+from common.errors import UserError
 from model.generate import SamplingParams, generate_ragged, length_sorted_batches
 from tokenizer import Tokenizer
 from tokenizer.chat_template import (ChatTemplate, encode_rendered, find_chat_template, load_chat_template,
@@ -31,7 +32,7 @@ def question_template(model_dir: str | Path, tokenizer: Any) -> ChatTemplate:
         try:
             config = json.loads(config_path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
-            raise ValueError(f"{config_path}: not valid JSON ({e})") from None
+            raise UserError(f"{config_path}: not valid JSON ({e})") from None
         specials = {}
         for key in ("bos_token", "eos_token", "pad_token", "unk_token"):
             value = config.get(key)
@@ -95,8 +96,8 @@ def generate_answers(loaded, template: ChatTemplate, questions: Sequence[str], s
     prompts = encode_prompts(tok, template, questions)
     room = loaded.max_len - sampling.max_tokens
     if room < 1:
-        raise ValueError(f"--max_new_tokens {sampling.max_tokens} leaves no room for a prompt in the model's "
-                         f"context of {loaded.max_len} tokens")
+        raise UserError(f"--max_new_tokens {sampling.max_tokens} leaves no room for a prompt in the model's "
+                        f"context of {loaded.max_len} tokens")
     truncated = [len(p) > room for p in prompts]
     prompts = [p[-room:] for p in prompts]  # a prompt longer than the room keeps its end (the generation cue)
     eos = tok.eos_id if tok.eos_id >= 0 else None

@@ -21,6 +21,7 @@ import torch
 from tqdm import tqdm
 
 from common.cli import entry_point, parser
+from common.errors import UserError
 from common.io import write_json
 from common.tensors import DTYPES
 
@@ -57,8 +58,8 @@ def build_trial(tok: TextTokenizer, length: int, depth: float, passkey: str, bos
     answer = tok.encode(passkey)
     room = length - len(intro) - len(needle) - len(question) - len(answer)
     if room < 0:
-        raise ValueError(f"--lengths {length} is too short for the passkey prompt; it needs at least "
-                         f"{length - room} tokens")
+        raise UserError(f"--lengths {length} is too short for the passkey prompt; it needs at least "
+                        f"{length - room} tokens")
     units = room // len(filler)
     before = round(depth * units)
     prompt = intro + filler * before + needle + filler * (units - before) + question
@@ -87,8 +88,8 @@ def passkey_table(model: Any, tok: TextTokenizer, lengths: Sequence[int], depths
     max_len = model.config.max_seq_len
     too_long = [n for n in lengths if n > max_len]
     if too_long:
-        raise ValueError(f"--lengths {too_long[0]} exceeds the model's max_seq_len={max_len}; raise it (and the "
-                         "rope settings) with --max_seq_len / --rope_* or drop the length")
+        raise UserError(f"--lengths {too_long[0]} exceeds the model's max_seq_len={max_len}; raise it (and the "
+                        "rope settings) with --max_seq_len / --rope_* or drop the length")
     rng = random.Random(seed)
     keys = [str(rng.randint(10 ** (digits - 1), 10 ** digits - 1)) for _ in range(trials)]
     records, accuracy = [], [[0.0] * len(lengths) for _ in depths]
@@ -114,11 +115,11 @@ def format_table(result: dict[str, Any]) -> str:
 
 def _check(lengths: list[int], depths: list[float], trials: int, digits: int) -> None:
     if any(n < 1 for n in lengths):
-        raise ValueError(f"--lengths must be positive, got {lengths}")
+        raise UserError(f"--lengths must be positive, got {lengths}")
     if any(not 0 <= d <= 1 for d in depths):
-        raise ValueError(f"--depths must lie in [0, 1], got {depths}")
+        raise UserError(f"--depths must lie in [0, 1], got {depths}")
     if trials < 1 or digits < 1:
-        raise ValueError(f"--trials and --digits must be >= 1, got {trials} and {digits}")
+        raise UserError(f"--trials and --digits must be >= 1, got {trials} and {digits}")
 
 
 @entry_point
@@ -160,7 +161,10 @@ def main(argv: list[str] | None = None) -> None:
     rope = {k: getattr(args, k) for k in ("max_seq_len", "rope_theta", "rope_type", "rope_factor",
                                           "rope_original_max_seq_len") if getattr(args, k) is not None}
     if rope:
-        model.set_rope(**rope)
+        try:
+            model.set_rope(**rope)
+        except ValueError as e:  # ModelConfig's checks on the values the flags gave
+            raise UserError(f"--{' --'.join(rope)}: {e}") from None
     result = passkey_table(model, tok, args.lengths, args.depths, args.trials, args.digits, args.seed, device,
                            progress=not args.quiet)
     result.update(model=str(Path(args.model)), rope={k: v for k, v in model.config.to_dict().items()

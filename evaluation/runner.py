@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from artifacts import add_quantize_args, check_device, default_device, default_dtype
 from common import cli
+from common.errors import MissingFileError, UserError
 from common.io import check_output_dir
 from common.tensors import DTYPES
 
@@ -111,17 +112,17 @@ def build_parser(bench: Benchmark, prog: str, description: str, shots_flags: lis
 
 def _check_args(bench: Benchmark, args: argparse.Namespace) -> list[str] | None:
     if args.shots < 0:
-        raise ValueError(f"the number of shots must be >= 0, got {args.shots}")
+        raise UserError(f"the number of shots must be >= 0, got {args.shots}")
     if args.batch_size < 1:
-        raise ValueError(f"--batch_size must be >= 1, got {args.batch_size}")
+        raise UserError(f"--batch_size must be >= 1, got {args.batch_size}")
     if args.max_length is not None and args.max_length < 1:
-        raise ValueError(f"--max_length must be >= 1, got {args.max_length}")
+        raise UserError(f"--max_length must be >= 1, got {args.max_length}")
     if not args.subjects:
         return None
     unknown = [s for s in args.subjects if s not in bench.subjects]
     if unknown:
-        raise ValueError(f"unknown {bench.name} subject(s): {', '.join(unknown)}; valid names are listed in "
-                         "evaluation/subjects.py")
+        raise UserError(f"unknown {bench.name} subject(s): {', '.join(unknown)}; valid names are listed in "
+                        "evaluation/subjects.py")
     return list(dict.fromkeys(args.subjects))
 
 
@@ -137,8 +138,8 @@ def present_subjects(bench: Benchmark, data_dir: Path, split: str, shots: int) -
         return list(bench.subjects), []
     present = [s for s in bench.subjects if all((data_dir / sp / bench.file_name(s, sp)).is_file() for sp in splits)]
     if not present:
-        raise FileNotFoundError(f"{data_dir}: no {bench.name} subject files in {' and '.join(splits)} (expected "
-                                f"names such as {bench.file_name(bench.subjects[0], split)})")
+        raise MissingFileError(f"{data_dir}: no {bench.name} subject files in {' and '.join(splits)} (expected "
+                               f"names such as {bench.file_name(bench.subjects[0], split)})")
     return present, [s for s in bench.subjects if s not in present]
 
 
@@ -249,7 +250,7 @@ def run(bench: Benchmark, args: argparse.Namespace,
     tokenizer = loaded.tokenizer
     max_length = args.max_length or loaded.max_len
     if max_length > loaded.max_len:
-        raise ValueError(f"--max_length {max_length} exceeds the model's context of {loaded.max_len} tokens")
+        raise UserError(f"--max_length {max_length} exceeds the model's context of {loaded.max_len} tokens")
     bos = loaded.bos  # the reference scripts start every prompt with BOS where the tokenizer adds one
 
     requests: list[Request] = []
@@ -314,16 +315,16 @@ def seeded_files_loader(name: str, all_subjects: list[str], file_name: Callable[
 
     def load(data_dir: Path, subjects: list[str] | None, shots: int, seed: int) -> Loaded:
         if not data_dir.is_dir():
-            raise FileNotFoundError(f"{data_dir}: --data_dir not found; it must hold the {name} files "
-                                    f"({file_name(all_subjects[0])}, ...)")
+            raise MissingFileError(f"{data_dir}: --data_dir not found; it must hold the {name} files "
+                                   f"({file_name(all_subjects[0])}, ...)")
         wanted = subjects or all_subjects
         missing = [s for s in wanted if not (data_dir / file_name(s)).is_file()]
         if subjects is not None and missing:
-            raise FileNotFoundError(f"{data_dir / file_name(missing[0])}: {name} file not found"
-                                    + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+            raise MissingFileError(f"{data_dir / file_name(missing[0])}: {name} file not found"
+                                   + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
         if len(missing) == len(wanted):
-            raise FileNotFoundError(f"{data_dir}: no {name} files (expected names such as "
-                                    f"{file_name(all_subjects[0])})")
+            raise MissingFileError(f"{data_dir}: no {name} files (expected names such as "
+                                   f"{file_name(all_subjects[0])})")
         data: dict[str, tuple[list[Question], list[Question]]] = {}
         excluded: dict[str, dict[str, int]] = {}
         split: dict[str, list[str]] = {}
@@ -344,7 +345,7 @@ def seeded_files_loader(name: str, all_subjects: list[str], file_name: Callable[
             data[subject] = (dev, rest)
             split[subject] = [q.id for q in dev]
         if not data:
-            raise ValueError(f"{data_dir}: no {name} subject has more single-answer items than the {shots} shots")
+            raise UserError(f"{data_dir}: no {name} subject has more single-answer items than the {shots} shots")
         info = {"excluded": excluded,
                 "excluded_total": {reason: sum(d.get(reason, 0) for d in excluded.values())
                                    for reason in sorted({r for d in excluded.values() for r in d})},

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from common.errors import UserError
+
 from .data import LETTERS, Question
 
 
@@ -78,13 +80,13 @@ def answer_letter_ids(tokenizer, prompt: str, answer_sep: str, bos: bool) -> tup
         ext = tokenizer.encode(prompt + answer_sep + letter, bos=bos)
         if len(ext) != len(base) + 1 or ext[:len(base)] != base:
             tail = [tokenizer.id_to_piece(t) for t in ext[max(0, len(base) - 2):]]
-            raise ValueError(
+            raise UserError(
                 f"tokenizer {tokenizer.path}: the answer letter {letter!r} is not one token of its own right after "
                 f"the answer cue {prompt[-8:]!r} (the prompt with the letter ends in pieces {tail}); scoring needs "
                 "each of A, B, C, D to be a single token in that position")
         ids.append(ext[-1])
     if len(set(ids)) != len(ids):
-        raise ValueError(f"tokenizer {tokenizer.path}: answer letters map to repeated token ids {ids}")
+        raise UserError(f"tokenizer {tokenizer.path}: answer letters map to repeated token ids {ids}")
     return tuple(ids)
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from common import cli
+from common.errors import MissingFileError, UserError
 from common.io import write_json, write_text
 from common.tensors import DTYPES
 from artifacts import add_quantize_args
@@ -122,18 +123,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     names = [b.strip() for b in args.benchmarks.split(",") if b.strip()]
     unknown = [b for b in names if b not in BENCHMARKS]
     if unknown or not names:
-        raise ValueError(f"--benchmarks: unknown {', '.join(unknown) or '(none given)'}; choose from "
-                         f"{','.join(BENCHMARKS)}")
+        raise UserError(f"--benchmarks: unknown {', '.join(unknown) or '(none given)'}; choose from "
+                        f"{','.join(BENCHMARKS)}")
     names = list(dict.fromkeys(names))
     for flag in ("limit", "batch_size", "max_new_tokens"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            raise ValueError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+            raise UserError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
     root = Path(args.data_root)
     absent = [str(root / n) for n in names if not (root / n).is_dir()]
     if absent:
-        raise FileNotFoundError(f"{absent[0]}: benchmark data folder not found"
-                                + (f" (nor {len(absent) - 1} more)" if len(absent) > 1 else "")
-                                + "; --data_root must hold one folder per benchmark")
+        raise MissingFileError(f"{absent[0]}: benchmark data folder not found"
+                               + (f" (nor {len(absent) - 1} more)" if len(absent) > 1 else "")
+                               + "; --data_root must hold one folder per benchmark")
     out = Path(args.output_dir)
     files = fingerprint(args.model, args.adapter, args.tokenizer)
     plans = []

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from artifacts import open_model
 from common.cli import entry_point, parser
+from common.errors import MissingFileError, UserError
 from common.io import atomic_dir, check_output_dir
 from common.tensors import DTYPES, dtype_from_name
 from model.hf_layouts import DEFAULT_LAYOUT, add_layout_args
@@ -28,7 +29,10 @@ def base_dtype(path: Path) -> str:
     """The dtype a Hugging Face folder's config.json declares (float32 when it says nothing we know)."""
     config = path / "config.json"
     if config.is_file():
-        hf = json.loads(config.read_text())
+        try:
+            hf = json.loads(config.read_text())
+        except json.JSONDecodeError as e:
+            raise UserError(f"{config}: not valid JSON ({e})") from None
         name = hf.get("dtype") or hf.get("torch_dtype")
         if name in DTYPES:
             return name
@@ -43,7 +47,10 @@ def find_chat_template(folders: list[Path]) -> str | None:
             return (folder / "chat_template.jinja").read_text()
         config = folder / "tokenizer_config.json"
         if config.is_file():
-            template = json.loads(config.read_text()).get("chat_template")
+            try:
+                template = json.loads(config.read_text()).get("chat_template")
+            except json.JSONDecodeError as e:
+                raise UserError(f"{config}: not valid JSON ({e})") from None
             if template:
                 return template
     return None
@@ -73,18 +80,18 @@ def merge(model_path: str | Path, adapters: list[str | Path], output_dir: str | 
     sharded above max_shard_size); returns it."""
     base, out = Path(model_path), Path(output_dir)
     if not adapters:
-        raise ValueError("give at least one --adapter to merge")
+        raise UserError("give at least one --adapter to merge")
     check_output_dir(out, overwrite)
     parse_size(max_shard_size)  # refused before any work
     if out.resolve() == base.resolve() or any(out.resolve() == Path(a).resolve() for a in adapters):
-        raise ValueError(f"--output_dir {out} is one of the inputs; write the merged model to a new folder")
+        raise UserError(f"--output_dir {out} is one of the inputs; write the merged model to a new folder")
     out_dtype = dtype_from_name(dtype or base_dtype(base))
     model = open_model(base, "cpu", "float32", adapter=adapters, merge_adapter=True,
                        needs_float="python -m finetune.merge")
     tok = Path(tokenizer) if tokenizer else base / "tokenizer.model"
     tok = tok if tok.is_file() else None
     if tokenizer and tok is None:
-        raise FileNotFoundError(f"--tokenizer {tokenizer}: file not found")
+        raise MissingFileError(f"--tokenizer {tokenizer}: file not found")
     template = find_chat_template([Path(a) for a in reversed(adapters)] + [base])
     with atomic_dir(out, overwrite) as tmp:
         model.to_hf(tmp, tokenizer_path=tok, dtype=out_dtype, layout=layout, max_shard_size=max_shard_size)

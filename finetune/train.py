@@ -32,6 +32,7 @@ from model.config import RUNTIME_MODEL_FIELDS
 from pretrain.train import Dist, Run, Task, check_model, freeze_all_but_embeddings, launched_main
 from pretrain.train import train as train_core
 from tokenizer import Tokenizer
+from tokenizer.chat_template import CHAT_TEMPLATE_FILE
 
 
 def prepare_full(model: Transformer, cfg: FinetuneConfig) -> nn.Module:

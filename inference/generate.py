@@ -8,6 +8,7 @@ import torch
 
 from artifacts import add_quantize_args, default_device, load_tokenizer, open_model
 from common import cli
+from common.errors import UserError
 from common.tensors import DTYPES
 from model.config import ATTN_IMPLS
 from model.generate import SamplingParams, add_sampling_args, sampling_from_args
@@ -35,11 +36,11 @@ def main(argv: list[str] | None = None) -> None:
                            group_size=args.group_size, quantize_head=args.quantize_head,
                            runtime={"attn_impl": args.attn_impl})
     except RuntimeError as e:  # torch/DeepSpeed reading a damaged or foreign checkpoint
-        raise ValueError(f"{args.model}: cannot load the model ({e})") from None
+        raise UserError(f"{args.model}: cannot load the model ({e})") from None
     tok = load_tokenizer(args.model, args.tokenizer, model)
     ids = tok.encode(args.prompt, bos=True)
     if len(ids) >= model.config.max_seq_len:
-        raise ValueError(f"the prompt is {len(ids)} tokens; the model's context is {model.config.max_seq_len}")
+        raise UserError(f"the prompt is {len(ids)} tokens; the model's context is {model.config.max_seq_len}")
     generator = torch.Generator(device=device)
     if sampling.seed is not None:
         generator.manual_seed(sampling.seed)

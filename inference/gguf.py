@@ -28,6 +28,7 @@ import torch
 
 from artifacts import load_tokenizer, open_model
 from common.cli import entry_point, parser as make_parser
+from common.errors import UserError
 from common.io import replace_file, tmp_path_for
 from model import Transformer
 from model.hf import to_hf_state_dict
@@ -142,29 +143,29 @@ def chat_template(model_dir: Path) -> str | None:
     try:
         template = json.loads(file.read_text(encoding="utf-8")).get("chat_template")
     except json.JSONDecodeError as e:
-        raise ValueError(f"{file}: not valid JSON ({e})") from None
+        raise UserError(f"{file}: not valid JSON ({e})") from None
     if template is not None and not isinstance(template, str):
-        raise ValueError(f"{file}: chat_template must be a string (named templates are not supported)")
+        raise UserError(f"{file}: chat_template must be a string (named templates are not supported)")
     return template
 
 
 def check_output_file(path: Path, overwrite: bool) -> None:
     """A GGUF target must be a writable file path: a clear error before any work."""
     if path.is_dir():
-        raise ValueError(f"--output {path} is a folder; give a file path such as {path / 'model.gguf'}")
+        raise UserError(f"--output {path} is a folder; give a file path such as {path / 'model.gguf'}")
     if path.exists() and not overwrite:
-        raise ValueError(f"--output {path} already exists; pass --overwrite to replace it")
+        raise UserError(f"--output {path} already exists; pass --overwrite to replace it")
     parent = path.parent
     if not parent.exists():
-        raise ValueError(f"--output {path}: folder {parent} does not exist; create it first")
+        raise UserError(f"--output {path}: folder {parent} does not exist; create it first")
     if not parent.is_dir():
-        raise ValueError(f"--output {path}: {parent} is not a folder")
+        raise UserError(f"--output {path}: {parent} is not a folder")
     probe = tmp_path_for(path)
     try:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
-        raise ValueError(f"--output {path}: cannot write in {parent} ({e.strerror})") from None
+        raise UserError(f"--output {path}: cannot write in {parent} ({e.strerror})") from None
 
 
 def export_gguf(model: Transformer, tokenizer_path: str | Path, output: str | Path, outtype: str,
@@ -173,7 +174,7 @@ def export_gguf(model: Transformer, tokenizer_path: str | Path, output: str | Pa
     import gguf
 
     if outtype not in OUTTYPES:
-        raise ValueError(f"unknown --outtype {outtype!r}; choose one of: {', '.join(OUTTYPES)}")
+        raise UserError(f"unknown --outtype {outtype!r}; choose one of: {', '.join(OUTTYPES)}")
     output = Path(output)
     check_output_file(output, overwrite)
     config = model.config
@@ -257,7 +258,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     args = p.parse_args(argv)
     if args.outtype not in OUTTYPES:
-        raise ValueError(f"unknown --outtype {args.outtype!r}; choose one of: {', '.join(OUTTYPES)}")
+        raise UserError(f"unknown --outtype {args.outtype!r}; choose one of: {', '.join(OUTTYPES)}")
     model_dir = Path(args.model)
     output = Path(args.output)
     check_output_file(output, args.overwrite)

@@ -18,14 +18,16 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import Callable, Sequence
 
 import torch
+import torch.nn as nn
 
+from .cache import KVCache
 from .rope import dynamic_length
 
-if TYPE_CHECKING:
-    from .model import KVCache, Transformer
+# `model` below is a model.model.Transformer; it is typed nn.Module because model.py imports this module
+# (Transformer.generate), and model/ has no import cycles (tests/test_model_imports.py).
 
 
 @dataclass
@@ -135,7 +137,7 @@ class SharedPrefix:
     """Keys and values of a token prefix, computed once for many prompts that start with it (prefill_prefix)."""
 
     tokens: tuple[int, ...]
-    cache: "KVCache"
+    cache: KVCache
     """Batch-1 cache holding the keys and values of `tokens`."""
 
 
@@ -148,7 +150,7 @@ def common_prefix_length(prompts: Sequence[Sequence[int]]) -> int:
 
 
 @torch.inference_mode()
-def prefill_prefix(model: "Transformer", tokens: Sequence[int]) -> SharedPrefix:
+def prefill_prefix(model: nn.Module, tokens: Sequence[int]) -> SharedPrefix:
     """Run `tokens` once through the model into a batch-1 cache, for generate_ragged's shared_prefix."""
     if not tokens or len(tokens) > model.config.max_seq_len:
         raise ValueError(f"a shared prefix needs 1 to max_seq_len={model.config.max_seq_len} tokens, "
@@ -161,7 +163,7 @@ def prefill_prefix(model: "Transformer", tokens: Sequence[int]) -> SharedPrefix:
     return SharedPrefix(tuple(tokens), cache)
 
 
-def _reusable_length(model: "Transformer", prefix: SharedPrefix, prompts: list[Sequence[int]]) -> int:
+def _reusable_length(model: nn.Module, prefix: SharedPrefix, prompts: list[Sequence[int]]) -> int:
     """How many of the prefix's positions every prompt can take from it: the tokens all of them share with it,
     leaving each at least its last token to prefill (its logits start the reply). 0 where the rotary angles of a
     whole-prompt prefill would differ (rope_type dynamic rotates by each sequence's own length)."""
@@ -175,7 +177,7 @@ def _reusable_length(model: "Transformer", prefix: SharedPrefix, prompts: list[S
 
 
 @torch.inference_mode()
-def generate_ragged(model: "Transformer", prompts: Sequence[Sequence[int]], max_new_tokens: int,
+def generate_ragged(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                     eos_id: int | None = None, temperature: float = 0.0, top_k: int | None = None,
                     top_p: float | None = None, generator: torch.Generator | None = None,
                     vocab_size: int | None = None, *, keep_eos: bool = False,

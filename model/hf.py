@@ -85,15 +85,15 @@ def rope_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
     theta = params.get("rope_theta") or (hf.get("rope_parameters") or {}).get("rope_theta") or hf.get("rope_theta")
     kind = params.get("rope_type", params.get("type", "default"))
     if kind not in _ROPE_KEYS:
-        raise ValueError(f"config.json {where}.rope_type={kind!r} is not supported; supported: "
-                         f"{', '.join(_ROPE_KEYS)}")
+        raise UserError(f"config.json {where}.rope_type={kind!r} is not supported; supported: "
+                        f"{', '.join(_ROPE_KEYS)}")
     for key in _ROPE_REQUIRED.get(kind, ()):
         if params.get(key) is None:
-            raise ValueError(f"config.json {where} of rope_type {kind!r} lacks the required key {key!r}")
+            raise UserError(f"config.json {where} of rope_type {kind!r} lacks the required key {key!r}")
     known = {"rope_type", "type", "rope_theta", "factor", "original_max_position_embeddings"} | _ROPE_KEYS[kind]
     unknown = sorted(set(params) - known)
     if unknown:
-        raise ValueError(f"config.json {where} has key {unknown[0]!r}, which rope_type {kind!r} does not use here")
+        raise UserError(f"config.json {where} has key {unknown[0]!r}, which rope_type {kind!r} does not use here")
     max_pos = hf.get("max_position_embeddings", 2048)
     out: dict[str, Any] = dict(rope_theta=float(theta or 10000.0), rope_type=kind, max_seq_len=max_pos)
     if kind == "default":
@@ -154,10 +154,10 @@ def config_from_hf(hf: dict[str, Any], **overrides: Any) -> ModelConfig:
     keys, Baichuan-7B's, XVERSE's); other model types and Baichuan variants we cannot represent are refused."""
     hf = llama_view(hf, layout_of(hf, "config.json"), "config.json")
     if hf.get("attention_bias") or hf.get("mlp_bias"):
-        raise ValueError("config.json has attention_bias/mlp_bias set; this model has no biases")
+        raise UserError("config.json has attention_bias/mlp_bias set; this model has no biases")
     heads = hf["num_attention_heads"]
     if hf.get("head_dim") not in (None, hf["hidden_size"] // heads):
-        raise ValueError(f"config.json head_dim={hf['head_dim']} differs from hidden_size/num_attention_heads")
+        raise UserError(f"config.json head_dim={hf['head_dim']} differs from hidden_size/num_attention_heads")
     values = dict(
         vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"], n_heads=heads,
         n_kv_heads=hf.get("num_key_value_heads") or heads, hidden_dim=hf["intermediate_size"],
@@ -198,7 +198,7 @@ def read_hf_state_dict(path: Path) -> dict[str, torch.Tensor]:
         return load_file(str(path / "model.safetensors"))
     if (path / "pytorch_model.bin").exists():
         return _load_bin(str(path / "pytorch_model.bin"))
-    raise FileNotFoundError(f"{path}: no model.safetensors or pytorch_model.bin (nor a sharded index) found")
+    raise MissingFileError(f"{path}: no model.safetensors or pytorch_model.bin (nor a sharded index) found")
 
 
 def _load_bin(file: str) -> dict[str, torch.Tensor]:
@@ -250,7 +250,14 @@ def load_hf(cls: type[M], path: str | Path, **overrides: Any) -> M:
     files, so memory peaks near one copy of the weights."""
     path = Path(path)
     hf, layout = _config_file(path)
-    config = config_from_hf(llama_view(hf, layout, path / "config.json"), **overrides)  # messages name the file
+    try:
+        config = config_from_hf(llama_view(hf, layout, path / "config.json"), **overrides)  # messages name the file
+    except UserError:
+        raise
+    except ValueError as e:  # ModelConfig's own checks on the values config.json gave
+        raise UserError(f"{path / 'config.json'}: {e}") from None
+    except KeyError as e:
+        raise UserError(f"{path / 'config.json'}: the key {e.args[0]!r} is missing") from None
     entries = [e for e in catalog(path) if not e.name.endswith("rotary_emb.inv_freq")]  # old transformers saved it
     by_name = {e.name.removeprefix("module."): e for e in entries}
     if config.tie_embeddings:
@@ -268,8 +275,10 @@ def load_hf(cls: type[M], path: str | Path, **overrides: Any) -> M:
     if missing:
         files = {e.file for e in entries}
         where = files.pop() if len(files) == 1 else path  # the weights file, or the folder of the shards
-        raise UserError(f"{where}: tensor {missing[0]} is missing from the weights ({len(missing)} missing) but "
-                        f"config.json ({layout} layout) implies it; the weights and config.json do not belong together")
+        more = ", ..." if len(missing) > 3 else ""
+        raise UserError(f"{where}: tensor {missing[0]} is missing from the weights (missing {missing[:3]}{more}, "
+                        f"{len(missing)} in all) but config.json ({layout} layout) implies it; the weights and "
+                        "config.json do not belong together")
     for hf_name, (ours, start, stop) in targets.items():
         e, shape = by_name[hf_name], params[ours].shape
         want = ((stop - start) if stop is not None else shape[0], *shape[1:])
@@ -313,7 +322,7 @@ def save_hf(model: nn.Module, out_dir: str | Path, tokenizer_path: str | Path | 
 
         tok = Tokenizer(tokenizer_path)
         if tok.vocab_size > model.config.vocab_size:
-            raise ValueError(f"tokenizer {tok.path} has {tok.vocab_size} ids, the model only {model.config.vocab_size}")
+            raise UserError(f"tokenizer {tok.path} has {tok.vocab_size} ids, the model only {model.config.vocab_size}")
         ids = {"bos_id": tok.bos_id, "eos_id": tok.eos_id, "pad_id": tok.pad_id if tok.pad_id >= 0 else None}
     hf_config.update(bos_token_id=ids["bos_id"], eos_token_id=ids["eos_id"], pad_token_id=ids["pad_id"])
     tensors = list(to_hf_state_dict(model.state_dict(), model.config, layout).items())

@@ -27,6 +27,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from common.errors import UserError
+
 from .model import Linear, Transformer
 
 # PEFT's projection name -> our module inside a block; projections stacked in one module are listed in the order
@@ -61,13 +63,13 @@ class LoRAConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
-            raise ValueError(f"LoRA rank r must be a positive integer, got {self.r!r}")
+            raise UserError(f"LoRA rank r must be a positive integer, got {self.r!r}")
         if self.alpha is None:
-            raise ValueError("LoRA alpha (lora_alpha) is missing; set it explicitly (2 * r is common)")
+            raise UserError("LoRA alpha (lora_alpha) is missing; set it explicitly (2 * r is common)")
         if not float(self.alpha) > 0:
-            raise ValueError(f"LoRA alpha (lora_alpha) must be > 0, got {self.alpha!r}")
+            raise UserError(f"LoRA alpha (lora_alpha) must be > 0, got {self.alpha!r}")
         if not 0.0 <= float(self.dropout) < 1.0:
-            raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}")
+            raise UserError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}")
         self.target_modules = resolve_targets(self.target_modules)
 
     @property
@@ -81,13 +83,13 @@ def resolve_targets(names: str | Iterable[str]) -> list[str]:
         names = [n for n in names.split(",")]
     names = [n.strip() for n in names if n.strip()]
     if not names:
-        raise ValueError(f"LoRA target_modules is empty; choose from {', '.join(TARGETS)} or all")
+        raise UserError(f"LoRA target_modules is empty; choose from {', '.join(TARGETS)} or all")
     if any(n in ALL for n in names):
         return list(TARGETS)
     unknown = [n for n in names if n not in TARGETS]
     if unknown:
-        raise ValueError(f"LoRA target module(s) {', '.join(unknown)} do not exist in this model; choose from "
-                         f"{', '.join(TARGETS)} or all")
+        raise UserError(f"LoRA target module(s) {', '.join(unknown)} do not exist in this model; choose from "
+                        f"{', '.join(TARGETS)} or all")
     return [n for n in TARGETS if n in names]
 
 
@@ -236,13 +238,13 @@ def load_lora_state_dict(model: nn.Module, state: dict[str, torch.Tensor], sourc
     own = {n: p for n, p in model.named_parameters() if is_lora_name(n)}
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     if missing or unexpected:
-        raise ValueError(f"{source}: adapter tensors do not match the model's adapters "
-                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise UserError(f"{source}: adapter tensors do not match the model's adapters "
+                        f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
     for k, v in state.items():
         shape = tuple(getattr(own[k], "ds_shape", own[k].shape))  # a ZeRO-3 shard's own shape is empty
         if tuple(v.shape) != shape:
-            raise ValueError(f"{source}: adapter tensor {k} has shape {tuple(v.shape)}, the model expects "
-                             f"{shape} (a different base model or rank?)")
+            raise UserError(f"{source}: adapter tensor {k} has shape {tuple(v.shape)}, the model expects "
+                            f"{shape} (a different base model or rank?)")
     params = list(own.values())
     gathered = contextlib.nullcontext()
     if any(hasattr(p, "ds_id") for p in params):

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from common.errors import MissingFileError, UserError
 from common.io import atomic_dir
 from .lora import LORA_NAME, TARGETS, LoRAConfig, gather_lora_state_dict, inject_lora, load_lora_state_dict
 from .model import Transformer
@@ -41,8 +42,8 @@ def from_peft_name(key: str, source: str) -> tuple[int, str, str]:
     """(layer, projection, 'A' or 'B') of a PEFT tensor name; a clear error for tensors we have no place for."""
     m = PEFT_NAME.fullmatch(key)
     if m is None or m.group(3) not in TARGETS or _group(m.group(3)) != m.group(2):
-        raise ValueError(f"{source}: adapter tensor {key!r} does not match this model: only LoRA on "
-                         f"{', '.join(TARGETS)} of model.layers.N is supported")
+        raise UserError(f"{source}: adapter tensor {key!r} does not match this model: only LoRA on "
+                        f"{', '.join(TARGETS)} of model.layers.N is supported")
     return int(m.group(1)), m.group(3), m.group(4)
 
 
@@ -64,22 +65,22 @@ def peft_config(cfg: LoRAConfig, base_model_name_or_path: str | Path | None) -> 
 def config_from_peft(raw: dict[str, Any], source: str) -> LoRAConfig:
     """Our LoRAConfig from adapter_config.json; anything we cannot reproduce exactly is refused in one line."""
     if raw.get("peft_type") != "LORA":
-        raise ValueError(f"{source}: peft_type is {raw.get('peft_type')!r}; only LORA adapters are supported")
+        raise UserError(f"{source}: peft_type is {raw.get('peft_type')!r}; only LORA adapters are supported")
     for key in ("r", "lora_alpha", "target_modules"):
         if raw.get(key) is None:
-            raise ValueError(f"{source}: {key} is missing; a LoRA adapter config needs r, lora_alpha and "
-                             "target_modules")
+            raise UserError(f"{source}: {key} is missing; a LoRA adapter config needs r, lora_alpha and "
+                            "target_modules")
     unsupported = {"bias": ("none", None), "use_dora": (False, None), "fan_in_fan_out": (False, None),
                    "modules_to_save": (None, []), "rank_pattern": ({}, None), "alpha_pattern": ({}, None),
                    "layer_replication": (None,), "lora_bias": (False, None)}
     for key, fine in unsupported.items():
         if raw.get(key) not in fine:
-            raise ValueError(f"{source}: {key}={raw[key]!r} is not supported by our LoRA (it needs {fine[0]!r})")
+            raise UserError(f"{source}: {key}={raw[key]!r} is not supported by our LoRA (it needs {fine[0]!r})")
     targets = raw["target_modules"]
     if isinstance(targets, str):
         if targets not in TARGETS and targets not in ("all-linear", "all"):
-            raise ValueError(f"{source}: target_modules is the pattern {targets!r}; only lists of projection "
-                             f"names ({', '.join(TARGETS)}) or all-linear are supported")
+            raise UserError(f"{source}: target_modules is the pattern {targets!r}; only lists of projection "
+                            f"names ({', '.join(TARGETS)}) or all-linear are supported")
         targets = [targets]
     # PEFT may save full module paths (model.layers.0.self_attn.q_proj) when it resolved all-linear itself.
     names = sorted({t.rsplit(".", 1)[-1] for t in targets})
@@ -87,7 +88,7 @@ def config_from_peft(raw: dict[str, Any], source: str) -> LoRAConfig:
         return LoRAConfig(r=raw["r"], alpha=raw["lora_alpha"], dropout=raw.get("lora_dropout") or 0.0,
                           target_modules=names, use_rslora=bool(raw.get("use_rslora")))
     except ValueError as e:
-        raise ValueError(f"{source}: {e}") from None
+        raise UserError(f"{source}: {e}") from None
 
 
 def read_adapter_config(path: str | Path) -> LoRAConfig:
@@ -95,12 +96,12 @@ def read_adapter_config(path: str | Path) -> LoRAConfig:
     path = Path(path)
     config_path = path / CONFIG_FILE
     if not config_path.is_file():
-        raise FileNotFoundError(f"{path}: no {CONFIG_FILE}; an adapter folder holds {CONFIG_FILE} and {WEIGHTS_FILE} "
-                                "(as PEFT's save_pretrained writes them)")
+        raise MissingFileError(f"{path}: no {CONFIG_FILE}; an adapter folder holds {CONFIG_FILE} and {WEIGHTS_FILE} "
+                               "(as PEFT's save_pretrained writes them)")
     try:
         raw = json.loads(config_path.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{config_path}: not valid JSON ({e})") from None
+        raise UserError(f"{config_path}: not valid JSON ({e})") from None
     return config_from_peft(raw, str(config_path))
 
 
@@ -108,7 +109,7 @@ def read_adapter(path: str | Path) -> tuple[LoRAConfig, dict[str, torch.Tensor],
     """(config, tensors under our names, adapter_config.json as read) of a PEFT adapter folder."""
     path = Path(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"{path}: adapter folder not found")
+        raise MissingFileError(f"{path}: adapter folder not found")
     cfg = read_adapter_config(path)
     raw = json.loads((path / CONFIG_FILE).read_text())
     if (path / WEIGHTS_FILE).is_file():
@@ -116,7 +117,7 @@ def read_adapter(path: str | Path) -> tuple[LoRAConfig, dict[str, torch.Tensor],
     elif (path / LEGACY_WEIGHTS_FILE).is_file():
         tensors = torch.load(path / LEGACY_WEIGHTS_FILE, map_location="cpu", weights_only=True)
     else:
-        raise FileNotFoundError(f"{path}: no {WEIGHTS_FILE} (nor {LEGACY_WEIGHTS_FILE}) beside {CONFIG_FILE}")
+        raise MissingFileError(f"{path}: no {WEIGHTS_FILE} (nor {LEGACY_WEIGHTS_FILE}) beside {CONFIG_FILE}")
     state = {}
     for key, tensor in tensors.items():
         layer, proj, ab = from_peft_name(key, str(path))
@@ -137,19 +138,19 @@ def apply_adapter(model: Transformer, path: str | Path) -> LoRAConfig:
         m = LORA_NAME.fullmatch(name)
         sites.setdefault(int(m.group(1)), set()).add(m.group(3))
     if not sites:
-        raise ValueError(f"{source}: the adapter holds no tensors")
+        raise UserError(f"{source}: the adapter holds no tensors")
     found = set().union(*sites.values())
     if found != set(cfg.target_modules):
-        raise ValueError(f"{source}: target_modules {cfg.target_modules} do not match the tensors, which adapt "
-                         f"{sorted(found)}")
+        raise UserError(f"{source}: target_modules {cfg.target_modules} do not match the tensors, which adapt "
+                        f"{sorted(found)}")
     n_layers = model.config.n_layers
     if max(sites) >= n_layers:
-        raise ValueError(f"{source}: the adapter has tensors for layer {max(sites)}, the base model has only "
-                         f"{n_layers} layers (0-{n_layers - 1}): it belongs to another base")
+        raise UserError(f"{source}: the adapter has tensors for layer {max(sites)}, the base model has only "
+                        f"{n_layers} layers (0-{n_layers - 1}): it belongs to another base")
     uneven = [i for i, projs in sites.items() if projs != found]
     if uneven:
-        raise ValueError(f"{source}: layer {uneven[0]} adapts {sorted(sites[uneven[0]])}, others {sorted(found)}; "
-                         "per-layer target sets are not supported")
+        raise UserError(f"{source}: layer {uneven[0]} adapts {sorted(sites[uneven[0]])}, others {sorted(found)}; "
+                        "per-layer target sets are not supported")
     inject_lora(model, cfg, layers=sites)
     load_lora_state_dict(model, state, source)
     return cfg

@@ -30,6 +30,8 @@ import jinja2
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from common.errors import UserError
+
 from .tokenizer import Tokenizer
 
 ROLES = ("system", "user", "assistant")
@@ -83,13 +85,13 @@ def find_chat_template(model_path: str | Path) -> tuple[str, str] | None:
             try:
                 config = json.loads(candidate.read_text(encoding="utf-8"))
             except json.JSONDecodeError as e:
-                raise ValueError(f"{candidate}: not valid JSON ({e})") from None
+                raise UserError(f"{candidate}: not valid JSON ({e})") from None
             template = config.get("chat_template")
             if isinstance(template, list):  # the named-templates form: [{"name": "default", "template": ...}]
                 template = next((t.get("template") for t in template if t.get("name") == "default"), None)
             if template is not None:
                 if not isinstance(template, str):
-                    raise ValueError(f"{candidate}: chat_template must be a string")
+                    raise UserError(f"{candidate}: chat_template must be a string")
                 return template, str(candidate)
     for candidate in (path / CHAT_TEMPLATE_FILE, path / "hf" / CHAT_TEMPLATE_FILE):
         if candidate.is_file():
@@ -275,7 +277,7 @@ class ChatTemplate:
         try:
             compile_template(self.source)
         except jinja2.TemplateError as e:
-            raise ValueError(f"{self.origin}: the chat template does not compile: {e}") from None
+            raise UserError(f"{self.origin}: the chat template does not compile: {e}") from None
 
     @property
     def is_fallback(self) -> bool:
@@ -286,7 +288,7 @@ class ChatTemplate:
         try:
             yield
         except jinja2.TemplateError as e:
-            raise ValueError(f"{self.origin}: chat template error: {e}") from None
+            raise UserError(f"{self.origin}: chat template error: {e}") from None
 
     def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
         with self._errors():
