@@ -15,7 +15,8 @@ best_of (candidates per prompt, of which the n with the highest log-probability 
 logprobs (0-20: OpenAI's legacy logprobs object, scored by a forward pass of the model, inference/scoring.py) and
 max_tokens 0 (with echo and logprobs: scoring the prompt, lm-evaluation-harness's loglikelihood requests); chat
 takes logprobs and top_logprobs (0-20). Fields the server cannot honour are refused with 400 naming them, never
-ignored: chat n > 1, tools, tool_choice, functions, response_format other than text, penalties other than 0, a
+ignored: chat n > 1, tools, tool_choice, functions, a response_format type other than text, json_object and
+json_schema (enforced by constrained decoding, inference/constrained.py), penalties other than 0, a
 non-empty logit_bias, logprobs or best_of > n with stream. Fields that do not change the reply (user, metadata,
 ...) are accepted and ignored. Streams are server-sent `chat.completion.chunk` (or `text_completion`)
 events ending in `data: [DONE]`.
@@ -55,6 +56,7 @@ from common.cli import entry_point, parser
 from common.errors import UserError
 from tokenizer import Tokenizer
 
+from .constrained import Constraint, ConstraintError
 from .engine import Engine, Event, QueueFull, Request, SamplingParams
 from .loader import add_model_args, load, make_engine
 from .scoring import (MAX_TOP_LOGPROBS, TokenScores, chat_logprobs_object, logprobs_object, score,
@@ -238,10 +240,32 @@ def refuse_unsupported_chat_fields(body: dict) -> None:
     for key in ("tool_choice", "function_call"):
         if body.get(key) not in (None, "none"):
             raise ApiError(400, f"{key} is not supported by this server yet (no tool calling)", key)
+
+
+def response_format_schema(body: dict) -> tuple[bool, Any]:
+    """(whether the reply is constrained, the JSON schema: None for any JSON object) of a chat request's
+    response_format: {"type": "text"}, {"type": "json_object"} or {"type": "json_schema", "json_schema": {"name",
+    "schema", "strict"}}. The schema is enforced whether strict is true or not (a reply that does not validate
+    is never useful)."""
     fmt = body.get("response_format")
-    if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
-        raise ApiError(400, "response_format is not supported by this server yet (only {\"type\": \"text\"}); "
-                       "no constrained decoding", "response_format")
+    if fmt is None:
+        return False, None
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if kind == "text":
+        return False, None
+    if kind == "json_object":
+        return True, None
+    if kind == "json_schema":
+        spec = fmt.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("name", ""), str):
+            raise ApiError(400, "response_format.json_schema must be an object with a name and a schema",
+                           "response_format")
+        schema = spec.get("schema", {})
+        if not isinstance(schema, (dict, bool)):
+            raise ApiError(400, "response_format.json_schema.schema must be a JSON schema object",
+                           "response_format")
+        return True, schema
+    raise ApiError(400, "response_format.type must be one of text, json_object, json_schema", "response_format")
 
 
 CHARS_PER_TOKEN_BOUND = 8  # see clearly_too_long
@@ -324,6 +348,8 @@ class Job:
     params: SamplingParams | None
     anchor: list[int]
     req: Request | None = None
+    constraint: Any = None
+    """The reply's grammar (inference/constrained.py Constraint), or None."""
 
 
 def create_app(engine: Engine, template: ChatTemplate, model_name: str, api_key: str | None = None,
@@ -404,7 +430,8 @@ def create_app(engine: Engine, template: ChatTemplate, model_name: str, api_key:
         try:
             for job in jobs:
                 if job.params is not None:
-                    job.req = engine.submit(job.ids, job.params, bridge.sink(events, job.index), job.anchor)
+                    job.req = engine.submit(job.ids, job.params, bridge.sink(events, job.index), job.anchor,
+                                            job.constraint)
         except (QueueFull, ValueError, RuntimeError) as e:
             for job in jobs:
                 if job.req is not None:
@@ -628,12 +655,22 @@ def create_app(engine: Engine, template: ChatTemplate, model_name: str, api_key:
                 raise ApiError(400, str(e), "messages") from None
 
         ids = await off_loop(http, render)
+        constrained, schema = response_format_schema(body)
+        constraint = None
+        if constrained:
+            def build():  # the schema's grammar: compiled in a worker thread (ms, more for a large schema)
+                try:
+                    return Constraint.json_schema(tokenizer, engine.model.config.vocab_size, schema)
+                except ConstraintError as e:
+                    raise ApiError(400, f"response_format: {e}", "response_format") from None
+            constraint = await anyio.to_thread.run_sync(build)
         params = parse_sampling(body, len(ids), engine.max_len, template.stop, param="messages")
         n_logprobs = _int(body, "top_logprobs", 0, MAX_TOP_LOGPROBS)
         if n_logprobs and not _flag(body, "logprobs"):
             raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
         n_logprobs = (n_logprobs or 0) if _flag(body, "logprobs") else None
-        return await respond(http, body, [Job(0, ids, params, [])], chat=True, n_logprobs=n_logprobs)
+        return await respond(http, body, [Job(0, ids, params, [], constraint=constraint)], chat=True,
+                             n_logprobs=n_logprobs)
 
     @app.post("/v1/completions", dependencies=authorized)
     async def completions(http: HttpRequest):
