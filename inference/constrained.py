@@ -17,12 +17,15 @@ constraint; anything with the same three members works there (model/generate.py 
 """
 from __future__ import annotations
 
+import argparse
 import json
 import threading
+from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 
+from common.errors import UserError
 from tokenizer import Tokenizer
 
 _lock = threading.Lock()
@@ -150,3 +153,36 @@ class Constraint:
     @property
     def failed(self) -> str | None:
         return self.matcher.get_error() if self.matcher.is_error() else None
+
+
+def add_json_schema_arg(p: argparse.ArgumentParser) -> None:
+    """--json_schema FILE: every reply is JSON valid under the schema in FILE ("object": any JSON object)."""
+    p.add_argument("--json_schema", default=None, metavar="FILE",
+                   help='reply with JSON valid under the JSON schema in FILE ("object": any JSON object); '
+                        "constrained decoding, needs the [constrained] extra (llguidance)")
+
+
+def schema_from_arg(value: str | None, flag: str = "--json_schema") -> tuple[bool, Any]:
+    """(constrained?, schema) of the --json_schema flag; a missing or unreadable file or a schema llguidance
+    refuses is a UserError naming the flag, raised before any model is loaded."""
+    if value is None:
+        return False, None
+    if value == "object":
+        schema = None
+    else:
+        path = Path(value)
+        if not path.is_file():
+            raise UserError(f"{flag} {value}: no such file (a JSON schema file, or \"object\")")
+        try:
+            schema = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise UserError(f"{flag} {value}: not JSON ({e})") from None
+        if not isinstance(schema, (dict, bool)):
+            raise UserError(f"{flag} {value}: a JSON schema is an object")
+    try:
+        error = _llguidance().LLMatcher.validate_grammar(json_schema_grammar(schema))
+    except ConstraintError as e:
+        raise UserError(f"{flag} {value}: {e}") from None
+    if error:
+        raise UserError(f"{flag} {value}: the schema cannot be enforced: {error.splitlines()[0]}")
+    return True, schema

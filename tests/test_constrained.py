@@ -129,3 +129,39 @@ def test_response_format_with_the_openai_client(folder):
             assert e.value.status_code == 400 and e.value.body["param"] == "response_format"
     finally:
         engine.stop()
+
+
+def test_chat_and_finetune_generate_take_a_json_schema_file(folder, tmp_path, monkeypatch, capsys):
+    import io
+    import sys
+
+    from finetune.generate import main as generate_main
+    from inference.chat import main as chat_main
+
+    _, chat_dir, *_ = folder
+    schema_file = tmp_path / "pet.json"
+    schema_file.write_text(json.dumps(SCHEMA))
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello\n/quit\n"))
+    chat_main(["--model", str(chat_dir), "--max_new_tokens", "200", "--temperature", "0", "--json_schema",
+               str(schema_file)])
+    reply = capsys.readouterr().out.split(">>> ")[1].strip()
+    jsonschema.validate(json.loads(reply), SCHEMA)
+
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps(["hello there", "the city of music"]))
+    out = tmp_path / "answers.jsonl"
+    generate_main(["--model", str(chat_dir), "--input", str(prompts), "--output", str(out), "--max_new_tokens",
+                   "200", "--json_schema", str(schema_file), "--temperature", "1.0", "--seed", "0"])
+    for line in out.read_text().splitlines():
+        jsonschema.validate(json.loads(json.loads(line)["answer"]), SCHEMA)
+    assert json.loads((tmp_path / "answers.jsonl.meta.json").read_text())["json_schema"] == SCHEMA
+    capsys.readouterr()
+
+    (tmp_path / "bad.json").write_text('{"type": "nonsense"}')
+    for value, says in [(str(tmp_path / "none.json"), "no such file"), (str(tmp_path / "bad.json"), "schema"),
+                        (str(prompts), "schema")]:
+        with pytest.raises(SystemExit) as e:
+            chat_main(["--model", str(chat_dir), "--json_schema", value])
+        err = capsys.readouterr().err
+        assert e.value.code == 1 and err.startswith(f"error: --json_schema {value}: ") and err.count("\n") == 1
+        assert says in err
