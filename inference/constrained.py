@@ -36,7 +36,7 @@ class ConstraintError(ValueError):
     """A schema or grammar the grammar engine refuses (the request's fault: HTTP 400 naming the field)."""
 
 
-def _llguidance():
+def llguidance_module():
     try:
         import llguidance
     except ImportError:  # an optional extra: say how to get it
@@ -82,7 +82,7 @@ class _Wrapped:
 
 def ll_tokenizer(tokenizer: Tokenizer, vocab_size: int):
     """llguidance's view of `tokenizer` over `vocab_size` ids (built once per tokenizer and size: ~0.1 s)."""
-    llg = _llguidance()
+    llg = llguidance_module()
     key = (str(tokenizer.path), vocab_size)
     with _lock:
         if key not in _ll_tokenizers:
@@ -94,7 +94,7 @@ def ll_tokenizer(tokenizer: Tokenizer, vocab_size: int):
 def json_schema_grammar(schema: Mapping[str, Any] | bool | None) -> str:
     """The llguidance grammar of JSON text valid under `schema` (None: any JSON object, OpenAI's json_object).
     Whitespace is kept compact so a small model cannot spend its tokens on spaces."""
-    llg = _llguidance()
+    llg = llguidance_module()
     if schema is None:
         schema = {"type": "object"}
     options = {"whitespace_flexible": False, "whitespace_pattern": None}
@@ -105,14 +105,14 @@ def json_schema_grammar(schema: Mapping[str, Any] | bool | None) -> str:
 
 
 def lark_grammar(lark: str) -> str:
-    return _llguidance().LLMatcher.grammar_from_lark(lark)
+    return llguidance_module().LLMatcher.grammar_from_lark(lark)
 
 
 class Constraint:
     """One reply's grammar state: which tokens may come next, and whether the reply is complete."""
 
     def __init__(self, tokenizer: Tokenizer, vocab_size: int, grammar: str):
-        llg = _llguidance()
+        llg = llguidance_module()
         lltok = ll_tokenizer(tokenizer, vocab_size)
         error = llg.LLMatcher.validate_grammar(grammar, lltok)
         if error:
@@ -180,7 +180,7 @@ def schema_from_arg(value: str | None, flag: str = "--json_schema") -> tuple[boo
         if not isinstance(schema, (dict, bool)):
             raise UserError(f"{flag} {value}: a JSON schema is an object")
     try:
-        error = _llguidance().LLMatcher.validate_grammar(json_schema_grammar(schema))
+        error = llguidance_module().LLMatcher.validate_grammar(json_schema_grammar(schema))
     except ConstraintError as e:
         raise UserError(f"{flag} {value}: {e}") from None
     if error:
