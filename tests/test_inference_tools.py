@@ -173,3 +173,55 @@ def test_server_tool_calls_with_the_openai_client(server):
         client.chat.completions.create(model="tiny", messages=messages, tools=TOOLS, tool_choice="required",
                                        response_format={"type": "json_object"}, max_tokens=5)
     assert e.value.body["param"] == "response_format"
+
+
+OPENAI_RECORD = {"tools": TOOLS, "messages": CONVERSATION[1:6]}
+SHAREGPT_RECORD = {  # LLaMA-Factory's layout of the same conversation
+    "tools": json.dumps([t["function"] for t in TOOLS]),
+    "conversations": [
+        {"from": "human", "value": CONVERSATION[1]["content"]},
+        {"from": "function_call", "value": json.dumps([
+            {"name": "get_weather", "arguments": {"city": "Paris", "unit": "c"}},
+            {"name": "add", "arguments": {"a": 2, "b": 3}}])},
+        {"from": "observation", "value": "sunny, 21"},
+        {"from": "observation", "value": "5"},
+        {"from": "gpt", "value": CONVERSATION[5]["content"]}]}
+
+
+def test_finetuning_records_with_tool_calls_train_the_calls_and_not_the_results(folder, tmp_path):
+    from transformers import AutoTokenizer
+
+    from common.tensors import IGNORE_INDEX
+    from finetune.data import BadRecord, build_sample, to_messages
+    from finetune.export import add_chat_template
+
+    base, _, _, tok = folder
+    messages = to_messages(OPENAI_RECORD)
+    assert to_messages(SHAREGPT_RECORD) == messages
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "user", "assistant"]
+    template = templates.get_template("chatml")
+    sample, _ = build_sample(templates.encode_turns(template, tok, messages), 4096, "truncate", False, False)
+    runs, current = [], []
+    for label in sample.labels.tolist() + [IGNORE_INDEX]:
+        if label == IGNORE_INDEX:
+            runs, current = runs + ([current] if current else []), []
+        else:
+            current.append(label)
+    assert [tok.decode(r[:-1]) for r in runs] == [messages[2]["content"], messages[4]["content"]]
+    assert all(r[-1] == tok.eos_id for r in runs)
+    assert '{"name": "add", "arguments": {"a": 2, "b": 3}}' in messages[2]["content"]
+    assert "sunny, 21" not in tok.decode([t for t in sample.labels.tolist() if t != IGNORE_INDEX])
+    # the exported folder's template with tools= gives the training tokens
+    hf_dir = tmp_path / "hf"
+    shutil.copytree(base, hf_dir)
+    add_chat_template(hf_dir, template.jinja())
+    hf = AutoTokenizer.from_pretrained(hf_dir)
+    ids = hf.apply_chat_template(OPENAI_RECORD["messages"], tools=TOOLS, tokenize=True)
+    ids = ids["input_ids"] if not isinstance(ids, list) else ids
+    assert ids == sample.ids.tolist()
+    for bad in ({"tools": "[oops", "messages": OPENAI_RECORD["messages"]},
+                {"conversations": [{"from": "human", "value": "x"}, {"from": "function_call", "value": "nope"}]},
+                {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": None,
+                                                                 "tool_calls": [{"function": {}}]}]}):
+        with pytest.raises(BadRecord):
+            to_messages(bad)
