@@ -225,3 +225,54 @@ def test_finetuning_records_with_tool_calls_train_the_calls_and_not_the_results(
                                                                  "tool_calls": [{"function": {}}]}]}):
         with pytest.raises(BadRecord):
             to_messages(bad)
+
+
+@pytest.mark.slow  # fine-tunes the debug model on the synthetic tool-call set (a few minutes on 2 cores)
+def test_a_model_fine_tuned_on_tool_calls_serves_them_to_the_openai_client(tmp_path):
+    """data/tool_calls/make_tool_calls.py -> finetune/train.py (chatml) -> finetune.export -> the server: with
+    tool_choice required the openai client reads tool_calls whose arguments parse as JSON and validate; what
+    tool_choice auto gives is recorded, not asserted (see docs/inference.md)."""
+    import subprocess
+    import sys
+
+    openai = pytest.importorskip("openai")
+    jsonschema = pytest.importorskip("jsonschema")
+    pytest.importorskip("llguidance")
+    from fixtures_finetune import REPO, TINY_SFT, run_finetune, tiny_hf_model, train_tokenizer
+    from finetune.export import main as export_main
+    from inference.chat import Chat
+    from inference.server import create_app
+
+    subprocess.run([sys.executable, str(REPO / "data" / "tool_calls" / "make_tool_calls.py"), "--out_dir",
+                    str(tmp_path / "data"), "--records", "120"], check=True, timeout=limit(60))
+    tools = [json.loads(line) for line in (tmp_path / "data" / "tool_calls.jsonl").read_text().splitlines()][0][
+        "tools"]
+    base = tiny_hf_model(tmp_path, train_tokenizer(tmp_path))
+    args = [*TINY_SFT, f"model_path={base}", f"run_dir={tmp_path / 'run'}", "template=chatml", "seq_len=1000",
+            f"data_files=[{tmp_path / 'data' / 'tool_calls.jsonl'}, {tmp_path / 'data' / 'tool_calls_sharegpt.json'}]",
+            "max_steps=60", "eval_interval=60", "save_interval=60", "lr=3e-3"]
+    result = run_finetune(args, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "240 records -> 240 samples" in result.stdout
+    export_main(["--run_dir", str(tmp_path / "run"), "--output_dir", str(tmp_path / "hf")])
+
+    chat = Chat.load(str(tmp_path / "hf"), slots=2)
+    try:
+        with ServerThread(create_app(chat.engine, chat.template, "tuned")) as srv:
+            client = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0, timeout=limit(120))
+            seen = {}
+            for question in ["What is the weather in Paris?", "What is 12 plus 30?", "“猫”的英文是什么？"]:
+                messages = [{"role": "user", "content": question}]
+                r = client.chat.completions.create(model="tuned", messages=messages, tools=tools,
+                                                   tool_choice="required", max_tokens=60)
+                call = r.choices[0].message.tool_calls[0]
+                tool = next(t for t in tools if t["function"]["name"] == call.function.name)
+                jsonschema.validate(json.loads(call.function.arguments), tool["function"]["parameters"])
+                auto = client.chat.completions.create(model="tuned", messages=messages, tools=tools,
+                                                      max_tokens=60)
+                seen[question] = (call.function.name, call.function.arguments, auto.choices[0].finish_reason,
+                                  auto.choices[0].message.tool_calls[0].function.name
+                                  if auto.choices[0].message.tool_calls else auto.choices[0].message.content)
+            print("tool calls of the tuned debug model:", json.dumps(seen, ensure_ascii=False))
+    finally:
+        chat.close()
