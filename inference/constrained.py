@@ -37,6 +37,7 @@ class ConstraintError(ValueError):
 
 
 def llguidance_module():
+    """The llguidance package, or ConstraintError saying how to install it."""
     try:
         import llguidance
     except ImportError:  # an optional extra: say how to get it
@@ -102,10 +103,6 @@ def json_schema_grammar(schema: Mapping[str, Any] | bool | None) -> str:
         return llg.LLMatcher.grammar_from_json_schema(json.dumps(schema), overrides=options)
     except (ValueError, TypeError) as e:
         raise ConstraintError(f"the JSON schema is not valid: {e}") from None
-
-
-def lark_grammar(lark: str) -> str:
-    return llguidance_module().LLMatcher.grammar_from_lark(lark)
 
 
 class Constraint:

@@ -165,3 +165,12 @@ def test_chat_and_finetune_generate_take_a_json_schema_file(folder, tmp_path, mo
         err = capsys.readouterr().err
         assert e.value.code == 1 and err.startswith(f"error: --json_schema {value}: ") and err.count("\n") == 1
         assert says in err
+
+
+def test_without_llguidance_the_error_says_how_to_install_it(folder, monkeypatch):
+    import sys
+
+    *_, model, tok = folder
+    monkeypatch.setitem(sys.modules, "llguidance", None)  # import llguidance now raises ImportError
+    with pytest.raises(ConstraintError, match=r"pip install -e \.\[constrained\]"):
+        Constraint.json_schema(tok, model.config.vocab_size, SCHEMA)

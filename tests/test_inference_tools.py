@@ -250,7 +250,7 @@ def test_a_model_fine_tuned_on_tool_calls_serves_them_to_the_openai_client(tmp_p
     base = tiny_hf_model(tmp_path, train_tokenizer(tmp_path))
     args = [*TINY_SFT, f"model_path={base}", f"run_dir={tmp_path / 'run'}", "template=chatml", "seq_len=1000",
             f"data_files=[{tmp_path / 'data' / 'tool_calls.jsonl'}, {tmp_path / 'data' / 'tool_calls_sharegpt.json'}]",
-            "max_steps=60", "eval_interval=60", "save_interval=60", "lr=3e-3"]
+            "max_steps=300", "eval_interval=300", "save_interval=300", "lr=3e-3"]
     result = run_finetune(args, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "240 records -> 240 samples" in result.stdout
