@@ -32,6 +32,11 @@ _lock = threading.Lock()
 _ll_tokenizers: dict[tuple[str, int], Any] = {}
 
 
+JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+"""The spacing of constrained JSON: json.dumps' default, as the chat templates write tool calls (`tojson`), so a
+model tuned on them meets the spacing it was trained on."""
+
+
 class ConstraintError(ValueError):
     """A schema or grammar the grammar engine refuses (the request's fault: HTTP 400 naming the field)."""
 
@@ -94,13 +99,12 @@ def ll_tokenizer(tokenizer: Tokenizer, vocab_size: int):
 
 def json_schema_grammar(schema: Mapping[str, Any] | bool | None) -> str:
     """The llguidance grammar of JSON text valid under `schema` (None: any JSON object, OpenAI's json_object).
-    Whitespace is kept compact so a small model cannot spend its tokens on spaces."""
+    Spacing is fixed to JSON_STYLE, so a model cannot spend its tokens on whitespace."""
     llg = llguidance_module()
     if schema is None:
         schema = {"type": "object"}
-    options = {"whitespace_flexible": False, "whitespace_pattern": None}
     try:
-        return llg.LLMatcher.grammar_from_json_schema(json.dumps(schema), overrides=options)
+        return llg.LLMatcher.grammar_from_json_schema(json.dumps(schema), overrides=JSON_STYLE)
     except (ValueError, TypeError) as e:
         raise ConstraintError(f"the JSON schema is not valid: {e}") from None
 

@@ -23,7 +23,7 @@ from typing import Any
 
 from tokenizer.chat_template import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
 
-from .constrained import ConstraintError, llguidance_module
+from .constrained import JSON_STYLE, ConstraintError, llguidance_module
 
 NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule for function names
 BLOCK = re.compile(re.escape(TOOL_CALL_OPEN.strip()) + r"\s*(.*?)\s*" + re.escape(TOOL_CALL_CLOSE.strip()), re.S)
@@ -110,9 +110,8 @@ def forced_call_grammar(request: ToolRequest) -> str:
     for a named tool_choice); ToolError naming `tools` when a tool's parameters cannot be compiled."""
     llg = llguidance_module()
     schema = call_schema(request.tools, request.name)
-    options = {"whitespace_flexible": False, "whitespace_pattern": None}
     lark = (f"start: {json.dumps(TOOL_CALL_OPEN)} call {json.dumps(TOOL_CALL_CLOSE)}\n"
-            f"call: %json {json.dumps({**schema, 'x-guidance': options})}\n")
+            f"call: %json {json.dumps({**schema, 'x-guidance': JSON_STYLE})}\n")
     try:
         grammar = llg.LLMatcher.grammar_from_lark(lark)
     except (ValueError, TypeError) as e:
