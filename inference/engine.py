@@ -272,7 +272,8 @@ class Engine:
     def _sample(self, logits: torch.Tensor, slots: list[int]) -> list[int]:
         params = [self.slots[s].params for s in slots]
         constraints = [self.slots[s].constraint for s in slots]
-        if all(p.temperature <= 0 and p.repetition_penalty == 1.0 for p in params) and not any(constraints):
+        if all(p.temperature <= 0 and p.repetition_penalty == 1.0 for p in params) \
+                and all(c is None for c in constraints):
             return greedy(logits).tolist()  # all greedy: one batched argmax
         out = []
         for i, (s, p) in enumerate(zip(slots, params)):
