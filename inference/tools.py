@@ -23,7 +23,7 @@ from typing import Any
 
 from tokenizer.chat_template import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
 
-from .constrained import JSON_STYLE, ConstraintError, llguidance_module
+from .constrained import JSON_STYLE, llguidance_module
 
 NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule for function names
 BLOCK = re.compile(re.escape(TOOL_CALL_OPEN.strip()) + r"\s*(.*?)\s*" + re.escape(TOOL_CALL_CLOSE.strip()), re.S)
@@ -166,5 +166,5 @@ def held_back(text: str) -> int:
     return len(text)
 
 
-__all__ = ["ConstraintError", "ToolError", "ToolRequest", "check_tools", "forced_call_grammar", "held_back",
+__all__ = ["ToolError", "ToolRequest", "check_tools", "forced_call_grammar", "held_back",
            "parse_tool_calls"]

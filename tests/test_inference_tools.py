@@ -270,6 +270,16 @@ def test_a_model_fine_tuned_on_tool_calls_serves_them_to_the_openai_client(tmp_p
                 jsonschema.validate(json.loads(call.function.arguments), tool["function"]["parameters"])
                 auto = client.chat.completions.create(model="tuned", messages=messages, tools=tools,
                                                       max_tokens=60)
+                # streamed (greedy, the same reply): the same content, or the same calls as tool_calls deltas
+                chunks = [c for c in client.chat.completions.create(model="tuned", messages=messages, tools=tools,
+                                                                    max_tokens=60, stream=True) if c.choices]
+                streamed = [(d.function.name, json.loads(d.function.arguments))
+                            for c in chunks for d in (c.choices[0].delta.tool_calls or [])]
+                message = auto.choices[0].message
+                assert streamed == [(t.function.name, json.loads(t.function.arguments))
+                                    for t in message.tool_calls or []]
+                assert "".join(c.choices[0].delta.content or "" for c in chunks) == (message.content or "")
+                assert chunks[-1].choices[0].finish_reason == auto.choices[0].finish_reason
                 seen[question] = (call.function.name, call.function.arguments, auto.choices[0].finish_reason,
                                   auto.choices[0].message.tool_calls[0].function.name
                                   if auto.choices[0].message.tool_calls else auto.choices[0].message.content)
