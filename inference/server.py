@@ -587,13 +587,15 @@ def create_app(engine: Engine, template: ChatTemplate, model_name: str, api_key:
                                 raise RuntimeError("the engine failed")
                             if tools is not None:  # a possible <tool_call> waits for the end of the reply
                                 full += text
-                                ready = len(full) if finish else held_back(full)
-                                text, shown = full[shown:ready], max(shown, ready)
-                                if finish:
-                                    content, calls = parse_tool_calls(text, tools.tools)
+                                if not finish:
+                                    ready = max(shown, held_back(full))
+                                    text, shown = full[shown:ready], ready
+                                else:  # what is left: as the plain reply has it (chat_message)
+                                    content, calls = parse_tool_calls(full, tools.tools)
+                                    text = full[shown:]
                                     if calls:
-                                        if content:
-                                            yield data([choice(index, content, None)])
+                                        if (content or "")[shown:]:
+                                            yield data([choice(index, content[shown:], None)])
                                         deltas = [{"index": k, **call} for k, call in enumerate(calls)]
                                         yield data([{"index": index, "delta": {"tool_calls": deltas},
                                                      "logprobs": None, "finish_reason": None}])

@@ -149,21 +149,23 @@ def parse_tool_calls(text: str, tools: list[dict[str, Any]]) -> tuple[str | None
         calls.append({"id": "call_" + secrets.token_hex(12), "type": "function",
                       "function": {"name": obj["name"], "arguments": json.dumps(arguments, ensure_ascii=False)}})
     kept.append(text[last:])
-    content = "".join(kept).strip()
-    return (content or None) if calls else text, calls
+    content = "".join(kept).rstrip()  # (trailing whitespace before a call: held back when streaming, too)
+    return (content if content.strip() else None) if calls else text, calls
 
 
 def held_back(text: str) -> int:
-    """Where streaming must stop showing content: the start of a <tool_call> block, or of a possible one at the
-    end of the text (what comes after is parsed when the reply ends)."""
+    """How much of a reply streaming may show as content: up to the start of a <tool_call> block, or of a possible
+    one at the end of the text, without the whitespace before it (the rest is parsed when the reply ends; a
+    reply with calls has its content right-stripped, see parse_tool_calls)."""
     opener = TOOL_CALL_OPEN.strip()
     at = text.find(opener)
-    if at >= 0:
-        return at
-    for n in range(min(len(opener) - 1, len(text)), 0, -1):
-        if text.endswith(opener[:n]):
-            return len(text) - n
-    return len(text)
+    if at < 0:
+        at = len(text)
+        for n in range(min(len(opener) - 1, len(text)), 0, -1):
+            if text.endswith(opener[:n]):
+                at = len(text) - n
+                break
+    return len(text[:at].rstrip())
 
 
 __all__ = ["ToolError", "ToolRequest", "check_tools", "forced_call_grammar", "held_back",

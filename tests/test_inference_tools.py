@@ -90,7 +90,12 @@ def test_parse_tool_calls():
     assert parse_tool_calls("plain text", TOOLS) == ("plain text", [])
     content, calls = parse_tool_calls('<tool_call>{"name": "add", "arguments": "{\\"a\\": 1}"}</tool_call>', TOOLS)
     assert content is None and json.loads(calls[0]["function"]["arguments"]) == {"a": 1}
-    assert held_back("abc <tool") == 4 and held_back("abc <tool_call>\n{") == 4 and held_back("abc") == 3
+    assert held_back("abc <tool") == 3 and held_back("abc <tool_call>\n{") == 3 and held_back("abc") == 3
+    assert held_back("abc \n") == 3 and held_back("<tool_call>") == 0
+    # content with calls is right-stripped; streaming shows a prefix of it (held_back), the rest at the end
+    text = "Sure.\n<tool_call>\n{\"name\": \"add\", \"arguments\": {}}\n</tool_call>\n"
+    content, calls = parse_tool_calls(text, TOOLS)
+    assert content == "Sure." and content.startswith(text[:held_back(text)]) and len(calls) == 1
 
 
 @pytest.mark.parametrize("body, param", [
