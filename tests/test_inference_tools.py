@@ -274,10 +274,11 @@ def test_a_model_fine_tuned_on_tool_calls_serves_them_to_the_openai_client(tmp_p
                 tool = next(t for t in tools if t["function"]["name"] == call.function.name)
                 jsonschema.validate(json.loads(call.function.arguments), tool["function"]["parameters"])
                 auto = client.chat.completions.create(model="tuned", messages=messages, tools=tools,
-                                                      max_tokens=60)
+                                                      max_tokens=60, temperature=0)
                 # streamed (greedy, the same reply): the same content, or the same calls as tool_calls deltas
                 chunks = [c for c in client.chat.completions.create(model="tuned", messages=messages, tools=tools,
-                                                                    max_tokens=60, stream=True) if c.choices]
+                                                                    max_tokens=60, temperature=0, stream=True)
+                          if c.choices]
                 streamed = [(d.function.name, json.loads(d.function.arguments))
                             for c in chunks for d in (c.choices[0].delta.tool_calls or [])]
                 message = auto.choices[0].message
