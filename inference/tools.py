@@ -93,16 +93,25 @@ def check_tools(body: dict) -> ToolRequest | None:
 
 
 def call_schema(tools: list[dict[str, Any]], name: str | None = None) -> dict[str, Any]:
-    """The JSON schema of one call's object {"name", "arguments"} (of the named tool only, when given)."""
-    options = []
+    """The JSON schema of one call's object {"name", "arguments"} (of the named tool only, when given).
+
+    A tool's `$defs` (pydantic's model_json_schema puts nested models there, referred to as "#/$defs/X") move to
+    the root of this schema, where those references now point; the same name defined differently by two tools is a
+    ToolError."""
+    options, defs = [], {}
     for tool in tools:
         fn = tool["function"]
         if name is not None and fn["name"] != name:
             continue
-        options.append({"type": "object", "properties": {
-            "name": {"const": fn["name"]}, "arguments": fn.get("parameters") or {"type": "object"}},
-            "required": ["name", "arguments"], "additionalProperties": False})
-    return options[0] if len(options) == 1 else {"anyOf": options}
+        params = dict(fn.get("parameters") or {"type": "object"})
+        for key in ("$defs", "definitions"):
+            for def_name, definition in (params.pop(key, None) or {}).items():
+                if defs.setdefault(key, {}).setdefault(def_name, definition) != definition:
+                    raise ToolError(f"tools: {key}/{def_name} is defined differently by two tools", "tools")
+        options.append({"type": "object", "properties": {"name": {"const": fn["name"]}, "arguments": params},
+                        "required": ["name", "arguments"], "additionalProperties": False})
+    schema = options[0] if len(options) == 1 else {"anyOf": options}
+    return {**schema, **defs}
 
 
 def forced_call_grammar(request: ToolRequest) -> str:

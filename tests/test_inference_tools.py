@@ -292,3 +292,36 @@ def test_a_model_fine_tuned_on_tool_calls_serves_them_to_the_openai_client(tmp_p
             print("tool calls of the tuned debug model:", json.dumps(seen, ensure_ascii=False))
     finally:
         chat.close()
+
+
+def test_forced_calls_resolve_the_defs_of_pydantic_schemas(folder):
+    pytest.importorskip("llguidance")
+    import torch
+
+    from inference.constrained import Constraint
+    from inference.tools import forced_call_grammar
+    from model.generate import generate_ragged
+
+    _, _, model, tok = folder
+    point = {"type": "object", "properties": {"x": {"type": "integer"}, "y": {"type": "integer"}},
+             "required": ["x", "y"], "additionalProperties": False}
+    move = {"type": "function", "function": {"name": "move", "parameters": {
+        "type": "object", "properties": {"to": {"$ref": "#/$defs/Point"}}, "required": ["to"],
+        "additionalProperties": False, "$defs": {"Point": point}}}}
+    prompt = [tok.encode("the city", bos=True)]
+    named = {"type": "function", "function": {"name": "move"}}
+    for seed, choice in enumerate(["required", named, named]):
+        grammar = forced_call_grammar(check_tools({"tools": [move, ADD], "tool_choice": choice}))
+        constraint = Constraint(tok, model.config.vocab_size, grammar)
+        out = generate_ragged(model, prompt, 120, eos_id=tok.eos_id, temperature=1.0,
+                              generator=torch.Generator().manual_seed(seed), constraints=[constraint])
+        _, calls = parse_tool_calls(tok.decode(out[0]), [move, ADD])
+        assert constraint.done and len(calls) == 1
+        arguments = json.loads(calls[0]["function"]["arguments"])
+        assert calls[0]["function"]["name"] == "move" or choice == "required"
+        if calls[0]["function"]["name"] == "move":
+            assert set(arguments) == {"to"} and set(arguments["to"]) == {"x", "y"}
+    other = {"type": "function", "function": {"name": "jump", "parameters": {
+        "type": "object", "properties": {"to": {"$ref": "#/$defs/Point"}}, "$defs": {"Point": {"type": "string"}}}}}
+    with pytest.raises(ToolError, match="Point"):
+        forced_call_grammar(check_tools({"tools": [move, other], "tool_choice": "required"}))
