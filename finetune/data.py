@@ -28,6 +28,7 @@ import numpy as np
 from common.errors import MissingFileError, UserError
 from common.tensors import IGNORE_INDEX
 from finetune.templates import EncodeStats, encode_turns
+from finetune.tool_data import has_tools, tool_messages
 from tokenizer import Tokenizer
 from tokenizer.chat_template import ChatFormat
 
@@ -138,6 +139,8 @@ def to_messages(record: Any, data_format: str = "auto", fields: Fields = Fields(
     if not isinstance(record, dict):
         raise BadRecord(f"a record must be a JSON object, got {type(record).__name__}")
     fmt = detect_format(record) if data_format == "auto" else data_format
+    if fmt in ("openai", "sharegpt") and has_tools(record, fmt):  # finetune/tool_data.py
+        return tool_messages(record, fmt, fields.system)
     messages: list[dict[str, str]] = []
     if fmt == "alpaca":
         system = _text(record, fields.system, required=False)

@@ -35,6 +35,7 @@ from common.io import atomic_write, write_json
 from common.tensors import DTYPES
 from finetune.data import BadRecord, Fields, read_records, to_messages
 from finetune.templates import get_template, read_chat_template
+from inference.constrained import Constraint, add_json_schema_arg, schema_from_arg
 from model.generate import (SamplingParams, add_sampling_args, generate_ragged, length_sorted_batches,
                             sampling_from_args)
 from tokenizer.chat_template import encode_chat
@@ -85,6 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bfloat16 on GPU, float32 on CPU")
     p.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+    add_json_schema_arg(p)
     args = p.parse_args(argv)
     run_main(generate, args)
 
@@ -96,6 +98,7 @@ def generate(args: argparse.Namespace) -> None:
     if args.batch_size <= 0 or args.max_new_tokens <= 0:
         raise UserError("--batch_size and --max_new_tokens must be positive")
     sampling = sampling_from_args(args)
+    constrained, schema = schema_from_arg(getattr(args, "json_schema", None))
     fields = Fields(instruction=args.instruction_field, output=args.output_field)
     items = [item for path in args.input for item in read_prompts(path, fields)]
     if not items:
@@ -139,7 +142,9 @@ def generate(args: argparse.Namespace) -> None:
         for batch in batches:
             outs = generate_ragged(model, [prompts[i] for i in batch], sampling.max_tokens, eos_id,
                                    sampling.temperature, sampling.top_k, sampling.top_p, generator,
-                                   vocab_size=tok.vocab_size)
+                                   vocab_size=tok.vocab_size,
+                                   constraints=[Constraint.json_schema(tok, model.config.vocab_size, schema)
+                                                for _ in batch] if constrained else None)
             for i, new in zip(batch, outs):
                 new_tokens += len(new)
                 answers[i] = tok.decode(new)
@@ -150,6 +155,7 @@ def generate(args: argparse.Namespace) -> None:
             "chat_template": template, "inputs": list(args.input), "prompts": len(items), "batches": len(batches),
             "sampling": {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
                          "top_p": args.top_p, "seed": args.seed, "batch_size": args.batch_size},
+            "json_schema": schema if constrained else None,
             "device": str(device), "dtype": args.dtype or default_dtype(device), "quantize": args.quantize,
             "new_tokens": new_tokens, "seconds": round(seconds, 2)}
     out.parent.mkdir(parents=True, exist_ok=True)

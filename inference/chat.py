@@ -24,6 +24,7 @@ from common.cli import entry_point, parser
 from model import generate as generation
 from model.generate import sampling_from_args
 
+from .constrained import Constraint, add_json_schema_arg, schema_from_arg
 from .engine import Engine, SamplingParams
 from .loader import add_model_args, load, make_engine
 from .templates import ChatTemplate, check_messages
@@ -34,9 +35,12 @@ __all__ = ["CHAT_SAMPLING", "Chat", "add_sampling_args", "main", "repl", "sampli
 class Chat:
     """Replies to conversations ([{"role": "system"|"user"|"assistant", "content": ...}, ...])."""
 
-    def __init__(self, engine: Engine, template: ChatTemplate, defaults: SamplingParams | None = None):
+    def __init__(self, engine: Engine, template: ChatTemplate, defaults: SamplingParams | None = None,
+                 json_schema: Any = False):
+        """json_schema: replies are JSON valid under this schema (None: any JSON object; False: free text)."""
         self.engine, self.template = engine, template
         self.defaults = defaults or SamplingParams()
+        self.json_schema = json_schema
 
     @classmethod
     def load(cls, model: str, slots: int = 1, **flags: Any) -> "Chat":
@@ -59,7 +63,9 @@ class Chat:
     def stream(self, messages: list[dict[str, str]], **sampling: Any) -> Iterator[str]:
         """The reply's text, piece by piece as it is generated (closing the iterator stops generation)."""
         ids = self.template.encode(check_messages(messages), add_generation_prompt=True)
-        for event in self.engine.stream(ids, self.params(**sampling)):
+        constraint = None if self.json_schema is False else Constraint.json_schema(
+            self.engine.tokenizer, self.engine.model.config.vocab_size, self.json_schema)
+        for event in self.engine.stream(ids, self.params(**sampling), constraint=constraint):
             if event.finish_reason == "error":
                 raise RuntimeError("the engine failed while generating this reply")
             if event.text:
@@ -134,12 +140,15 @@ def main(argv: list[str] | None = None) -> None:
     add_model_args(p)
     add_sampling_args(p)
     p.add_argument("--system", default=None, help="system message")
+    add_json_schema_arg(p)
     args = p.parse_args(argv)
     defaults = sampling_from_args(args)
+    constrained, schema = schema_from_arg(args.json_schema)
     loaded = load(args)
     if loaded.template.is_fallback:
         print("(no chat template in the model folder: using the plain Human/Assistant template)", file=sys.stderr)
-    chat = Chat(make_engine(loaded, 1, args.max_len), loaded.template, defaults)
+    chat = Chat(make_engine(loaded, 1, args.max_len), loaded.template, defaults,
+                schema if constrained else False)
     try:
         repl(chat, args.system)
     finally:

@@ -44,7 +44,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from model import KVCache, Transformer
-from model.generate import SamplingParams, greedy, sample
+from model.generate import SamplingParams, TokenConstraint, greedy, sample
 from tokenizer import StreamDecoder, Tokenizer
 
 from .packing import pack_linears
@@ -80,6 +80,9 @@ class Request:
     cancelled: bool = False
     prefilled: int = 0  # prompt tokens whose keys and values are in the slot's cache row
     cached_tokens: int = 0  # of those, how many were reused from an earlier request (prefix caching)
+    constraint: TokenConstraint | None = None
+    """Constrained decoding (inference/constrained.py): masks the logits before each token is sampled; the reply
+    ends when its grammar is complete."""
 
     def cancel(self) -> None:
         """Stop generating; the engine frees the slot at its next step (safe from any thread)."""
@@ -181,11 +184,12 @@ class Engine:
     # --- submitting -------------------------------------------------------------------------------------------
 
     def submit(self, prompt_ids: Sequence[int], params: SamplingParams, sink: Callable[[Event], None],
-               anchor: Sequence[int] = ()) -> Request:
+               anchor: Sequence[int] = (), constraint: TokenConstraint | None = None) -> Request:
         """Queue a request; raises ValueError for a prompt that does not fit, QueueFull when the queue is full.
 
         anchor: token(s) decoded in front of the reply and cut off again, so that a reply continuing a word keeps
-        its leading space (SentencePiece drops it at the start of a decode)."""
+        its leading space (SentencePiece drops it at the start of a decode).
+        constraint: this request's grammar (a fresh one per request: it keeps the reply's parse state)."""
         params.check()
         if not prompt_ids:
             raise ValueError("the prompt is empty")
@@ -194,7 +198,8 @@ class Engine:
                              "(prompt and reply together)")
         if max(prompt_ids) >= self.model.config.vocab_size or min(prompt_ids) < 0:
             raise ValueError(f"prompt token ids must be in [0, {self.model.config.vocab_size})")
-        req = Request(list(prompt_ids), params, sink, StreamDecoder(self.tokenizer, anchor), id=next(self._ids))
+        req = Request(list(prompt_ids), params, sink, StreamDecoder(self.tokenizer, anchor), id=next(self._ids),
+                      constraint=constraint)
         with self._lock:
             if self.error is not None:
                 raise RuntimeError(f"the engine stopped after an error: {self.error}")
@@ -204,11 +209,11 @@ class Engine:
             self._lock.notify()
         return req
 
-    def stream(self, prompt_ids: Sequence[int], params: SamplingParams, anchor: Sequence[int] = ()
-               ) -> Iterator[Event]:
+    def stream(self, prompt_ids: Sequence[int], params: SamplingParams, anchor: Sequence[int] = (),
+               constraint: TokenConstraint | None = None) -> Iterator[Event]:
         """Events of one request as they come (needs `start()`); closing the iterator cancels the request."""
         events: queue.Queue[Event] = queue.Queue()
-        req = self.submit(prompt_ids, params, events.put, anchor)
+        req = self.submit(prompt_ids, params, events.put, anchor, constraint)
         try:
             while True:
                 event = events.get()
@@ -364,11 +369,15 @@ class Engine:
 
     def _sample(self, logits: torch.Tensor, slots: list[int]) -> list[int]:
         params = [self.slots[s].params for s in slots]
-        if all(p.temperature <= 0 and p.repetition_penalty == 1.0 for p in params):
+        constraints = [self.slots[s].constraint for s in slots]
+        if all(p.temperature <= 0 and p.repetition_penalty == 1.0 for p in params) \
+                and all(c is None for c in constraints):
             return greedy(logits).tolist()  # all greedy: one batched argmax
         out = []
         for i, (s, p) in enumerate(zip(slots, params)):
             row = logits[i:i + 1]
+            if constraints[i] is not None:  # the grammar's mask comes first: penalties only reorder what it allows
+                row = constraints[i].mask(row)
             if p.repetition_penalty != 1.0:
                 req = self.slots[s]
                 seen = torch.tensor(sorted(set(req.prompt_ids) | set(req.output_ids)), device=row.device)
@@ -387,6 +396,11 @@ class Engine:
             return
         searched = len(req.decoded)
         req.decoded += req.detokenizer.push(token)
+        if req.constraint is not None:
+            req.constraint.accept(token)
+            if req.constraint.done:  # the grammar is complete (a closed JSON value): nothing may follow
+                self._finish(req, "stop", req.decoded + req.detokenizer.flush())
+                return
         text, stops = req.decoded, req.params.stop
         # Only the new text, and the few characters before it a stop string could start in, are searched.
         cut = min((i for i in (text.find(s, max(0, searched - len(s) + 1)) for s in stops) if i >= 0), default=-1)

@@ -15,7 +15,9 @@ best_of (candidates per prompt, of which the n with the highest log-probability 
 logprobs (0-20: OpenAI's legacy logprobs object, scored by a forward pass of the model, inference/scoring.py) and
 max_tokens 0 (with echo and logprobs: scoring the prompt, lm-evaluation-harness's loglikelihood requests); chat
 takes logprobs and top_logprobs (0-20). Fields the server cannot honour are refused with 400 naming them, never
-ignored: chat n > 1, tools, tool_choice, functions, response_format other than text, penalties other than 0, a
+ignored: chat n > 1, the legacy functions/function_call (tools and tool_choice are served: inference/tools.py),
+a response_format type other than text, json_object and json_schema (enforced by constrained decoding,
+inference/constrained.py), penalties other than 0, a
 non-empty logit_bias, logprobs or best_of > n with stream. Fields that do not change the reply (user, metadata,
 ...) are accepted and ignored. Streams are server-sent `chat.completion.chunk` (or `text_completion`)
 events ending in `data: [DONE]`.
@@ -55,7 +57,9 @@ from common.cli import entry_point, parser
 from common.errors import UserError
 from tokenizer import Tokenizer
 
+from .constrained import Constraint, ConstraintError
 from .engine import PREFILL_CHUNK, Engine, Event, QueueFull, Request, SamplingParams
+from .tools import ToolError, ToolRequest, check_tools, forced_call_grammar, held_back, parse_tool_calls
 from .loader import add_model_args, load, make_engine
 from .scoring import (MAX_TOP_LOGPROBS, TokenScores, chat_logprobs_object, logprobs_object, score,
                       token_offsets)
@@ -230,18 +234,37 @@ def parse_sampling(body: dict, prompt_len: int, context: int, extra_stop: tuple[
 
 
 def refuse_unsupported_chat_fields(body: dict) -> None:
-    """400 naming a chat field this server cannot honour yet, rather than ignoring it (a client asking for tool
-    calls or JSON output must not get a plain reply that looks like success)."""
-    for key in ("tools", "functions"):
-        if body.get(key):
-            raise ApiError(400, f"{key} is not supported by this server yet (no tool calling)", key)
-    for key in ("tool_choice", "function_call"):
-        if body.get(key) not in (None, "none"):
-            raise ApiError(400, f"{key} is not supported by this server yet (no tool calling)", key)
+    """400 naming a chat field this server cannot honour, rather than ignoring it: the legacy `functions` and
+    `function_call` (OpenAI's predecessors of tools and tool_choice)."""
+    for key in ("functions", "function_call"):
+        if body.get(key) not in (None, [], "none"):
+            raise ApiError(400, f"{key} is not supported (the legacy form): send tools and tool_choice", key)
+
+
+def response_format_schema(body: dict) -> tuple[bool, Any]:
+    """(whether the reply is constrained, the JSON schema: None for any JSON object) of a chat request's
+    response_format: {"type": "text"}, {"type": "json_object"} or {"type": "json_schema", "json_schema": {"name",
+    "schema", "strict"}}. The schema is enforced whether strict is true or not (a reply that does not validate
+    is never useful)."""
     fmt = body.get("response_format")
-    if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
-        raise ApiError(400, "response_format is not supported by this server yet (only {\"type\": \"text\"}); "
-                       "no constrained decoding", "response_format")
+    if fmt is None:
+        return False, None
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if kind == "text":
+        return False, None
+    if kind == "json_object":
+        return True, None
+    if kind == "json_schema":
+        spec = fmt.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("name", ""), str):
+            raise ApiError(400, "response_format.json_schema must be an object with a name and a schema",
+                           "response_format")
+        schema = spec.get("schema", {})
+        if not isinstance(schema, (dict, bool)):
+            raise ApiError(400, "response_format.json_schema.schema must be a JSON schema object",
+                           "response_format")
+        return True, schema
+    raise ApiError(400, "response_format.type must be one of text, json_object, json_schema", "response_format")
 
 
 CHARS_PER_TOKEN_BOUND = 8  # see clearly_too_long
@@ -324,6 +347,8 @@ class Job:
     params: SamplingParams | None
     anchor: list[int]
     req: Request | None = None
+    constraint: Any = None
+    """The reply's grammar (inference/constrained.py Constraint), or None."""
 
 
 def create_app(engine: Engine, template: ChatTemplate, model_name: str, api_key: str | None = None,
@@ -404,7 +429,8 @@ def create_app(engine: Engine, template: ChatTemplate, model_name: str, api_key:
         try:
             for job in jobs:
                 if job.params is not None:
-                    job.req = engine.submit(job.ids, job.params, bridge.sink(events, job.index), job.anchor)
+                    job.req = engine.submit(job.ids, job.params, bridge.sink(events, job.index), job.anchor,
+                                            job.constraint)
         except (QueueFull, ValueError, RuntimeError) as e:
             for job in jobs:
                 if job.req is not None:
@@ -502,10 +528,21 @@ def create_app(engine: Engine, template: ChatTemplate, model_name: str, api_key:
             chosen += [replace(job, index=g * keep + k) for k, job in enumerate(ranked[:keep])]
         return chosen
 
+    def chat_message(job: Job, tools: ToolRequest | None) -> tuple[dict, str]:
+        """(the chat choice's message, its finish_reason): with tools, <tool_call> blocks become tool_calls and
+        finish_reason is "tool_calls"."""
+        text = job.req.text
+        if tools is not None:
+            content, calls = parse_tool_calls(text, tools.tools)
+            if calls:
+                return {"role": "assistant", "content": content, "tool_calls": calls}, "tool_calls"
+        return {"role": "assistant", "content": text}, finish_reason(job)
+
     async def respond(http: HttpRequest, body: dict, jobs: list[Job], chat: bool, echo: bool = False,
-                      n_logprobs: int | None = None, keep: int | None = None):
+                      n_logprobs: int | None = None, keep: int | None = None, tools: ToolRequest | None = None):
         """n_logprobs: None for no log-probabilities, else how many of the most likely tokens to list. keep: return
-        only the best `keep` candidates of each prompt (best_of > n; not streamed)."""
+        only the best `keep` candidates of each prompt (best_of > n; not streamed). tools: parse the chat reply
+        for tool calls (streamed: the text from a <tool_call> on is held back and sent as tool_calls deltas)."""
         streaming = _flag(body, "stream")
         if streaming and n_logprobs is not None:
             raise ApiError(400, "logprobs cannot be streamed yet; send stream: false", "logprobs")
@@ -542,6 +579,7 @@ def create_app(engine: Engine, template: ChatTemplate, model_name: str, api_key:
                             yield data([choice(job.index, prompt_texts.get(job.index, ""),
                                                None if job.req is not None else "length")])
                     left = sum(job.req is not None for job in jobs)
+                    full, shown = "", 0  # tools (chat, one choice): the reply so far, and how much of it was sent
                     while left:
                         index, ev = await events.get()
                         pieces: dict[int, list] = {index: [ev.text, ev.finish_reason]}
@@ -552,6 +590,21 @@ def create_app(engine: Engine, template: ChatTemplate, model_name: str, api_key:
                         for index, (text, finish) in pieces.items():
                             if finish == "error":
                                 raise RuntimeError("the engine failed")
+                            if tools is not None:  # a possible <tool_call> waits for the end of the reply
+                                full += text
+                                if not finish:
+                                    ready = max(shown, held_back(full))
+                                    text, shown = full[shown:ready], ready
+                                else:  # what is left: as the plain reply has it (chat_message)
+                                    content, calls = parse_tool_calls(full, tools.tools)
+                                    text = full[shown:]
+                                    if calls:
+                                        if (content or "")[shown:]:
+                                            yield data([choice(index, content[shown:], None)])
+                                        deltas = [{"index": k, **call} for k, call in enumerate(calls)]
+                                        yield data([{"index": index, "delta": {"tool_calls": deltas},
+                                                     "logprobs": None, "finish_reason": None}])
+                                        text, finish = "", "tool_calls"
                             if text or finish:
                                 yield data([choice(index, text, finish)])
                             if finish:
@@ -578,8 +631,8 @@ def create_app(engine: Engine, template: ChatTemplate, model_name: str, api_key:
         if chat and n_logprobs is not None:
             async with scoring:
                 logprobs = await anyio.to_thread.run_sync(chat_choice_logprobs, jobs[0], n_logprobs)
-            choices.append({"index": 0, "message": {"role": "assistant", "content": jobs[0].req.text},
-                            "logprobs": logprobs, "finish_reason": finish_reason(jobs[0])})
+            message, finish = chat_message(jobs[0], tools)
+            choices.append({"index": 0, "message": message, "logprobs": logprobs, "finish_reason": finish})
         elif n_logprobs is not None:
             async with scoring:
                 scored = await anyio.to_thread.run_sync(
@@ -597,8 +650,9 @@ def create_app(engine: Engine, template: ChatTemplate, model_name: str, api_key:
         else:
             for job in jobs:
                 if chat:
-                    choices.append({"index": job.index, "message": {"role": "assistant", "content": job.req.text},
-                                    "logprobs": None, "finish_reason": finish_reason(job)})
+                    message, finish = chat_message(job, tools)
+                    choices.append({"index": job.index, "message": message, "logprobs": None,
+                                    "finish_reason": finish})
                 else:
                     choices.append({"index": job.index, "text": job.req.text if job.req is not None else "",
                                     "logprobs": None, "finish_reason": finish_reason(job)})
@@ -621,6 +675,11 @@ def create_app(engine: Engine, template: ChatTemplate, model_name: str, api_key:
             raise ApiError(400, "only n=1 is supported for chat completions", "n")
         refuse_unsupported_chat_fields(body)
 
+        try:
+            tools = check_tools(body)
+        except ToolError as e:
+            raise ApiError(400, str(e), e.param) from None
+
         def render() -> list[int]:  # jinja and the tokenizer: worker-thread work
             try:
                 messages = check_messages(body.get("messages"))
@@ -628,17 +687,37 @@ def create_app(engine: Engine, template: ChatTemplate, model_name: str, api_key:
                     n = clearly_too_long(m["content"], engine.max_len, tokenizer)
                     if n is not None:
                         raise too_long_error(f"messages[{i}].content", n, engine.max_len, "messages")
-                return template.encode(messages, add_generation_prompt=True)
+                return template.encode(messages, add_generation_prompt=True,
+                                       tools=tools.tools if tools is not None else None)
             except ValueError as e:
                 raise ApiError(400, str(e), "messages") from None
 
         ids = await off_loop(http, render)
+        constrained, schema = response_format_schema(body)
+        if constrained and tools is not None and tools.forced:
+            raise ApiError(400, "response_format cannot be combined with a tool_choice that forces a call",
+                           "response_format")
+        constraint = None
+        if constrained or (tools is not None and tools.forced):
+            def build():  # the grammar: compiled in a worker thread (ms, more for a large schema)
+                vocab = engine.model.config.vocab_size
+                try:
+                    if constrained:
+                        return Constraint.json_schema(tokenizer, vocab, schema)
+                    return Constraint(tokenizer, vocab, forced_call_grammar(tools))
+                except ToolError as e:
+                    raise ApiError(400, str(e), e.param) from None
+                except ConstraintError as e:
+                    param = "response_format" if constrained else "tools"
+                    raise ApiError(400, f"{param}: {e}", param) from None
+            constraint = await anyio.to_thread.run_sync(build)
         params = parse_sampling(body, len(ids), engine.max_len, template.stop, param="messages")
         n_logprobs = _int(body, "top_logprobs", 0, MAX_TOP_LOGPROBS)
         if n_logprobs and not _flag(body, "logprobs"):
             raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
         n_logprobs = (n_logprobs or 0) if _flag(body, "logprobs") else None
-        return await respond(http, body, [Job(0, ids, params, [])], chat=True, n_logprobs=n_logprobs)
+        return await respond(http, body, [Job(0, ids, params, [], constraint=constraint)], chat=True,
+                             n_logprobs=n_logprobs, tools=tools if tools is not None and tools.parsed else None)
 
     @app.post("/v1/completions", dependencies=authorized)
     async def completions(http: HttpRequest):

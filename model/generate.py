@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Protocol, Sequence
 
 import torch
 import torch.nn as nn
@@ -67,6 +67,19 @@ class SamplingParams:
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError("stop must be a list of non-empty strings")
         return self
+
+
+class TokenConstraint(Protocol):
+    """A per-sequence grammar applied before sampling (constrained decoding; inference/constrained.py Constraint is
+    the implementation): `mask` sets the logits of tokens it forbids to -inf, `accept` records the sampled token,
+    `done` says the grammar is complete and the sequence ends."""
+
+    def mask(self, logits: torch.Tensor) -> torch.Tensor: ...
+
+    def accept(self, token: int) -> None: ...
+
+    @property
+    def done(self) -> bool: ...
 
 
 def add_sampling_args(p: argparse.ArgumentParser, defaults: SamplingParams, engine: bool = False) -> None:
@@ -182,13 +195,16 @@ def generate_ragged(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_
                     top_p: float | None = None, generator: torch.Generator | None = None,
                     vocab_size: int | None = None, *, keep_eos: bool = False,
                     use_cache: bool = True, shared_prefix: SharedPrefix | None = None,
-                    until: Callable[[int, list[int]], bool] | None = None) -> list[list[int]]:
+                    until: Callable[[int, list[int]], bool] | None = None,
+                    constraints: Sequence[TokenConstraint | None] | None = None) -> list[list[int]]:
     """The new tokens of each prompt (up to max_new_tokens, without the EOS that ends a row unless keep_eos).
 
     Greedy when temperature is 0; a row also stops where the model's context (max_seq_len) is full.
     vocab_size: ids at or above it (the padding of a model vocabulary larger than the tokenizer's) are never picked.
     use_cache=False recomputes every sequence from its start at each step (a check of the cache; prompts of one
     length only).
+    constraints: one per prompt (or None): that row's grammar masks its logits before each token and ends the row
+    when it is complete (constrained decoding).
     """
     if not prompts or min(len(p) for p in prompts) == 0:
         raise ValueError("generate_ragged needs at least one prompt, and every prompt at least one token")
@@ -198,6 +214,8 @@ def generate_ragged(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_
         raise ValueError(f"a prompt of {max(lengths)} tokens exceeds max_seq_len={context}")
     if not use_cache and len(set(lengths)) != 1:
         raise ValueError("use_cache=False needs prompts of one length")
+    if constraints is not None and len(constraints) != len(prompts):
+        raise ValueError(f"constraints: one per prompt ({len(prompts)}), got {len(constraints)}")
     device = model.tok_embeddings.weight.device
     out: list[list[int]] = [[] for _ in prompts]
     # Rows with room for a new token: below max_new_tokens, and the token's position inside the context.
@@ -223,6 +241,10 @@ def generate_ragged(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_
     while True:
         if vocab_size is not None:
             logits[:, vocab_size:] = float("-inf")
+        if constraints is not None:
+            for i, r in enumerate(active):
+                if constraints[r] is not None:
+                    logits[i] = constraints[r].mask(logits[i])
         nxt = sample(logits, temperature, top_k, top_p, generator).tolist()
         going = []
         for r, token in zip(active, nxt):
@@ -231,6 +253,10 @@ def generate_ragged(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_
                     out[r].append(token)
                 continue
             out[r].append(token)
+            if constraints is not None and constraints[r] is not None:
+                constraints[r].accept(token)
+                if constraints[r].done:
+                    continue
             if until is not None and until(r, out[r]):
                 continue
             if len(out[r]) < max_new_tokens and lengths[r] + len(out[r]) < context:

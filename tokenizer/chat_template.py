@@ -34,7 +34,20 @@ from common.errors import UserError
 
 from .tokenizer import Tokenizer
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
+
+# Tool calling, in the convention of Qwen2.5's and Hermes' templates: the tools' JSON schemas are listed in the
+# system text, the assistant writes each call as <tool_call>{"name", "arguments"}</tool_call>, and the tool results
+# come back in a user turn as <tool_response>...</tool_response>. ChatFormat.jinja() renders it (tools= as
+# transformers' apply_chat_template passes it), flatten_tool_messages writes the same as plain user/assistant turns
+# for training, and inference/tools.py parses and constrains the calls.
+TOOLS_HEAD = ("# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided "
+              "with function signatures within <tools></tools> XML tags:\n<tools>\n")
+TOOLS_TAIL = ("\n</tools>\n\nFor each function call, return a json object with function name and arguments "
+              "within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": "
+              "<args-json-object>}\n</tool_call>")
+TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>\n", "\n</tool_call>"
+TOOL_RESPONSE_OPEN, TOOL_RESPONSE_CLOSE = "<tool_response>\n", "\n</tool_response>"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
 """The file a template is stored in beside a model (fine-tuning writes it into its run directory)."""
 
@@ -107,11 +120,11 @@ def special_tokens(tokenizer: Tokenizer) -> dict[str, str]:
     return {name: tokenizer.id_to_piece(i) for name, i in ids.items() if i >= 0}
 
 
-def render_chat(source: str, messages: Sequence[Mapping[str, str]], specials: Mapping[str, str],
-                add_generation_prompt: bool = True) -> str:
-    """The text transformers' apply_chat_template(tokenize=False) gives; raises jinja2.TemplateError."""
+def render_chat(source: str, messages: Sequence[Mapping[str, Any]], specials: Mapping[str, str],
+                add_generation_prompt: bool = True, tools: Sequence[Mapping[str, Any]] | None = None) -> str:
+    """The text transformers' apply_chat_template(tokenize=False, tools=tools) gives; raises jinja2.TemplateError."""
     return compile_template(source).render(messages=list(messages), add_generation_prompt=add_generation_prompt,
-                                           **specials)
+                                           tools=list(tools) if tools else None, **specials)
 
 
 def _encode_runs(tokenizer: Tokenizer, text: str, stand_ins: Mapping[str, str]) -> list[int]:
@@ -136,8 +149,9 @@ def encode_rendered(tokenizer: Tokenizer, text: str) -> list[int]:
     return _encode_runs(tokenizer, text, {})
 
 
-def encode_chat(source: str, tokenizer: Tokenizer, messages: Sequence[Mapping[str, str]],
-                add_generation_prompt: bool = True, *, sanitize_control_tokens: bool = False) -> list[int]:
+def encode_chat(source: str, tokenizer: Tokenizer, messages: Sequence[Mapping[str, Any]],
+                add_generation_prompt: bool = True, *, sanitize_control_tokens: bool = False,
+                tools: Sequence[Mapping[str, Any]] | None = None) -> list[int]:
     """The ids transformers' apply_chat_template(messages, tokenize=True) gives with the exported tokenizer.
 
     sanitize_control_tokens (transformers' option of that name, off by default there, too): special-token strings
@@ -150,16 +164,17 @@ def encode_chat(source: str, tokenizer: Tokenizer, messages: Sequence[Mapping[st
     """
     specials = special_tokens(tokenizer)
     if not sanitize_control_tokens:
-        return encode_rendered(tokenizer, render_chat(source, messages, specials, add_generation_prompt))
+        return encode_rendered(tokenizer, render_chat(source, messages, specials, add_generation_prompt, tools))
     pieces = sorted(set(specials.values()), key=len, reverse=True)
     marks = {p: f"\ue000{i}\ue001" for i, p in enumerate(pieces)}
     guarded = []
     for m in messages:
         content = m["content"]
         for p in pieces:
-            content = content.replace(p, marks[p])
+            if content:  # (an assistant message with tool_calls may have no content)
+                content = content.replace(p, marks[p])
         guarded.append({**m, "content": content})
-    text = render_chat(source, guarded, specials, add_generation_prompt)
+    text = render_chat(source, guarded, specials, add_generation_prompt, tools)
     return _encode_runs(tokenizer, text, {mark: p for p, mark in marks.items()})
 
 
@@ -208,10 +223,31 @@ class ChatFormat:
             "{%- if messages and messages[0]['role'] == 'system' -%}",
             "{%- set system = messages[0]['content'] -%}{%- set turns = messages[1:] -%}",
             "{%- else -%}",
-            f"{{%- set system = {q(self.default_system)} -%}}{{%- set turns = messages -%}}",
+            # (with tools and no system message the tools block is the whole system text: no default system)
+            f"{{%- set system = {q(self.default_system)} if not tools else '' -%}}{{%- set turns = messages -%}}",
+            "{%- endif -%}",
+            # tools (transformers' apply_chat_template(tools=...)): their schemas go at the end of the system text
+            "{%- if tools -%}",
+            f"{{%- set system = (system + '\\n\\n' if system else '') + {q(TOOLS_HEAD)} + "
+            f"(tools | map('tojson') | join('\\n')) + {q(TOOLS_TAIL)} -%}}",
             "{%- endif -%}",
             "{%- for message in turns -%}",
-            "{%- if message['role'] == 'user' -%}",
+            # a run of tool results is one user turn of <tool_response> blocks
+            "{%- if message['role'] == 'tool' -%}",
+            "{%- if loop.first -%}{{- raise_exception('a tool message must follow an assistant message') -}}"
+            "{%- endif -%}",
+            "{%- if loop.previtem['role'] != 'tool' -%}",
+            f"{{{{- {q(self.separator)} -}}}}",
+            "{%- if bos_each_turn -%}{{- bos_token -}}{%- endif -%}".replace(
+                "bos_each_turn", "true" if self.bos_each_turn else "false"),
+            f"{{{{- {q(user_pre)} + {q(user_mid)} -}}}}",
+            "{%- else -%}{{- '\\n' -}}{%- endif -%}",
+            f"{{{{- {q(TOOL_RESPONSE_OPEN)} + message['content'] + {q(TOOL_RESPONSE_CLOSE)} -}}}}",
+            "{%- if loop.last or loop.nextitem['role'] != 'tool' -%}",
+            f"{{{{- {q(post)} -}}}}",
+            f"{{%- if not loop.last or add_generation_prompt -%}}{{{{- {q(self.assistant_cue)} -}}}}{{%- endif -%}}",
+            "{%- endif -%}",
+            "{%- elif message['role'] == 'user' -%}",
             "{%- if loop.first -%}",
             "{%- if system -%}",
             f"{{{{- {q(user_pre)} + {q(sys_pre)} + system + {q(sys_post)} + {q(user_mid)} -}}}}",
@@ -225,7 +261,14 @@ class ChatFormat:
             f"{{{{- message['content'] + {q(post)} -}}}}",
             f"{{%- if not loop.last or add_generation_prompt -%}}{{{{- {q(self.assistant_cue)} -}}}}{{%- endif -%}}",
             "{%- elif message['role'] == 'assistant' -%}",
-            f"{{{{- {q(self.assistant_prefix)} + message['content'] + eos_token -}}}}",
+            f"{{{{- {q(self.assistant_prefix)} + (message['content'] or '') -}}}}",
+            "{%- for call in message['tool_calls'] or [] -%}",
+            "{%- if call['function'] is defined -%}{%- set call = call['function'] -%}{%- endif -%}",
+            "{%- if message['content'] or not loop.first -%}{{- '\\n' -}}{%- endif -%}",
+            f"{{{{- {q(TOOL_CALL_OPEN)} + ({{'name': call['name'], 'arguments': call['arguments']}} | tojson) + "
+            f"{q(TOOL_CALL_CLOSE)} -}}}}",
+            "{%- endfor -%}",
+            "{{- eos_token -}}",
             "{%- endif -%}",
             "{%- endfor -%}",
         ])
@@ -238,11 +281,32 @@ FALLBACK_TEMPLATE = PLAIN.jinja()
 FALLBACK_STOP = ("\nHuman:",)
 
 
-def check_messages(messages: Any) -> list[dict[str, str]]:
+def _tool_call(call: Any, where: str) -> dict[str, Any]:
+    """An OpenAI tool call ({"id", "type": "function", "function": {"name", "arguments"}}) with its arguments as a
+    dict, as transformers' templates take them (OpenAI sends them as a JSON string)."""
+    fn = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+        raise ValueError(f"{where} must be an object with function.name and function.arguments")
+    arguments = fn.get("arguments", {})
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments) if arguments.strip() else {}
+        except json.JSONDecodeError:
+            raise ValueError(f"{where}.function.arguments is not JSON") from None
+    if not isinstance(arguments, dict):
+        raise ValueError(f"{where}.function.arguments must be a JSON object")
+    out = {"type": "function", "function": {"name": fn["name"], "arguments": arguments}}
+    if isinstance(call.get("id"), str):
+        out["id"] = call["id"]
+    return out
+
+
+def check_messages(messages: Any) -> list[dict[str, Any]]:
     """`messages` as a list of {"role", "content"} dicts, or a ValueError saying which message is wrong.
 
     As OpenAI's API allows, content may also be a list of text parts ([{"type": "text", "text": ...}]) and the
-    role "developer" stands for "system".
+    role "developer" stands for "system". Tool calling: an assistant message may carry `tool_calls` (then its
+    content may be null; the calls' arguments become dicts) and a `tool` message answers one (`tool_call_id`).
     """
     if not isinstance(messages, list) or not messages:
         raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...} objects")
@@ -253,10 +317,60 @@ def check_messages(messages: Any) -> list[dict[str, str]]:
                                              and isinstance(p.get("text"), str) for p in content):
             content = "".join(p["text"] for p in content)
         role = {"developer": "system"}.get(m.get("role"), m.get("role")) if isinstance(m, dict) else None
+        calls = m.get("tool_calls") if isinstance(m, dict) and role == "assistant" else None
+        if calls and content is None:
+            content = ""
         if not isinstance(content, str) or role not in ROLES:
             raise ValueError(f"messages[{i}] must be an object with a role in {list(ROLES)} and a string content")
-        out.append({"role": role, "content": content})
+        message: dict[str, Any] = {"role": role, "content": content}
+        if calls:
+            if not isinstance(calls, list):
+                raise ValueError(f"messages[{i}].tool_calls must be a list")
+            message["tool_calls"] = [_tool_call(c, f"messages[{i}].tool_calls[{k}]") for k, c in enumerate(calls)]
+        if role == "tool" and isinstance(m.get("tool_call_id"), str):
+            message["tool_call_id"] = m["tool_call_id"]
+        out.append(message)
     return out
+
+
+def tools_system_text(tools: Sequence[Mapping[str, Any]], system: str | None) -> str:
+    """The system text ChatFormat.jinja() renders for `tools` after `system`."""
+    listed = "\n".join(_tojson(t) for t in tools)
+    return (system + "\n\n" if system else "") + TOOLS_HEAD + listed + TOOLS_TAIL
+
+
+def tool_call_text(name: str, arguments: Mapping[str, Any]) -> str:
+    """One call as the assistant writes it: <tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>."""
+    return TOOL_CALL_OPEN + _tojson({"name": name, "arguments": arguments}) + TOOL_CALL_CLOSE
+
+
+def flatten_tool_messages(messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None
+                          ) -> list[dict[str, str]]:
+    """The conversation as plain system/user/assistant messages that a ChatFormat renders to the same text as its
+    jinja() renders `messages` with `tools`: the tools in the system text, calls as <tool_call> text in the
+    assistant's reply, each run of tool results one user turn of <tool_response> blocks. Fine-tuning encodes this
+    (finetune/tool_data.py), so tool calls are trained as replies and tool results are prompt."""
+    messages = check_messages(list(messages))
+    system = None
+    if messages[0]["role"] == "system":
+        system, messages = messages[0]["content"], messages[1:]
+    if tools:  # (the template's default system is not added to a tools block: as ChatFormat.jinja())
+        system = tools_system_text(tools, system)
+    out: list[dict[str, str]] = [] if system is None else [{"role": "system", "content": system}]
+    for m in messages:
+        if m["role"] == "tool":
+            block = TOOL_RESPONSE_OPEN + m["content"] + TOOL_RESPONSE_CLOSE
+            if out and out[-1].get("tool"):
+                out[-1]["content"] += "\n" + block
+            else:
+                out.append({"role": "user", "content": block, "tool": True})
+            continue
+        content = m["content"]
+        for k, call in enumerate(m.get("tool_calls", [])):
+            sep = "\n" if content or k else ""
+            content += sep + tool_call_text(call["function"]["name"], call["function"]["arguments"])
+        out.append({"role": m["role"], "content": content})
+    return [{"role": m["role"], "content": m["content"]} for m in out]
 
 
 @dataclass
@@ -290,11 +404,13 @@ class ChatTemplate:
         except jinja2.TemplateError as e:
             raise UserError(f"{self.origin}: chat template error: {e}") from None
 
-    def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+    def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+               tools: Sequence[Mapping[str, Any]] | None = None) -> str:
         with self._errors():
-            return render_chat(self.source, check_messages(messages), self.specials, add_generation_prompt)
+            return render_chat(self.source, check_messages(messages), self.specials, add_generation_prompt, tools)
 
-    def encode(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
+    def encode(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+               tools: Sequence[Mapping[str, Any]] | None = None) -> list[int]:
         """Token ids of the rendered conversation: BOS/EOS/... strings the template writes become their ids.
 
         The same strings inside a message stay text (sanitize_control_tokens, as transformers' option of that
@@ -304,7 +420,7 @@ class ChatTemplate:
             raise ValueError(f"{self.origin}: this chat template has no tokenizer to encode with")
         with self._errors():
             return encode_chat(self.source, self.tokenizer, check_messages(messages), add_generation_prompt,
-                               sanitize_control_tokens=True)
+                               sanitize_control_tokens=True, tools=tools)
 
 
 def load_chat_template(model_path: str | Path, tokenizer: Tokenizer | None = None,
