@@ -44,7 +44,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from model import KVCache, Transformer
-from model.generate import SamplingParams, TokenConstraint, greedy, sample
+from model.generate import SamplingParams, TokenConstraint, apply_penalties, greedy, sample
 from tokenizer import StreamDecoder, Tokenizer
 
 from .packing import pack_linears
@@ -370,20 +370,15 @@ class Engine:
     def _sample(self, logits: torch.Tensor, slots: list[int]) -> list[int]:
         params = [self.slots[s].params for s in slots]
         constraints = [self.slots[s].constraint for s in slots]
-        if all(p.temperature <= 0 and p.repetition_penalty == 1.0 for p in params) \
-                and all(c is None for c in constraints):
+        if all(p.temperature <= 0 and not p.penalized for p in params) and all(c is None for c in constraints):
             return greedy(logits).tolist()  # all greedy: one batched argmax
         out = []
         for i, (s, p) in enumerate(zip(slots, params)):
             row = logits[i:i + 1]
             if constraints[i] is not None:  # the grammar's mask comes first: penalties only reorder what it allows
                 row = constraints[i].mask(row)
-            if p.repetition_penalty != 1.0:
-                req = self.slots[s]
-                seen = torch.tensor(sorted(set(req.prompt_ids) | set(req.output_ids)), device=row.device)
-                scores = row[0, seen]
-                row = row.clone()
-                row[0, seen] = torch.where(scores > 0, scores / p.repetition_penalty, scores * p.repetition_penalty)
+            if p.penalized:
+                row = apply_penalties(row, p, self.slots[s].prompt_ids, self.slots[s].output_ids)
             out.append(int(sample(row, p.temperature, p.top_k, p.top_p, self.generators[s])[0]))
         return out
 

@@ -199,9 +199,6 @@ def parse_sampling(body: dict, prompt_len: int, context: int, extra_stop: tuple[
                    allow_zero: bool = False, param: str = "prompt") -> SamplingParams | None:
     """SamplingParams from an OpenAI request body; ApiError(400) naming the first bad field. None when max_tokens
     is 0 (allowed with allow_zero: completions that only echo or score the prompt)."""
-    for key in ("presence_penalty", "frequency_penalty"):
-        if _number(body, key, 0.0, -2.0, 2.0) != 0.0:
-            raise ApiError(400, f"{key} is not supported (use repetition_penalty)", key)
     if body.get("logit_bias"):
         raise ApiError(400, "logit_bias is not supported by this server", "logit_bias")
     key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
@@ -228,6 +225,8 @@ def parse_sampling(body: dict, prompt_len: int, context: int, extra_stop: tuple[
         max_tokens=max_tokens or None, temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
         top_k=top_k, top_p=None if top_p >= 1.0 else max(top_p, 1e-6),
         repetition_penalty=_number(body, "repetition_penalty", 1.0, 0.01, 10.0),
+        presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0),
+        frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
         stop=tuple(stop) + tuple(s for s in extra_stop if s not in stop),
         seed=None if seed is None else seed % 2**63, ignore_eos=_flag(body, "ignore_eos")).check()
     return None if max_tokens == 0 else params

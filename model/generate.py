@@ -45,6 +45,10 @@ class SamplingParams:
     """Sample from the smallest set of tokens whose probability reaches top_p."""
     repetition_penalty: float = 1.0
     """> 1 makes tokens already in the prompt or reply less likely (CTRL / transformers' definition)."""
+    presence_penalty: float = 0.0
+    """Subtracted from the logit of every token the reply already holds (OpenAI's definition; > 0: new topics)."""
+    frequency_penalty: float = 0.0
+    """Subtracted from a token's logit once per time the reply already holds it (OpenAI's definition)."""
     stop: tuple[str, ...] = ()
     """Strings that end the reply; they are not part of it."""
     seed: int | None = None
@@ -64,9 +68,33 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if not 0.0 < self.repetition_penalty <= 10.0:
             raise ValueError(f"repetition_penalty must be in (0, 10], got {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError("stop must be a list of non-empty strings")
         return self
+
+    @property
+    def penalized(self) -> bool:
+        """Whether any penalty changes the logits (the engine's all-greedy fast path needs none)."""
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+
+def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt_ids: Sequence[int],
+                    output_ids: Sequence[int]) -> torch.Tensor:
+    """logits [1, V] with params' penalties applied (a new tensor): the repetition penalty over prompt and reply
+    (transformers' RepetitionPenaltyLogitsProcessor), then presence and frequency over the reply only
+    (OpenAI's: logit -= frequency_penalty * count + presence_penalty * (count > 0))."""
+    row = logits.clone()
+    if params.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted(set(prompt_ids) | set(output_ids)), dtype=torch.long, device=row.device)
+        scores = row[0, seen]
+        row[0, seen] = torch.where(scores > 0, scores / params.repetition_penalty, scores * params.repetition_penalty)
+    if output_ids and (params.presence_penalty != 0.0 or params.frequency_penalty != 0.0):
+        ids, counts = torch.tensor(list(output_ids), dtype=torch.long, device=row.device).unique(return_counts=True)
+        row[0, ids] -= params.frequency_penalty * counts.to(row.dtype) + params.presence_penalty
+    return row
 
 
 class TokenConstraint(Protocol):

@@ -267,3 +267,24 @@ def test_dynamic_rope_past_the_original_context_decodes_as_generate_alone(folder
     assert generate_ragged(dynamic, prompts, 30) == alone
     jobs = [(p, SamplingParams(max_tokens=30, ignore_eos=True)) for p in prompts]
     assert [r.output_ids for r in run_all(Engine(dynamic, tok, slots=3), jobs)] == alone
+
+
+def test_presence_and_frequency_penalties_follow_openais_definition(folder):
+    """Greedy decoding with presence/frequency penalties equals a plain loop over Transformer.forward that
+    subtracts OpenAI's frequency_penalty * count + presence_penalty * (count > 0) over the reply's tokens; beside
+    an unpenalized request in the same batch, which stays plain greedy."""
+    _, _, model, tok = folder
+    ids = tok.encode("the city of", bos=True)
+    penalized = SamplingParams(max_tokens=24, presence_penalty=0.7, frequency_penalty=1.3, ignore_eos=True)
+    plain = SamplingParams(max_tokens=24, ignore_eos=True)
+    got, beside = (r.output_ids for r in run_all(Engine(model, tok, slots=2), [(ids, penalized), (ids, plain)]))
+    out: list[int] = []
+    with torch.no_grad():
+        for _ in range(24):
+            logits = model(torch.tensor([ids + out]))[0, -1].clone()
+            for t in set(out):
+                logits[t] -= 1.3 * out.count(t) + 0.7
+            out.append(int(logits.argmax()))
+    assert got == out
+    assert beside == model.generate(torch.tensor([ids]), 24)[0, len(ids):].tolist()
+    assert got != beside  # the penalties changed the reply (24 greedy tokens of a tiny model repeat)
