@@ -43,6 +43,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
+from common.errors import UserError
 from model import KVCache, Transformer
 from model.generate import SamplingParams, TokenConstraint, apply_penalties, greedy, sample
 from tokenizer import StreamDecoder, Tokenizer
@@ -134,15 +135,15 @@ class Engine:
         copy of the model with those modules swapped; `model` itself is not changed (the copy shares its
         weights)."""
         if slots < 1:
-            raise ValueError(f"--slots must be at least 1, got {slots}")
+            raise UserError(f"--slots must be at least 1, got {slots}")
         if max_queue < 0:
-            raise ValueError(f"--max_queue must be >= 0, got {max_queue}")
+            raise UserError(f"--max_queue must be >= 0, got {max_queue}")
         if prefill_chunk is not None and prefill_chunk < 1:
-            raise ValueError(f"--prefill_chunk must be at least 1, got {prefill_chunk}")
+            raise UserError(f"--prefill_chunk must be at least 1, got {prefill_chunk}")
         self.model, self.tokenizer = model.eval(), tokenizer
         self.max_len = min(max_len or model.config.max_seq_len, model.config.max_seq_len)
         if self.max_len < 2:
-            raise ValueError(f"--max_len must be at least 2, got {max_len}")
+            raise UserError(f"--max_len must be at least 2, got {max_len}")
         p = model.tok_embeddings.weight
         self.device, self.dtype = p.device, p.dtype
         self._check_memory(slots)
@@ -177,9 +178,9 @@ class Engine:
             free = psutil.virtual_memory().available
         if need > MEMORY_HEADROOM * free:
             gib = 2**30
-            raise ValueError(f"--slots {slots} needs {need / gib:.2f} GiB of KV cache ({self.max_len} positions each) "
-                             f"but only {free / gib:.2f} GiB of {self.device.type} memory is free; lower --slots or "
-                             f"--max_len")
+            raise UserError(f"--slots {slots} needs {need / gib:.2f} GiB of KV cache ({self.max_len} positions each) "
+                            f"but only {free / gib:.2f} GiB of {self.device.type} memory is free; lower --slots or "
+                            f"--max_len")
 
     # --- submitting -------------------------------------------------------------------------------------------
 
@@ -192,12 +193,12 @@ class Engine:
         constraint: this request's grammar (a fresh one per request: it keeps the reply's parse state)."""
         params.check()
         if not prompt_ids:
-            raise ValueError("the prompt is empty")
+            raise UserError("the prompt is empty")
         if len(prompt_ids) >= self.max_len:
-            raise ValueError(f"the prompt is {len(prompt_ids)} tokens; the context holds {self.max_len} "
-                             "(prompt and reply together)")
+            raise UserError(f"the prompt is {len(prompt_ids)} tokens; the context holds {self.max_len} "
+                            "(prompt and reply together)")
         if max(prompt_ids) >= self.model.config.vocab_size or min(prompt_ids) < 0:
-            raise ValueError(f"prompt token ids must be in [0, {self.model.config.vocab_size})")
+            raise UserError(f"prompt token ids must be in [0, {self.model.config.vocab_size})")
         req = Request(list(prompt_ids), params, sink, StreamDecoder(self.tokenizer, anchor), id=next(self._ids),
                       constraint=constraint)
         with self._lock:

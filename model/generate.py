@@ -23,6 +23,8 @@ from typing import Callable, Protocol, Sequence
 import torch
 import torch.nn as nn
 
+from common.errors import UserError
+
 from .cache import KVCache
 from .rope import dynamic_length
 
@@ -59,20 +61,20 @@ class SamplingParams:
     def check(self) -> "SamplingParams":
         """Raise ValueError naming the first parameter out of range."""
         if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
-            raise ValueError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
+            raise UserError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
         if not 0.0 <= self.temperature <= 100.0:
-            raise ValueError(f"temperature must be in [0, 100], got {self.temperature}")
+            raise UserError(f"temperature must be in [0, 100], got {self.temperature}")
         if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"top_k must be a positive integer, got {self.top_k}")
+            raise UserError(f"top_k must be a positive integer, got {self.top_k}")
         if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise UserError(f"top_p must be in (0, 1], got {self.top_p}")
         if not 0.0 < self.repetition_penalty <= 10.0:
-            raise ValueError(f"repetition_penalty must be in (0, 10], got {self.repetition_penalty}")
+            raise UserError(f"repetition_penalty must be in (0, 10], got {self.repetition_penalty}")
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2.0 <= getattr(self, name) <= 2.0:
-                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+                raise UserError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
         if any(not isinstance(s, str) or not s for s in self.stop):
-            raise ValueError("stop must be a list of non-empty strings")
+            raise UserError("stop must be a list of non-empty strings")
         return self
 
     @property
@@ -134,7 +136,7 @@ def sampling_from_args(args: argparse.Namespace) -> SamplingParams:
     try:
         return params.check()
     except ValueError as e:  # check() names the field; the user typed the flag
-        raise ValueError("--" + str(e).replace("max_tokens", "max_new_tokens", 1)) from None
+        raise UserError("--" + str(e).replace("max_tokens", "max_new_tokens", 1)) from None
 
 
 def greedy(logits: torch.Tensor) -> torch.Tensor:
