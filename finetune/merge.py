@@ -21,6 +21,7 @@ from common.io import atomic_dir, check_output_dir
 from common.tensors import DTYPES, dtype_from_name
 from model.hf_layouts import DEFAULT_LAYOUT, add_layout_args
 from model.hf_shards import DEFAULT_MAX_SHARD_SIZE, parse_size
+from tokenizer.hf import add_chat_template
 
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
 
@@ -58,7 +59,8 @@ def find_chat_template(folders: list[Path]) -> str | None:
 
 def write_tokenizer(out: Path, base: Path, tokenizer: Path | None, chat_template: str | None) -> None:
     """Tokenizer files beside the weights (save_hf wrote them from tokenizer.model when there is one; otherwise the
-    base's Hugging Face tokenizer files are copied), with the chat template set in tokenizer_config.json."""
+    base's Hugging Face tokenizer files are copied), with the chat template set in tokenizer_config.json and
+    split_special_tokens off (tokenizer.hf.add_chat_template)."""
     if tokenizer is None:
         copied = [name for name in HF_TOKENIZER_FILES if (base / name).is_file()]
         for name in copied:
@@ -66,11 +68,9 @@ def write_tokenizer(out: Path, base: Path, tokenizer: Path | None, chat_template
         if not copied:
             print(f"warning: {base} has no tokenizer.model or tokenizer files; the merged folder has no tokenizer "
                   "(pass --tokenizer)", file=sys.stderr)
-    if chat_template is not None:
-        path = out / "tokenizer_config.json"
-        config = json.loads(path.read_text()) if path.is_file() else {}
-        config["chat_template"] = chat_template
-        path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    if (out / "tokenizer_config.json").is_file() or chat_template is not None:
+        # the chat template, and "</s>" between turns read back as the EOS token (split_special_tokens off)
+        add_chat_template(out, chat_template)
 
 
 def merge(model_path: str | Path, adapters: list[str | Path], output_dir: str | Path, dtype: str | None = None,

@@ -230,3 +230,28 @@ def test_finetune_generate_and_passkey_take_adapter_and_quantize(folders, tmp_pa
     capsys.readouterr()
     assert runs["adapter"] == runs["merged"] and runs["quantize"] == runs["q8"] and len(runs["q8"]) == 4
     assert runs["adapter"] != runs["q8"]  # different models: the comparison can fail
+
+
+def test_chat_folders_read_eos_between_turns_as_the_eos_token(folders, tmp_path):
+    """The base_hf export of a LoRA run on a run directory, and finetune.merge's output, turn transformers'
+    split_special_tokens off: a multi-turn prompt's "</s>" encodes as the EOS id, not as the characters < / s >;
+    the merged folder carries the adapter's chat template."""
+    from transformers import AutoTokenizer
+
+    from finetune.export import base_hf_folder
+    from finetune.merge import merge
+
+    f = folders
+    adapter = tmp_path / "adapter"
+    shutil.copytree(f["adapter"], adapter)
+    template = "{% for m in messages %}{{ m['content'] }}{{ eos_token }}{% endfor %}"
+    (adapter / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
+    base = base_hf_folder(tmp_path / "ft_run", str(f["run"]), None)
+    merged = merge(f["hf"], [adapter], tmp_path / "merged")
+    eos = f["tok"].eos_id
+    for folder in (base, merged):
+        config = json.loads((folder / "tokenizer_config.json").read_text())
+        assert config["split_special_tokens"] is False
+        ids = AutoTokenizer.from_pretrained(folder)("hello</s>again", add_special_tokens=False)["input_ids"]
+        assert ids.count(eos) == 1
+    assert json.loads((merged / "tokenizer_config.json").read_text())["chat_template"] == template
