@@ -5,8 +5,7 @@ import argparse
 
 from common import cli
 from common.errors import UserError
-from common.tensors import DTYPES
-from artifacts import add_quantize_args
+from evaluation.runner import add_model_flags
 
 
 def build_parser(prog: str, description: str, data_help: str) -> argparse.ArgumentParser:
@@ -22,12 +21,7 @@ def build_parser(prog: str, description: str, data_help: str) -> argparse.Argume
     p.add_argument("--batch_size", type=int, default=8, help="prompts generated together")
     p.add_argument("--max_new_tokens", type=int, help="longest reply in tokens")
     p.add_argument("--max_length", type=int, help="longest prompt + reply in tokens (default: the model's context)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), help="default: bfloat16 on GPU, float32 on CPU")
-    p.add_argument("--device", help="default: cuda when available, else cpu")
-    p.add_argument("--tokenizer", help="tokenizer.model, or a folder with tokenizer.json (default: the model's)")
-    p.add_argument("--tag", help="checkpoint tag of a training run directory (default: its latest)")
-    p.add_argument("--adapter", help="PEFT LoRA adapter folder applied (merged) on top of the model")
-    add_quantize_args(p)
+    add_model_flags(p)
     return p
 
 

@@ -77,6 +77,18 @@ class Loaded:
     """Extra results.json entries (e.g. excluded items, the shot split)."""
 
 
+def add_model_flags(p: argparse.ArgumentParser) -> None:
+    """How every evaluator opens its model: --dtype, --device, --tokenizer, --tag, --adapter and the quantization
+    flags (what open_from_args reads)."""
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="default: bfloat16 on GPU, float32 on CPU")
+    p.add_argument("--device", help="default: cuda when available, else cpu")
+    p.add_argument("--tokenizer", help="tokenizer.model, or a folder with tokenizer.json, to use (default: the "
+                   "model folder's tokenizer.model, else its tokenizer.json)")
+    p.add_argument("--tag", help="checkpoint tag of a training run directory (default: its latest)")
+    p.add_argument("--adapter", help="PEFT LoRA adapter folder applied (merged) on top of the model")
+    add_quantize_args(p)
+
+
 def build_parser(bench: Benchmark, prog: str, description: str, shots_flags: list[str],
                  default_split: str) -> argparse.ArgumentParser:
     p = cli.parser(prog, description)
@@ -96,13 +108,7 @@ def build_parser(bench: Benchmark, prog: str, description: str, shots_flags: lis
         p.add_argument("--seed", type=int, default=1234,
                        help="seed of the fixed random choice of each file's shots (written into results.json)")
     p.add_argument("--batch_size", type=int, default=16, help="questions run together over a shared prefix")
-    p.add_argument("--dtype", choices=sorted(DTYPES), help="default: bfloat16 on GPU, float32 on CPU")
-    p.add_argument("--device", help="default: cuda when available, else cpu")
-    p.add_argument("--tokenizer", help="tokenizer.model, or a folder with tokenizer.json, to use (default: the "
-                   "model folder's tokenizer.model, else its tokenizer.json)")
-    p.add_argument("--tag", help="checkpoint tag of a training run directory (default: its latest)")
-    p.add_argument("--adapter", help="PEFT LoRA adapter folder applied (merged) on top of the model")
-    add_quantize_args(p)
+    add_model_flags(p)
     p.add_argument("--max_length", type=int,
                    help="longest prompt in tokens; shots are dropped beyond it (default: the model's max_seq_len)")
     p.add_argument("--no_prefix_cache", action="store_true",

@@ -23,8 +23,7 @@ from typing import Any, Callable
 from common import cli
 from common.errors import MissingFileError, UserError
 from common.io import write_json, write_text
-from common.tensors import DTYPES
-from artifacts import add_quantize_args
+from evaluation.runner import add_model_flags
 
 BENCHMARKS = ("ceval", "mmlu", "cmmlu", "gaokao", "agieval", "gsm8k", "humaneval")
 NAMES = {"ceval": "C-Eval", "mmlu": "MMLU", "cmmlu": "CMMLU", "gaokao": "GAOKAO-Bench", "agieval": "AGIEval",
@@ -176,12 +175,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="GSM8K and HumanEval: only the first N problems")
     p.add_argument("--max_new_tokens", type=int, help="GSM8K and HumanEval: longest reply in tokens")
     p.add_argument("--batch_size", type=int, help="each evaluator's batch size (default: its own)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), help="default: bfloat16 on GPU, float32 on CPU")
-    p.add_argument("--device", help="default: cuda when available, else cpu")
-    p.add_argument("--tokenizer", help="tokenizer.model, or a folder with tokenizer.json (default: the model's)")
-    p.add_argument("--tag", help="checkpoint tag of a training run directory (default: its latest)")
-    p.add_argument("--adapter", help="PEFT LoRA adapter folder applied (merged) on top of the model")
-    add_quantize_args(p)
+    add_model_flags(p)
     return p
 
 
