@@ -1,5 +1,7 @@
 """GPU check of inference.quantize (run where a CUDA GPU is available): which kernel each scheme uses, the
-error against the bf16 model, weight bytes, peak memory and batch-1 decode speed (eager, no torch.compile).
+error against the bf16 model, weight bytes, peak memory and batch-1 decode speed (eager, no torch.compile), for
+int8, int4 round-to-nearest and int4 GPTQ (inference/calibration.py on the GPU; random-token calibration, so the
+row checks the calibrated path's kernels, time and memory, not its quality: benchmarks/quantization.md has that).
 
     python benchmarks/quantization/gpu_check.py [--layers 8]
 
@@ -19,7 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch  # noqa: E402
 
-from model.quant import QuantizedLinear, linear_weight_bytes, quantize_model  # noqa: E402
+from inference.calibration import quantize_model_gptq  # noqa: E402
+from model.quant import QuantizedLinear, linear_weight_bytes, pack_for_kernels, quantize_model  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
 
 
@@ -54,8 +57,16 @@ def main():
     rate = decode_rate(base, ids, args.tokens)
     print(f"{'bf16':8} {'-':28} {fp_bytes / 2**20:10.1f} {1:6.3f} {0:11.4f} "
           f"{torch.cuda.max_memory_allocated() / 2**30:9.2f} {rate:9.1f} {'-':>11}")
-    for scheme in ("int8", "int4"):
-        m = quantize_model(copy.deepcopy(base), scheme)
+    calibration = torch.randint(0, cfg.vocab_size, (32, 128), device="cuda", generator=None)
+    for scheme in ("int8", "int4", "int4-gptq"):
+        if scheme == "int4-gptq":
+            t = time.perf_counter()
+            m = quantize_model_gptq(copy.deepcopy(base), "int4", None, False, calibration)
+            pack_for_kernels(m, torch.bfloat16)
+            torch.cuda.synchronize()
+            print(f"(GPTQ over 32 x 128 calibration tokens: {time.perf_counter() - t:.1f} s)")
+        else:
+            m = quantize_model(copy.deepcopy(base), scheme)
         with torch.no_grad():
             out = m(ids)
         paths = Counter(l.path for l in m.modules() if isinstance(l, QuantizedLinear))
